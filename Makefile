@@ -1,0 +1,44 @@
+# groupchat: `make run` starts the suite, `make test` runs the tests. Both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+USER ?= alice
+ROLES ?=
+
+.PHONY: run test bench token gen check-gen lint clean
+
+run: $(VENV)/.installed gen/.stamp
+	$(PY) -m tools.suite
+
+test: $(VENV)/.installed gen/.stamp
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed gen/.stamp
+	$(PY) -m bench.fanout
+
+token: $(VENV)/.installed
+	@$(PY) -m tools.token $(USER) $(if $(ROLES),--roles $(ROLES))
+
+gen: gen/.stamp
+
+lint: $(VENV)/.installed gen/.stamp
+	$(VENV)/bin/ruff check services tools tests bench
+	$(VENV)/bin/ruff format --check services tools tests bench
+	$(VENV)/bin/mypy
+
+# The virtualenv, with the project installed editable and the generated code on its path.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	echo "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/groupchat-gen.pth"
+	touch $@
+
+# Python (with .pyi stubs) generated from protos/ into gen/, mirroring the proto packages.
+gen/.stamp: $(PROTOS) $(VENV)/.installed tools/protogen.py
+	$(PY) -m tools.protogen gen
+	touch $@
+
+clean:
+	rm -rf $(VENV) gen .run

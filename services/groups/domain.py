@@ -1,0 +1,225 @@
+"""Groups' rules in plain Python: what a group is, who may do what, what a message must be."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from services.kit.errors import DomainError, ErrorKind, QuotaExceeded, Validator
+
+NAME_MAX = 50
+DESCRIPTION_MAX = 500
+TEXT_MAX = 4_000
+MENTIONS_MAX = 50
+URL_MAX = 2_048
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Role(enum.IntEnum):
+    MEMBER = 1
+    ADMIN = 2
+    OWNER = 3
+
+
+class GroupNotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "GROUP_NOT_FOUND"
+
+
+class MemberNotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "MEMBER_NOT_FOUND"
+
+
+class GroupFull(DomainError):
+    reason = "GROUP_FULL"
+
+
+class Banned(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "BANNED"
+
+
+class NotAMember(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "NOT_A_MEMBER"
+
+
+class Muted(DomainError):
+    reason = "MUTED"
+
+
+class NotAllowed(DomainError):
+    """The caller's role does not allow this action on this member."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "ROLE_NOT_ALLOWED"
+
+
+class OwnerMustTransfer(DomainError):
+    reason = "OWNER_MUST_TRANSFER"
+
+
+class CapacityBelowMembers(DomainError):
+    reason = "CAPACITY_BELOW_MEMBERS"
+
+
+class GroupLimitReached(QuotaExceeded):
+    reason = "GROUP_LIMIT_REACHED"
+
+
+class JoinRateLimited(QuotaExceeded):
+    reason = "JOIN_RATE_LIMITED"
+
+
+class ConcurrentUpdate(DomainError):
+    kind = ErrorKind.ABORTED
+    reason = "CONCURRENT_UPDATE"
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """What a creator chooses. `category` is a taxonomy name; None when not a known one."""
+
+    name: str
+    description: str
+    category: str | None
+    cover_url: str
+    capacity: int
+    listed: bool
+    linked_post_id: str
+
+    def validate(self, max_capacity: int) -> None:
+        check = Validator()
+        check.check(0 < len(self.name.strip()) <= NAME_MAX, "name", f"1-{NAME_MAX} characters")
+        check.check(
+            len(self.description) <= DESCRIPTION_MAX,
+            "description",
+            f"at most {DESCRIPTION_MAX} characters",
+        )
+        check.check(self.category is not None, "category", "one of the Category values")
+        check.check(
+            not self.cover_url
+            or (len(self.cover_url) <= URL_MAX and self.cover_url.startswith("https://")),
+            "cover_url",
+            f"an https:// URL of at most {URL_MAX} characters",
+        )
+        check.check(
+            2 <= self.capacity <= max_capacity, "capacity", f"between 2 and {max_capacity}"
+        )
+        check.check(
+            not self.linked_post_id or bool(ID_PATTERN.match(self.linked_post_id)),
+            "linked_post_id",
+            "a post id: 1-64 letters, digits, '_' or '-'",
+        )
+        check.raise_if_invalid()
+
+
+@dataclass(frozen=True)
+class Group:
+    group_id: str
+    settings: GroupSettings
+    owner_id: str
+    member_count: int
+    last_seq: int
+    created_at_ms: int
+    updated_at_ms: int
+    version: int
+
+    @property
+    def is_full(self) -> bool:
+        return self.member_count >= self.settings.capacity
+
+
+@dataclass(frozen=True)
+class Membership:
+    group_id: str
+    user_id: str
+    role: Role
+    joined_at_ms: int
+    muted_until_ms: int
+    read_seq: int
+
+    def is_muted(self, now_ms: int) -> bool:
+        return self.muted_until_ms > now_ms
+
+
+def ensure_can_moderate(actor: Membership, target: Membership) -> None:
+    """Remove, ban and mute: admins and the owner, over members of a lower role."""
+    if actor.role < Role.ADMIN:
+        raise NotAllowed("only the owner and admins can remove, ban or mute members")
+    if target.role >= actor.role:
+        raise NotAllowed("you can only moderate members whose role is below yours")
+
+
+def ensure_can_set_role(actor: Membership, target: Membership, role: Role) -> None:
+    """Promote and demote: the owner only, between member and admin."""
+    if actor.role != Role.OWNER:
+        raise NotAllowed("only the owner can change roles")
+    if target.role == Role.OWNER:
+        raise NotAllowed("the owner's role changes only by transferring ownership")
+
+
+def ensure_can_transfer(actor: Membership, target: Membership) -> None:
+    if actor.role != Role.OWNER:
+        raise NotAllowed("only the owner can transfer ownership")
+    if target.user_id == actor.user_id:
+        raise NotAllowed("you already own this group")
+
+
+def ensure_can_leave(member: Membership, member_count: int) -> None:
+    if member.role == Role.OWNER and member_count > 1:
+        raise OwnerMustTransfer(
+            "the owner cannot leave while others remain: transfer ownership first"
+        )
+
+
+def ensure_can_send(member: Membership, now_ms: int) -> None:
+    if member.is_muted(now_ms):
+        raise Muted("you are muted in this group", muted_until_ms=str(member.muted_until_ms))
+
+
+def validate_message(text: str, mentions: list[str], client_msg_id: str) -> None:
+    check = Validator()
+    check.check(0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters")
+    check.check(len(mentions) <= MENTIONS_MAX, "mentions", f"at most {MENTIONS_MAX} users")
+    check.check(
+        all(ID_PATTERN.match(m) for m in mentions), "mentions", "user ids: 1-64 letters, digits, '_' or '-'"
+    )
+    check.check(
+        not client_msg_id or len(client_msg_id) <= 128, "client_msg_id", "at most 128 characters"
+    )
+    check.raise_if_invalid()
+
+
+def validate_id(value: str, field: str) -> None:
+    check = Validator()
+    check.check(bool(ID_PATTERN.match(value)), field, "1-64 letters, digits, '_' or '-'")
+    check.raise_if_invalid()
+
+
+def validate_mute_duration(seconds: int, maximum: int) -> None:
+    check = Validator()
+    check.check(0 <= seconds <= maximum, "duration_seconds", f"between 0 and {maximum}")
+    check.raise_if_invalid()
+
+
+@dataclass(frozen=True)
+class Message:
+    group_id: str
+    seq: int
+    sender_id: str
+    text: str
+    mentions: tuple[str, ...]
+    client_msg_id: str
+    sent_at_ms: int
+
+    @property
+    def dedup_key(self) -> str | None:
+        """Unique per sender and client message id in a group: a retry finds the first send."""
+        return dedup_key(self.group_id, self.sender_id, self.client_msg_id)
+
+
+def dedup_key(group_id: str, sender_id: str, client_msg_id: str) -> str | None:
+    return f"{group_id}:{sender_id}:{client_msg_id}" if client_msg_id else None

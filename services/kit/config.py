@@ -1,0 +1,91 @@
+"""Typed configuration read once from the environment.
+
+Each service declares a frozen dataclass with a `from_env` constructor built from these
+readers. A missing required value, or one that does not parse, stops the process with a
+message that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable service."""
+
+
+class Env:
+    """Typed access to environment variables (os.environ unless given another mapping)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def str(self, name: str, default: str | None = None) -> str:
+        value = self._environ.get(name)
+        if value is None or value == "":
+            if default is None:
+                raise ConfigError(f"{name} must be set")
+            return default
+        return value
+
+    def optional_str(self, name: str) -> str | None:
+        return self._environ.get(name) or None
+
+    def int(self, name: str, default: int, minimum: int = 0) -> int:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What every service process needs: where to listen, whom to trust, what to reach."""
+
+    listen: str
+    jwt_secret: str
+    nats_url: str
+    mongodb_uri: str | None
+    database: str
+    shutdown_grace_seconds: float
+    log_level: str
+    log_format: str
+
+    @classmethod
+    def from_env(cls, env: Env, *, default_listen: str, database: str) -> ServerConfig:
+        secret = env.str("JWT_SECRET")
+        if len(secret) < 32:
+            raise ConfigError("JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
+        log_format = env.str("LOG_FORMAT", "auto")
+        if log_format not in ("auto", "json", "console"):
+            raise ConfigError(f"LOG_FORMAT must be auto, json or console, got {log_format!r}")
+        return cls(
+            listen=env.str("GRPC_LISTEN", default_listen),
+            jwt_secret=secret,
+            nats_url=env.str("NATS_URL", "nats://127.0.0.1:4222"),
+            mongodb_uri=env.optional_str("MONGODB_URI"),
+            database=env.str("MONGODB_DATABASE", database),
+            shutdown_grace_seconds=env.float("SHUTDOWN_GRACE_SECONDS", 10.0),
+            log_level=env.str("LOG_LEVEL", "info").lower(),
+            log_format=log_format,
+        )

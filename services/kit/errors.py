@@ -1,0 +1,83 @@
+"""Domain errors: plain Python, a gRPC status category and a stable machine reason.
+
+Domain code raises these; the RPC layer maps them to `google.rpc.Status` in one place
+(services.kit.rpc_status). Subclasses set `kind` and `reason`; `reason` is UPPER_SNAKE and
+never changes once clients rely on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    ABORTED = "ABORTED"
+
+
+class DomainError(Exception):
+    """A refusal the caller can act on."""
+
+    kind: ClassVar[ErrorKind] = ErrorKind.FAILED_PRECONDITION
+    reason: ClassVar[str] = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(DomainError):
+    """One or more request fields are wrong; each is named with what is expected."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}")
+        self.violations = violations
+
+
+class QuotaExceeded(DomainError):
+    """A per-subject limit is used up; `subject` names whose quota it is."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, subject: str, **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.subject = subject
+
+
+class Unauthenticated(DomainError):
+    kind = ErrorKind.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class Validator:
+    """Collects every field violation of a request, then raises them together."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def check(self, ok: bool, field: str, description: str) -> None:
+        if not ok:
+            self.violations.append(FieldViolation(field, description))
+
+    def raise_if_invalid(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)

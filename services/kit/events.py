@@ -1,0 +1,160 @@
+"""The event bus: domain events in one envelope over NATS, durable ones through JetStream.
+
+Subjects are `groupchat.<area>.<type>.<aggregate id>.<user id>` (see events.proto), so a
+subscriber can follow one group (`groupchat.groups.*.<group>.*`) or one user
+(`groupchat.groups.member_joined.*.<user>`). The event id is the `Nats-Msg-Id`, so JetStream
+drops a republished duplicate; consumers ack only after their work is committed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import structlog
+from groupchat.events.v1 import events_pb2
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+log = structlog.get_logger("events")
+
+SUBJECT_ROOT = "groupchat"
+# JetStream streams of the suite: stream name -> subjects it keeps.
+STREAMS: dict[str, list[str]] = {
+    "GROUPCHAT_GROUPS": [f"{SUBJECT_ROOT}.groups.>"],
+}
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class OutgoingEvent:
+    subject: str
+    envelope: events_pb2.Envelope
+
+
+def new_event(
+    area: str,
+    event_type: str,
+    *,
+    aggregate_id: str,
+    aggregate_version: int,
+    user_id: str,
+    **payload: Any,
+) -> OutgoingEvent:
+    """An envelope with a fresh id, and the subject it travels on."""
+    envelope = events_pb2.Envelope(
+        event_id=uuid.uuid4().hex,
+        type=f"{area}.{event_type}",
+        aggregate_id=aggregate_id,
+        aggregate_version=aggregate_version,
+        **payload,
+    )
+    envelope.occurred_at.FromNanoseconds(time.time_ns())
+    subject = f"{SUBJECT_ROOT}.{area}.{event_type}.{aggregate_id}.{user_id}"
+    return OutgoingEvent(subject=subject, envelope=envelope)
+
+
+EventHandler = Callable[[events_pb2.Envelope], Awaitable[None]]
+
+
+class EventBus:
+    def __init__(self, nc: NatsClient, stream_replicas: int = 1) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._replicas = stream_replicas
+
+    @classmethod
+    async def connect(cls, url: str, name: str, stream_replicas: int = 1) -> EventBus:
+        async def on_disconnect() -> None:
+            log.warning("nats_disconnected", url=url)
+
+        async def on_reconnect() -> None:
+            log.info("nats_reconnected", url=url)
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats_error", error=str(exc))
+
+        nc = await nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+        bus = cls(nc, stream_replicas)
+        await bus.ensure_streams()
+        log.info("nats_connected", url=url)
+        return bus
+
+    async def ensure_streams(self) -> None:
+        """Create (or update) the suite's streams: file storage, deduplicated by event id."""
+        for name, subjects in STREAMS.items():
+            config = StreamConfig(
+                name=name,
+                subjects=subjects,
+                storage=StorageType.FILE,
+                num_replicas=self._replicas,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            )
+            try:
+                await self._js.add_stream(config)
+            except BadRequestError:
+                await self._js.update_stream(config)
+
+    async def publish(self, event: OutgoingEvent) -> None:
+        """Publish durably: returns once JetStream has stored the event."""
+        await self._js.publish(
+            event.subject,
+            event.envelope.SerializeToString(),
+            headers={"Nats-Msg-Id": event.envelope.event_id},
+            timeout=5.0,
+        )
+
+    async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        """A plain (non-durable) subscription, for real-time push."""
+        return await self._nc.subscribe(subject, cb=handler, pending_msgs_limit=65_536)
+
+    async def consume(self, durable: str, subject: str, handler: EventHandler) -> Subscription:
+        """A durable consumer: each event is acked after `handler` returns, redelivered if
+        it raises. Handlers must be idempotent on the event id (see `ProcessedEvents`)."""
+
+        async def on_message(msg: Msg) -> None:
+            envelope = events_pb2.Envelope()
+            envelope.ParseFromString(msg.data)
+            try:
+                await handler(envelope)
+            except Exception:
+                log.exception("event_handler_failed", durable=durable, event_id=envelope.event_id)
+                await msg.nak(delay=1.0)
+                return
+            await msg.ack()
+
+        return await self._js.subscribe(
+            subject,
+            durable=durable,
+            cb=on_message,
+            manual_ack=True,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=30.0,
+                max_deliver=-1,
+            ),
+        )
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    async def close(self) -> None:
+        if not self._nc.is_closed:
+            await self._nc.drain()

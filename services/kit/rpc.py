@@ -1,0 +1,116 @@
+"""What every RPC goes through: request id, authentication, error mapping, one log line.
+
+Health and reflection stay open (probes and grpcurl discovery); every other method needs a
+valid bearer token. Handlers read the caller with `current_identity()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+import structlog
+
+from services.kit.auth import Identity, TokenVerifier
+from services.kit.errors import DomainError, Unauthenticated
+from services.kit.rpc_status import to_grpc_status
+
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+REQUEST_ID_KEY = "x-request-id"
+
+_identity: ContextVar[Identity | None] = ContextVar("identity", default=None)
+
+log = structlog.get_logger("rpc")
+
+
+def current_identity() -> Identity:
+    """The authenticated caller of the RPC being served."""
+    identity = _identity.get()
+    if identity is None:
+        raise Unauthenticated("no authenticated caller")
+    return identity
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._rpc(method, metadata, context):
+                return await behavior(request, context)
+
+        return unary
+
+    def _wrap_stream(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._rpc(method, metadata, context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return stream
+
+    @asynccontextmanager
+    async def _rpc(
+        self, method: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        outcome: dict[str, Any] = {"code": "OK"}
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            identity = self._verifier.verify(metadata.get("authorization"))
+            outcome["user_id"] = identity.user_id
+            _identity.set(identity)
+            structlog.contextvars.bind_contextvars(user_id=identity.user_id)
+            yield
+        except DomainError as error:
+            outcome.update(code=error.kind.value, reason=error.reason)
+            await context.abort_with_status(to_grpc_status(error))
+        except grpc.aio.AbortError:
+            code = context.code()
+            outcome["code"] = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            raise
+        except asyncio.CancelledError:
+            outcome["code"] = "CANCELLED"
+            raise
+        except Exception:
+            outcome["code"] = "INTERNAL"
+            log.exception("rpc_failed", method=method)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+            )
+        finally:
+            duration_ms = round((time.perf_counter() - started) * 1000, 2)
+            log.info("rpc", method=method, duration_ms=duration_ms, **outcome)

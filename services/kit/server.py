@@ -1,0 +1,89 @@
+"""The gRPC server every service runs: shared interceptors, health, reflection, shutdown.
+
+A service hands `ServiceHost` a `setup` coroutine that opens what it needs on an exit stack
+and registers its servicers; the host does the rest the same way for every service:
+serve, and on SIGTERM go NOT_SERVING, stop with a grace period, close in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.kit.auth import TokenVerifier
+from services.kit.config import ServerConfig
+from services.kit.rpc import RpcInterceptor
+
+log = structlog.get_logger("server")
+
+# Registers servicers on the server and returns their full service names.
+Setup = Callable[[AsyncExitStack, grpc.aio.Server], Awaitable[list[str]]]
+
+
+class ServiceHost:
+    def __init__(self, name: str, config: ServerConfig, setup: Setup) -> None:
+        self.name = name
+        self._config = config
+        self._setup = setup
+        self._stack = AsyncExitStack()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        """Open resources, bind, and start serving (SERVING on health)."""
+        server = grpc.aio.server(
+            interceptors=[RpcInterceptor(TokenVerifier(self._config.jwt_secret))],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        try:
+            service_names = await self._setup(self._stack, server)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(self._config.listen)
+        if self.port == 0:
+            await self._stack.aclose()
+            raise RuntimeError(f"could not listen on {self._config.listen}")
+        await server.start()
+        self._server = server
+        for service in ["", *service_names]:
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        host = self._config.listen.rsplit(":", 1)[0]
+        log.info("serving", service=self.name, address=f"{host}:{self.port}")
+
+    async def stop(self) -> None:
+        """NOT_SERVING first, then let in-flight calls finish within the grace period."""
+        log.info("shutting_down", service=self.name, grace_seconds=self._config.shutdown_grace_seconds)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self._config.shutdown_grace_seconds)
+        await self._stack.aclose()
+        log.info("stopped", service=self.name)
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
