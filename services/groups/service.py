@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from contextlib import AsyncExitStack
 
-import grpc
 from groupchat.groups.v1 import groups_pb2, groups_pb2_grpc
 
 from services.groups.api import GroupsServicer
@@ -16,11 +14,12 @@ from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
 from services.kit.outbox import Outbox
-from services.kit.server import ServiceHost
+from services.kit.server import ServiceContext, ServiceHost
 
 
 def build(config: GroupsConfig) -> ServiceHost:
-    async def setup(stack: AsyncExitStack, server: grpc.aio.Server) -> list[str]:
+    async def setup(context: ServiceContext) -> list[str]:
+        stack = context.stack
         client, db = open_database(config.server.mongodb_uri, config.server.database)
         stack.callback(client.close)
         bus = await EventBus.connect(
@@ -40,7 +39,7 @@ def build(config: GroupsConfig) -> ServiceHost:
 
         stack.push_async_callback(stop_relay)
         app = GroupsApp(store, outbox, config.limits)
-        groups_pb2_grpc.add_GroupsServicer_to_server(GroupsServicer(app), server)
+        groups_pb2_grpc.add_GroupsServicer_to_server(GroupsServicer(app), context.server)
         return [groups_pb2.DESCRIPTOR.services_by_name["Groups"].full_name]
 
     return ServiceHost("groups", config.server, setup)

@@ -21,6 +21,7 @@ class ErrorKind(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     ABORTED = "ABORTED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class DomainError(Exception):

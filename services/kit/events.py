@@ -151,6 +151,10 @@ class EventBus:
             ),
         )
 
+    async def flush(self) -> None:
+        """Return once the server has processed everything sent so far (subscriptions too)."""
+        await self._nc.flush(timeout=5)
+
     @property
     def connected(self) -> bool:
         return bool(self._nc.is_connected)

@@ -25,8 +25,14 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
 
 _identity: ContextVar[Identity | None] = ContextVar("identity", default=None)
+_request_id: ContextVar[str] = ContextVar("request_id", default="")
 
 log = structlog.get_logger("rpc")
+
+
+def current_request_id() -> str:
+    """The request id of the RPC being served (sent back as x-request-id, passed downstream)."""
+    return _request_id.get()
 
 
 def current_identity() -> Identity:
@@ -86,6 +92,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     ) -> AsyncIterator[None]:
         started = time.perf_counter()
         request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        _request_id.set(request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         outcome: dict[str, Any] = {"code": "OK"}
         try:

@@ -1,8 +1,9 @@
 """The gRPC server every service runs: shared interceptors, health, reflection, shutdown.
 
-A service hands `ServiceHost` a `setup` coroutine that opens what it needs on an exit stack
-and registers its servicers; the host does the rest the same way for every service:
-serve, and on SIGTERM go NOT_SERVING, stop with a grace period, close in reverse.
+A service hands `ServiceHost` a `setup` coroutine that opens what it needs on the exit stack
+of a `ServiceContext` and registers its servicers; the host does the rest the same way for
+every service: serve, and on SIGTERM go NOT_SERVING, run the stopping hooks (e.g. end
+long-lived streams), stop with a grace period, close in reverse.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -23,8 +25,23 @@ from services.kit.rpc import RpcInterceptor
 
 log = structlog.get_logger("server")
 
-# Registers servicers on the server and returns their full service names.
-Setup = Callable[[AsyncExitStack, grpc.aio.Server], Awaitable[list[str]]]
+
+
+@dataclass
+class ServiceContext:
+    """What a service's setup gets: the server to register on and a stack to close on."""
+
+    server: grpc.aio.Server
+    stack: AsyncExitStack
+    stopping_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_stopping(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` when shutdown begins, before in-flight calls are waited for."""
+        self.stopping_hooks.append(hook)
+
+
+# Registers servicers and returns their full service names.
+Setup = Callable[[ServiceContext], Awaitable[list[str]]]
 
 
 class ServiceHost:
@@ -35,6 +52,7 @@ class ServiceHost:
         self._stack = AsyncExitStack()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
+        self._context: ServiceContext | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -47,8 +65,9 @@ class ServiceHost:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
+        self._context = ServiceContext(server, self._stack)
         try:
-            service_names = await self._setup(self._stack, server)
+            service_names = await self._setup(self._context)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -73,6 +92,8 @@ class ServiceHost:
         """NOT_SERVING first, then let in-flight calls finish within the grace period."""
         log.info("shutting_down", service=self.name, grace_seconds=self._config.shutdown_grace_seconds)
         await self._health.enter_graceful_shutdown()
+        for hook in self._context.stopping_hooks if self._context else []:
+            await hook()
         if self._server is not None:
             await self._server.stop(self._config.shutdown_grace_seconds)
         await self._stack.aclose()

@@ -1,0 +1,55 @@
+"""The composition root of the gateway: the public API over the internal services."""
+
+from __future__ import annotations
+
+import grpc
+from groupchat.gateway.v1 import gateway_pb2
+from groupchat.groups.v1 import groups_pb2
+
+from services.gateway.config import GatewayConfig
+from services.gateway.fanout import FanoutHub
+from services.gateway.subscribe import SubscribeHandler
+from services.kit.downstream import Downstream, proxy_handlers
+from services.kit.events import EventBus
+from services.kit.server import ServiceContext, ServiceHost
+
+GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
+GROUPS = groups_pb2.DESCRIPTOR.services_by_name["Groups"]
+# Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design.
+GROUPS_IDEMPOTENT = (
+    "GetGroup", "ListMembers", "ListMyGroups", "ListGroupMessages", "JoinGroup", "MarkGroupRead",
+)
+
+
+def build(config: GatewayConfig) -> ServiceHost:
+    async def setup(context: ServiceContext) -> list[str]:
+        bus = await EventBus.connect(config.server.nats_url, "gateway")
+        context.stack.push_async_callback(bus.close)
+        groups = Downstream(
+            config.groups_address,
+            GROUPS,
+            timeout_cap_seconds=config.downstream_timeout_seconds,
+            idempotent_methods=GROUPS_IDEMPOTENT,
+        )
+        context.stack.push_async_callback(groups.close)
+        hub = FanoutHub(bus.subscribe, bus.flush, config.subscribe_buffer)
+
+        async def end_streams() -> None:
+            hub.end_all()
+
+        context.on_stopping(end_streams)
+        handlers = proxy_handlers(GATEWAY, groups)
+        handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
+            SubscribeHandler(hub, groups, config.subscribe_buffer),
+            request_deserializer=gateway_pb2.SubscribeRequest.FromString,
+            response_serializer=gateway_pb2.SubscribeResponse.SerializeToString,
+        )
+        missing = {m.name for m in GATEWAY.methods} - handlers.keys()
+        if missing:
+            raise RuntimeError(f"gateway methods without a handler: {sorted(missing)}")
+        context.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(GATEWAY.full_name, handlers),)
+        )
+        return [GATEWAY.full_name]
+
+    return ServiceHost("gateway", config.server, setup)
