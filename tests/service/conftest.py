@@ -1,0 +1,88 @@
+"""Service tier: one service in-process on a real socket, a real nats-server, the store
+(MONGODB_URI when set, else the in-process stand-in)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+import pytest
+from groupchat.groups.v1 import groups_pb2_grpc
+
+from services.groups.config import GroupsConfig
+from services.groups.service import build
+from services.kit.config import Env
+from tests.conftest import TEST_JWT_SECRET
+from tools.suite import NATS_CONFIG, free_port, nats_server_binary, wait_port
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    store: Path = tmp_path_factory.mktemp("jetstream")
+    process = subprocess.Popen(
+        [nats_server_binary(), "-c", str(NATS_CONFIG), "-a", "127.0.0.1", "-p", str(port),
+         "-sd", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    yield f"nats://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+def service_env(nats_url: str, **overrides: str) -> Env:
+    """The environment a service gets in tests: a fresh database each time."""
+    values = {
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "NATS_URL": nats_url,
+        "GRPC_LISTEN": "127.0.0.1:0",
+        "LOG_LEVEL": "warning",
+        "MONGODB_DATABASE": f"test_{uuid.uuid4().hex[:12]}",
+        "SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    if os.environ.get("MONGODB_URI"):
+        values["MONGODB_URI"] = os.environ["MONGODB_URI"]
+    values.update(overrides)
+    return Env(values)
+
+
+GroupsCaller = Callable[[str], tuple[groups_pb2_grpc.GroupsStub, tuple[tuple[str, str], ...]]]
+
+
+@pytest.fixture
+def groups_env() -> dict[str, str]:
+    """Overrides for the groups service of one test (set before the `groups` fixture runs)."""
+    return {}
+
+
+@pytest.fixture
+async def groups(
+    nats_url: str, token: Callable[..., str], groups_env: dict[str, str]
+) -> AsyncIterator[GroupsCaller]:
+    """`groups(user)` returns (stub, metadata) for calls to an in-process groups service."""
+    host = build(GroupsConfig.from_env(service_env(nats_url, **groups_env)))
+    await host.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+    stub = groups_pb2_grpc.GroupsStub(channel)
+
+    def as_user(user_id: str) -> tuple[groups_pb2_grpc.GroupsStub, tuple[tuple[str, str], ...]]:
+        return stub, (("authorization", f"Bearer {token(user_id)}"),)
+
+    yield as_user
+    await channel.close()
+    await host.stop()
+
+
+@pytest.fixture
+async def nats_client(nats_url: str) -> AsyncIterator[Any]:
+    nc = await nats.connect(nats_url)
+    yield nc
+    await nc.drain()

@@ -1,0 +1,152 @@
+"""Groups' domain rules, with no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.groups import domain
+from services.groups.domain import (
+    GroupSettings,
+    Membership,
+    Muted,
+    NotAllowed,
+    OwnerMustTransfer,
+    Role,
+)
+from services.kit.errors import InvalidArgument
+
+
+def member(role: Role, user: str = "u", muted_until_ms: int = 0) -> Membership:
+    return Membership("g", user, role, 0, muted_until_ms, 0)
+
+
+def settings(**overrides: object) -> GroupSettings:
+    values: dict[str, object] = {
+        "name": "Tea lovers", "description": "", "category": "FOOD", "cover_url": "",
+        "capacity": 500, "listed": True, "linked_post_id": "",
+    }
+    values.update(overrides)
+    return GroupSettings(**values)  # type: ignore[arg-type]
+
+
+def violated_fields(error: InvalidArgument) -> set[str]:
+    return {v.field for v in error.violations}
+
+
+def test_valid_settings_pass() -> None:
+    settings().validate(max_capacity=500)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", ""),
+        ("name", "   "),
+        ("name", "x" * 51),
+        ("description", "x" * 501),
+        ("category", None),
+        ("cover_url", "http://insecure.example/cover.png"),
+        ("capacity", 1),
+        ("capacity", 501),
+        ("linked_post_id", "not a post id"),
+    ],
+)
+def test_each_bad_setting_is_named(field: str, value: object) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        settings(**{field: value}).validate(max_capacity=500)
+    assert violated_fields(caught.value) == {field}
+
+
+def test_all_violations_are_reported_together() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        settings(name="", capacity=0, category=None).validate(max_capacity=500)
+    assert violated_fields(caught.value) == {"name", "capacity", "category"}
+
+
+def test_capacity_limit_is_configuration() -> None:
+    settings(capacity=50).validate(max_capacity=50)
+    with pytest.raises(InvalidArgument):
+        settings(capacity=51).validate(max_capacity=50)
+
+
+@pytest.mark.parametrize(
+    ("actor", "target"),
+    [(Role.ADMIN, Role.MEMBER), (Role.OWNER, Role.MEMBER), (Role.OWNER, Role.ADMIN)],
+)
+def test_admins_and_owner_moderate_lower_roles(actor: Role, target: Role) -> None:
+    domain.ensure_can_moderate(member(actor, "a"), member(target, "b"))
+
+
+@pytest.mark.parametrize(
+    ("actor", "target"),
+    [
+        (Role.MEMBER, Role.MEMBER),
+        (Role.ADMIN, Role.ADMIN),
+        (Role.ADMIN, Role.OWNER),
+        (Role.MEMBER, Role.OWNER),
+    ],
+)
+def test_nobody_moderates_an_equal_or_higher_role(actor: Role, target: Role) -> None:
+    with pytest.raises(NotAllowed):
+        domain.ensure_can_moderate(member(actor, "a"), member(target, "b"))
+
+
+def test_only_the_owner_changes_roles() -> None:
+    domain.ensure_can_set_role(member(Role.OWNER, "o"), member(Role.MEMBER, "m"), Role.ADMIN)
+    with pytest.raises(NotAllowed):
+        domain.ensure_can_set_role(member(Role.ADMIN, "a"), member(Role.MEMBER, "m"), Role.ADMIN)
+
+
+def test_the_owner_role_is_not_changed_by_set_role() -> None:
+    with pytest.raises(NotAllowed):
+        domain.ensure_can_set_role(member(Role.OWNER, "o"), member(Role.OWNER, "o"), Role.MEMBER)
+
+
+def test_only_the_owner_transfers_and_not_to_themself() -> None:
+    domain.ensure_can_transfer(member(Role.OWNER, "o"), member(Role.MEMBER, "m"))
+    with pytest.raises(NotAllowed):
+        domain.ensure_can_transfer(member(Role.ADMIN, "a"), member(Role.MEMBER, "m"))
+    with pytest.raises(NotAllowed):
+        domain.ensure_can_transfer(member(Role.OWNER, "o"), member(Role.OWNER, "o"))
+
+
+def test_owner_cannot_leave_while_others_remain() -> None:
+    with pytest.raises(OwnerMustTransfer):
+        domain.ensure_can_leave(member(Role.OWNER), member_count=2)
+    domain.ensure_can_leave(member(Role.OWNER), member_count=1)
+    domain.ensure_can_leave(member(Role.MEMBER), member_count=2)
+
+
+def test_muted_member_cannot_send_until_the_mute_ends() -> None:
+    muted = member(Role.MEMBER, muted_until_ms=10_000)
+    with pytest.raises(Muted):
+        domain.ensure_can_send(muted, now_ms=9_999)
+    domain.ensure_can_send(muted, now_ms=10_000)
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions", "client_msg_id", "field"),
+    [
+        ("", [], "", "text"),
+        ("  ", [], "", "text"),
+        ("x" * 4001, [], "", "text"),
+        ("hi", ["not valid!"], "", "mentions"),
+        ("hi", [f"u{i}" for i in range(51)], "", "mentions"),
+        ("hi", [], "c" * 129, "client_msg_id"),
+    ],
+)
+def test_bad_messages_are_refused(
+    text: str, mentions: list[str], client_msg_id: str, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        domain.validate_message(text, mentions, client_msg_id)
+    assert field in violated_fields(caught.value)
+
+
+def test_longest_message_is_accepted() -> None:
+    domain.validate_message("x" * 4000, ["bob"], "c1")
+
+
+def test_dedup_key_only_with_a_client_message_id() -> None:
+    assert domain.dedup_key("g", "u", "") is None
+    assert domain.dedup_key("g", "u", "c1") != domain.dedup_key("g2", "u", "c1")

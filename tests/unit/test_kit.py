@@ -1,0 +1,101 @@
+"""The kit's pure parts: tokens, config, paging, error mapping."""
+
+from __future__ import annotations
+
+import grpc
+import jwt
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.kit.auth import TokenVerifier, mint_token
+from services.kit.config import ConfigError, Env, ServerConfig
+from services.kit.errors import FieldViolation, InvalidArgument, QuotaExceeded, Unauthenticated
+from services.kit.paging import decode_page_token, encode_page_token, page_size
+from services.kit.rpc_status import to_grpc_status
+
+SECRET = "unit-test-secret-unit-test-secret-0123"
+
+
+def test_a_minted_token_verifies_to_its_user_and_roles() -> None:
+    identity = TokenVerifier(SECRET).verify(f"Bearer {mint_token(SECRET, 'alice', ['editor'])}")
+    assert identity.user_id == "alice"
+    assert identity.has_role("editor")
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Basic abc",
+        "Bearer ",
+        "Bearer not-a-jwt",
+        f"Bearer {mint_token('another-secret-another-secret-0123456', 'alice')}",
+        f"Bearer {mint_token(SECRET, 'alice', ttl_seconds=-60)}",
+        f"Bearer {mint_token(SECRET, 'bad user!')}",
+    ],
+)
+def test_bad_tokens_are_refused(authorization: str | None) -> None:
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(SECRET).verify(authorization)
+
+
+def test_algorithms_outside_the_allow_list_are_refused() -> None:
+    unsigned = jwt.encode({"sub": "alice", "exp": 2_000_000_000}, key=None, algorithm="none")
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(SECRET).verify(f"Bearer {unsigned}")
+
+
+def test_a_missing_secret_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        ServerConfig.from_env(Env({}), default_listen="127.0.0.1:0", database="x")
+
+
+def test_a_malformed_number_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SHUTDOWN_GRACE_SECONDS"):
+        ServerConfig.from_env(
+            Env({"JWT_SECRET": SECRET, "SHUTDOWN_GRACE_SECONDS": "soon"}),
+            default_listen="127.0.0.1:0",
+            database="x",
+        )
+
+
+def test_page_tokens_round_trip_and_garbage_is_refused() -> None:
+    assert decode_page_token(encode_page_token({"after": "bob"})) == {"after": "bob"}
+    assert decode_page_token("") is None
+    with pytest.raises(InvalidArgument):
+        decode_page_token("!!garbage")
+    assert page_size(0) == 50
+    assert page_size(10_000) == 500
+
+
+def test_invalid_argument_maps_to_bad_request_details() -> None:
+    status = to_grpc_status(InvalidArgument([FieldViolation("name", "1-50 characters")]))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    details = rpc_status_details(status)
+    bad_request = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad_request) for d in details)
+    assert bad_request.field_violations[0].field == "name"
+
+
+def test_quota_errors_carry_quota_failure_and_reason() -> None:
+    class Exhausted(QuotaExceeded):
+        reason = "SOME_QUOTA"
+
+    status = to_grpc_status(Exhausted("used up", subject="user:alice", resets_at="tomorrow"))
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = rpc_status_details(status)
+    info, quota = error_details_pb2.ErrorInfo(), error_details_pb2.QuotaFailure()
+    assert any(d.Unpack(info) for d in details)
+    assert any(d.Unpack(quota) for d in details)
+    assert info.reason == "SOME_QUOTA"
+    assert info.metadata["resets_at"] == "tomorrow"
+    assert quota.violations[0].subject == "user:alice"
+
+
+def rpc_status_details(status: grpc.Status) -> list[any_pb2.Any]:
+    for key, value in status.trailing_metadata:
+        if key == "grpc-status-details-bin":
+            return list(status_pb2.Status.FromString(value).details)
+    raise AssertionError("no status details")
