@@ -29,9 +29,21 @@ pytestmark = pytest.mark.e2e
 
 GATEWAY = "groupchat.gateway.v1.Gateway"
 GATEWAY_METHODS = (
-    "CreateGroup", "GetGroup", "UpdateGroup", "JoinGroup", "LeaveGroup", "RemoveMember",
-    "SetMemberRole", "MuteMember", "TransferOwnership", "ListMembers", "ListMyGroups",
-    "SendGroupMessage", "ListGroupMessages", "MarkGroupRead", "Subscribe",
+    "CreateGroup",
+    "GetGroup",
+    "UpdateGroup",
+    "JoinGroup",
+    "LeaveGroup",
+    "RemoveMember",
+    "SetMemberRole",
+    "MuteMember",
+    "TransferOwnership",
+    "ListMembers",
+    "ListMyGroups",
+    "SendGroupMessage",
+    "ListGroupMessages",
+    "MarkGroupRead",
+    "Subscribe",
 )
 _DETAIL_LINE = re.compile(r"^\s*\d+\)\s+(\{.*\})\s*$")
 _CODE_LINE = re.compile(r"^\s*Code:\s*(\w+)\s*$", re.MULTILINE)
@@ -166,7 +178,12 @@ def test_describe_gateway_shows_every_method(suite: Suite) -> None:
 
     assert described.ok, described.stderr
     assert f"{GATEWAY} is a service" in described.stdout
-    rpcs = dict(re.findall(r"rpc (\w+) \( (.+?) \) returns \( (.+?) \);", described.stdout))
+    rpcs = {
+        name: request
+        for name, request, _ in re.findall(
+            r"rpc (\w+) \( (.+?) \) returns \( (.+?) \);", described.stdout
+        )
+    }
     assert set(rpcs) == set(GATEWAY_METHODS)
     assert rpcs["CreateGroup"] == ".groupchat.groups.v1.CreateGroupRequest"
     assert re.search(
@@ -182,8 +199,16 @@ def test_describe_resolves_request_messages_through_reflection(suite: Suite) -> 
     )
 
     assert described.ok, described.stderr
-    for field in ("name", "description", "category", "cover_url", "capacity", "listed",
-                  "linked_post_id", "request_id"):
+    for field in (
+        "name",
+        "description",
+        "category",
+        "cover_url",
+        "capacity",
+        "listed",
+        "linked_post_id",
+        "request_id",
+    ):
         assert re.search(rf"\b{field} = \d+;", described.stdout), field
 
 
@@ -202,8 +227,10 @@ def test_health_check_is_serving_without_a_token(suite: Suite) -> None:
     [
         pytest.param(None, id="no-token"),
         pytest.param("Bearer not-a-jwt", id="garbage-token"),
-        pytest.param("Bearer " + mint_token("some-other-secret-some-other-secret-00", "mallory"),
-                     id="wrong-secret"),
+        pytest.param(
+            "Bearer " + mint_token("some-other-secret-some-other-secret-00", "mallory"),
+            id="wrong-secret",
+        ),
         pytest.param("Basic dXNlcjpwYXNz", id="wrong-scheme"),
     ],
 )
@@ -260,8 +287,12 @@ def test_create_join_send_and_list_messages(call: Callable[..., Outcome]) -> Non
 
     sent = call(
         "SendGroupMessage",
-        {"group_id": group_id, "text": f"hello @{owner}", "mentions": [owner],
-         "client_msg_id": "m-1"},
+        {
+            "group_id": group_id,
+            "text": f"hello @{owner}",
+            "mentions": [owner],
+            "client_msg_id": "m-1",
+        },
         user=joiner,
     ).json()["message"]
     assert sent["group_id"] == group_id
@@ -274,15 +305,19 @@ def test_create_join_send_and_list_messages(call: Callable[..., Outcome]) -> Non
 
     retried = call(
         "SendGroupMessage",
-        {"group_id": group_id, "text": f"hello @{owner}", "mentions": [owner],
-         "client_msg_id": "m-1"},
+        {
+            "group_id": group_id,
+            "text": f"hello @{owner}",
+            "mentions": [owner],
+            "client_msg_id": "m-1",
+        },
         user=joiner,
     ).json()["message"]
     assert retried == sent  # same client_msg_id: the first message, not a second one
 
-    reply = call(
-        "SendGroupMessage", {"group_id": group_id, "text": "welcome!"}, user=owner
-    ).json()["message"]
+    reply = call("SendGroupMessage", {"group_id": group_id, "text": "welcome!"}, user=owner).json()[
+        "message"
+    ]
     assert reply["seq"] == "2"
 
     listed = call("ListGroupMessages", {"group_id": group_id}, user=owner).json()
@@ -292,9 +327,7 @@ def test_create_join_send_and_list_messages(call: Callable[..., Outcome]) -> Non
     assert listed["messages"][1]["text"] == "welcome!"
     assert "has_more" not in listed
 
-    paged = call(
-        "ListGroupMessages", {"group_id": group_id, "page_size": 1}, user=joiner
-    ).json()
+    paged = call("ListGroupMessages", {"group_id": group_id, "page_size": 1}, user=joiner).json()
     assert [m["seq"] for m in paged["messages"]] == ["1"]
     assert paged["has_more"] is True
 
@@ -316,8 +349,10 @@ def test_update_group_through_a_field_mask(call: Callable[..., Outcome]) -> None
     # not as the canonical comma-separated JSON string.
     updated = call(
         "UpdateGroup",
-        {"group": {"group_id": group["group_id"], "name": "Rye only", "capacity": 2},
-         "update_mask": {"paths": ["name", "capacity"]}},
+        {
+            "group": {"group_id": group["group_id"], "name": "Rye only", "capacity": 2},
+            "update_mask": {"paths": ["name", "capacity"]},
+        },
         user=owner,
     ).json()["group"]
 
@@ -344,11 +379,13 @@ TOO_LONG_DESCRIPTION = "d" * 501
         pytest.param({"category": None}, "category", id="category-missing"),
         pytest.param({"category": "CATEGORY_UNSPECIFIED"}, "category", id="category-unspecified"),
         pytest.param({"category": 99}, "category", id="category-unknown-number"),
-        pytest.param({"cover_url": "http://cdn.example.com/a.png"}, "cover_url",
-                     id="cover-url-http"),
+        pytest.param(
+            {"cover_url": "http://cdn.example.com/a.png"}, "cover_url", id="cover-url-http"
+        ),
         pytest.param({"cover_url": "cdn.example.com/a.png"}, "cover_url", id="cover-url-no-scheme"),
-        pytest.param({"cover_url": "https://e.com/" + "a" * 2040}, "cover_url",
-                     id="cover-url-too-long"),
+        pytest.param(
+            {"cover_url": "https://e.com/" + "a" * 2040}, "cover_url", id="cover-url-too-long"
+        ),
         pytest.param({"capacity": 1}, "capacity", id="capacity-1"),
         pytest.param({"capacity": 501}, "capacity", id="capacity-501"),
         pytest.param({"capacity": -5}, "capacity", id="capacity-negative"),
@@ -384,7 +421,12 @@ def test_create_group_names_every_bad_field_at_once(call: Callable[..., Outcome]
 
     assert refused.code == "InvalidArgument", refused.stderr
     assert refused.violated_fields == [
-        "name", "description", "category", "cover_url", "capacity", "linked_post_id"
+        "name",
+        "description",
+        "category",
+        "cover_url",
+        "capacity",
+        "linked_post_id",
     ]
 
 
@@ -438,9 +480,7 @@ def test_send_group_message_accepts_4000_chars(call: Callable[..., Outcome]) -> 
     owner = new_user("sender")
     group = create_group(call, owner)
 
-    sent = call(
-        "SendGroupMessage", {"group_id": group["group_id"], "text": "x" * 4000}, user=owner
-    )
+    sent = call("SendGroupMessage", {"group_id": group["group_id"], "text": "x" * 4000}, user=owner)
 
     assert sent.ok, sent.stderr
     assert len(sent.json()["message"]["text"]) == 4000
@@ -482,8 +522,10 @@ def test_update_group_rejects_a_bad_update_mask(
 
     refused = call(
         "UpdateGroup",
-        {"group": {"group_id": group["group_id"], "name": "Renamed", "owner_id": "someone"},
-         "update_mask": {"paths": paths}},
+        {
+            "group": {"group_id": group["group_id"], "name": "Renamed", "owner_id": "someone"},
+            "update_mask": {"paths": paths},
+        },
         user=owner,
     )
 

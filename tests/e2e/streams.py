@@ -1,0 +1,56 @@
+"""Reading Subscribe streams in tests: each stream is drained by a task into a list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+from groupchat.events.v1 import events_pb2
+from groupchat.gateway.v1 import gateway_pb2
+
+from tests.conftest import eventually
+
+
+class OpenStream:
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.ready: gateway_pb2.Ready | None = None
+        self.events: list[events_pb2.Envelope] = []
+        self.error: grpc.aio.AioRpcError | None = None
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                if response.HasField("ready"):
+                    self.ready = response.ready
+                else:
+                    self.events.append(response.event)
+        except grpc.aio.AioRpcError as error:
+            self.error = error
+
+    def of_type(self, payload: str) -> list[events_pb2.Envelope]:
+        return [e for e in self.events if e.WhichOneof("payload") == payload]
+
+    def texts(self) -> list[str]:
+        return [e.group_message_posted.message.text for e in self.of_type("group_message_posted")]
+
+    async def wait_ready(self, timeout: float = 10.0) -> gateway_pb2.Ready:
+        await eventually(lambda: self.ready is not None or self.error is not None, timeout)
+        if self.error is not None:
+            raise self.error
+        assert self.ready is not None
+        return self.ready
+
+    async def close(self) -> None:
+        self.call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def open_stream(stub: Any, metadata: Any) -> OpenStream:
+    stream = OpenStream(stub.Subscribe(gateway_pb2.SubscribeRequest(), metadata=metadata))
+    await stream.wait_ready()
+    return stream

@@ -1,0 +1,152 @@
+"""The suite end to end through the gateway, with generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from groupchat.groups.v1 import groups_pb2 as pb
+
+from services.kit.rpc_status import error_info
+from tests.conftest import eventually
+from tests.e2e.streams import OpenStream, open_stream
+
+pytestmark = pytest.mark.e2e
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+async def create_group(gateway: Any, owner: str, capacity: int = 500) -> str:
+    stub, md = gateway(owner)
+    reply = await stub.CreateGroup(
+        pb.CreateGroupRequest(name="Weekend hikes", category=pb.OUTDOORS, capacity=capacity, listed=True),
+        metadata=md,
+    )
+    return str(reply.group.group_id)
+
+
+async def join(gateway: Any, user: str, group_id: str) -> pb.JoinGroupResponse:
+    stub, md = gateway(user)
+    return await stub.JoinGroup(pb.JoinGroupRequest(group_id=group_id, source=pb.PLAZA), metadata=md)
+
+
+async def send(gateway: Any, user: str, group_id: str, text: str) -> pb.GroupMessage:
+    stub, md = gateway(user)
+    reply = await stub.SendGroupMessage(
+        pb.SendGroupMessageRequest(group_id=group_id, text=text), metadata=md
+    )
+    return reply.message
+
+
+async def test_join_storm_through_the_gateway_stops_exactly_at_the_cap(gateway: Any) -> None:
+    owner = unique("owner")
+    gid = await create_group(gateway, owner)
+    users = [unique("storm") for _ in range(1000)]
+    results = await asyncio.gather(*(join(gateway, u, gid) for u in users), return_exceptions=True)
+    joined = [r for r in results if isinstance(r, pb.JoinGroupResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert (len(joined), len(refused)) == (499, 501)
+    assert {(r.code(), error_info(r).reason) for r in refused} == {  # type: ignore[union-attr]
+        (grpc.StatusCode.FAILED_PRECONDITION, "GROUP_FULL")
+    }
+    stub, md = gateway(owner)
+    group = (await stub.GetGroup(pb.GetGroupRequest(group_id=gid), metadata=md)).group
+    assert group.member_count == 500
+
+
+async def test_a_message_reaches_all_500_open_streams(gateway: Any) -> None:
+    owner = unique("owner")
+    gid = await create_group(gateway, owner)
+    members = [owner, *(unique("m") for _ in range(499))]
+    await asyncio.gather(*(join(gateway, u, gid) for u in members[1:]))
+    streams = await asyncio.gather(*(open_stream(*gateway(u)) for u in members))
+    try:
+        assert all(gid in s.ready.group_ids for s in streams)  # type: ignore[union-attr]
+        sent = [await send(gateway, members[7], gid, f"hello {n}") for n in range(3)]
+        await eventually(lambda: all(len(s.texts()) == 3 for s in streams), timeout=30)
+        for stream in streams:
+            assert stream.texts() == ["hello 0", "hello 1", "hello 2"]
+            seqs = [e.group_message_posted.message.seq for e in stream.of_type("group_message_posted")]
+            assert seqs == [m.seq for m in sent]
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+
+
+async def test_an_open_stream_follows_groups_joined_and_left(gateway: Any) -> None:
+    owner, bob = unique("owner"), unique("bob")
+    gid = await create_group(gateway, owner)
+    stream = await open_stream(*gateway(bob))
+    try:
+        assert list(stream.ready.group_ids) == []  # type: ignore[union-attr]
+        await join(gateway, bob, gid)
+        await eventually(lambda: len(stream.of_type("member_joined")) == 1)
+        await send(gateway, owner, gid, "welcome")
+        await eventually(lambda: stream.texts() == ["welcome"])
+        stub, md = gateway(bob)
+        await stub.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=md)
+        await eventually(lambda: len(stream.of_type("member_left")) == 1)
+        await send(gateway, owner, gid, "after you left")
+        # A marker in a group bob still follows proves the earlier message would have arrived.
+        other = await create_group(gateway, owner)
+        await join(gateway, bob, other)
+        await eventually(lambda: len(stream.of_type("member_joined")) == 2)
+        await send(gateway, owner, other, "marker")
+        await eventually(lambda: "marker" in stream.texts())
+        assert stream.texts() == ["welcome", "marker"]
+    finally:
+        await stream.close()
+
+
+async def test_moderation_reaches_the_member_it_concerns(gateway: Any) -> None:
+    owner, bob, carol = unique("owner"), unique("bob"), unique("carol")
+    gid = await create_group(gateway, owner)
+    await join(gateway, bob, gid)
+    await join(gateway, carol, gid)
+    bob_stream = await open_stream(*gateway(bob))
+    carol_stream = await open_stream(*gateway(carol))
+    try:
+        stub, md = gateway(owner)
+        await stub.MuteMember(
+            pb.MuteMemberRequest(group_id=gid, user_id=bob, duration_seconds=60), metadata=md
+        )
+        await eventually(lambda: len(bob_stream.of_type("member_muted")) == 1)
+        bob_stub, bob_md = gateway(bob)
+        with pytest.raises(grpc.aio.AioRpcError) as muted:
+            await bob_stub.SendGroupMessage(
+                pb.SendGroupMessageRequest(group_id=gid, text="let me talk"), metadata=bob_md
+            )
+        assert error_info(muted.value).reason == "MUTED"  # type: ignore[union-attr]
+        await stub.RemoveMember(pb.RemoveMemberRequest(group_id=gid, user_id=bob, ban=True), metadata=md)
+        await eventually(lambda: len(bob_stream.of_type("member_removed")) == 1)
+        assert bob_stream.of_type("member_removed")[0].member_removed.banned
+        with pytest.raises(grpc.aio.AioRpcError) as banned:
+            await join(gateway, bob, gid)
+        assert error_info(banned.value).reason == "BANNED"  # type: ignore[union-attr]
+        await send(gateway, carol, gid, "bob is gone")
+        await eventually(lambda: carol_stream.texts() == ["bob is gone"])
+        # carol saw none of the events that concern bob only
+        assert carol_stream.of_type("member_muted") == []
+        assert carol_stream.of_type("member_removed") == []
+    finally:
+        await bob_stream.close()
+        await carol_stream.close()
+
+
+async def test_subscribe_without_a_token_is_unauthenticated(gateway: Any) -> None:
+    stub, _ = gateway("nobody")
+    stream = OpenStream(stub.Subscribe(pb.GetGroupRequest()))  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.wait_ready()
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_gateway_returns_the_request_id_it_used(gateway: Any) -> None:
+    stub, md = gateway(unique("alice"))
+    call = stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=(*md, ("x-request-id", "trace-42")))
+    await call
+    assert ("x-request-id", "trace-42") in tuple(await call.initial_metadata())
