@@ -2,7 +2,7 @@
 
 The gateway subscribes once per group that any of its connected users belongs to, and once
 per connected user for that user's joins; each event is decoded once and handed to the
-bounded queues of the streams it concerns. A stream whose queue is full is ended (the
+bounded queues of the streams it concerns, serialized once for all of them. A stream whose queue is full is ended (the
 client catches up by sequence), so one slow reader never stalls a group.
 """
 
@@ -38,7 +38,7 @@ class Session:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._finished = False
 
-    def offer(self, response: gateway_pb2.SubscribeResponse) -> None:
+    def offer(self, response: bytes) -> None:
         if self._finished:
             return
         if self._queue.qsize() >= self._buffer_size:
@@ -56,7 +56,7 @@ class Session:
             self._queue.put_nowait(marker)
 
     async def next(self) -> Any:
-        """The next response, or Session.OVERFLOW / Session.ENDED once finished."""
+        """The next serialized response, or Session.OVERFLOW / Session.ENDED once finished."""
         return await self._queue.get()
 
 
@@ -147,14 +147,14 @@ class FanoutHub:
                 return
             await self._follow(user_id, envelope.aggregate_id)
         await self._flush()
-        self._deliver(user_id, gateway_pb2.SubscribeResponse(event=envelope))
+        self._deliver(user_id, _response(envelope))
 
     async def _on_group_event(self, msg: Any) -> None:
         _, _, event_type, group_id, user_id = msg.subject.split(".", 4)
         if event_type == "member_joined":
             return  # the joiner hears of it on their own subscription
         envelope = events_pb2.Envelope.FromString(msg.data)
-        response = gateway_pb2.SubscribeResponse(event=envelope)
+        response = _response(envelope)
         if event_type in MEMBER_EVENTS:
             self._deliver(user_id, response)
             if event_type in DEPARTURES:
@@ -168,6 +168,10 @@ class FanoutHub:
                 for follower in list(self._followers.get(group_id, ())):
                     await self._unfollow(follower, group_id)
 
-    def _deliver(self, user_id: str, response: gateway_pb2.SubscribeResponse) -> None:
+    def _deliver(self, user_id: str, response: bytes) -> None:
         for session in self._sessions.get(user_id, ()):
             session.offer(response)
+
+
+def _response(envelope: events_pb2.Envelope) -> bytes:
+    return gateway_pb2.SubscribeResponse(event=envelope).SerializeToString()

@@ -42,7 +42,7 @@ def build(config: GatewayConfig) -> ServiceHost:
         handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
             SubscribeHandler(hub, groups, config.subscribe_buffer),
             request_deserializer=gateway_pb2.SubscribeRequest.FromString,
-            response_serializer=gateway_pb2.SubscribeResponse.SerializeToString,
+            response_serializer=bytes,  # already serialized by the hub
         )
         missing = {m.name for m in GATEWAY.methods} - handlers.keys()
         if missing:

@@ -32,13 +32,16 @@ class SubscribeHandler:
 
     async def __call__(
         self, request: gateway_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[gateway_pb2.SubscribeResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized SubscribeResponses: events are serialized once per gateway,
+        not once per stream (register with an identity response serializer)."""
         user_id = current_identity().user_id
         session = await self._hub.open(user_id)
         try:
             group_ids = await self._group_ids(context)
             await self._hub.follow(user_id, group_ids)
-            yield gateway_pb2.SubscribeResponse(ready=gateway_pb2.Ready(group_ids=group_ids))
+            ready = gateway_pb2.Ready(group_ids=group_ids)
+            yield gateway_pb2.SubscribeResponse(ready=ready).SerializeToString()
             while True:
                 item = await session.next()
                 if item is Session.OVERFLOW:

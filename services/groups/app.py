@@ -78,6 +78,9 @@ class GroupsApp:
         # Serialises this process's senders per group, so seqs are taken without contention
         # and events leave in seq order. Across processes the unique (group, seq) index rules.
         self._send_locks: dict[str, asyncio.Lock] = {}
+        # The last seq this process saw per group: a guess that saves reading it back before
+        # every send. A stale guess only costs a refused insert and a fresh read.
+        self._last_seqs: dict[str, int] = {}
 
     # Groups
 
@@ -312,8 +315,11 @@ class GroupsApp:
         self, group_id: str, user_id: str, text: str, mentions: list[str],
         client_msg_id: str, key: str | None,
     ) -> Message:
+        last = self._last_seqs.get(group_id)
         while True:
-            seq = await self._store.last_message_seq(group_id) + 1
+            if last is None:
+                last = await self._store.last_message_seq(group_id)
+            seq = last + 1
             message = Message(
                 group_id, seq, user_id, text, tuple(mentions), client_msg_id, self._clock()
             )
@@ -321,7 +327,8 @@ class GroupsApp:
                 break
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return first  # a concurrent retry of the same message won
-            # Another process took this seq: read the new last one and try again.
+            last = None  # another process took this seq: read the last one and try again
+        self._last_seqs[group_id] = seq
         await self._store.advance_last_seq(group_id, seq)
         await self._outbox.publish(
             [
