@@ -11,7 +11,7 @@ ROLES ?=
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
 
-test: $(VENV)/.installed gen/.stamp
+test: lint
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed gen/.stamp

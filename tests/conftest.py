@@ -23,11 +23,11 @@ def token() -> Callable[..., str]:
 
 async def eventually(
     condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
-    timeout: float = 10.0,
+    within: float = 10.0,
     interval: float = 0.02,
 ) -> None:
-    """Wait until `condition` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Wait until `condition` holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
     while True:
         result = condition()
         if asyncio.iscoroutine(result):
@@ -35,5 +35,5 @@ async def eventually(
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)

@@ -98,8 +98,17 @@ class Suite:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._spawn(
             "nats",
-            [nats_server_binary(), "-c", str(NATS_CONFIG), "-a", "127.0.0.1",
-             "-p", str(self.nats_port), "-sd", str(data_dir / "jetstream")],
+            [
+                nats_server_binary(),
+                "-c",
+                str(NATS_CONFIG),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.nats_port),
+                "-sd",
+                str(data_dir / "jetstream"),
+            ],
             env=dict(os.environ),
         )
         wait_port(self.nats_port)
@@ -120,13 +129,14 @@ class Suite:
             wait_healthy(self.addresses[service])
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        output = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        self.processes[name] = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output else None
-        )
+        if self.log_dir is None:
+            self.processes[name] = subprocess.Popen(argv, env=env, cwd=ROOT)
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            self.processes[name] = subprocess.Popen(
+                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def stop(self, timeout: float = 15.0) -> dict[str, int | None]:
         """SIGTERM each process, services before NATS; returns their exit codes."""
@@ -149,8 +159,7 @@ def main() -> None:
     port = int(os.environ.get("GATEWAY_PORT", "50051"))
     nats_port = int(os.environ.get("NATS_PORT", "4222"))
     secret = os.environ.get("JWT_SECRET", DEV_JWT_SECRET)
-    suite = Suite(gateway_port=port, nats_port=nats_port, jwt_secret=secret,
-                  data_dir=ROOT / ".run")
+    suite = Suite(gateway_port=port, nats_port=nats_port, jwt_secret=secret, data_dir=ROOT / ".run")
     stop_requested = False
 
     def request_stop(*_: object) -> None:
@@ -164,7 +173,7 @@ def main() -> None:
         print(
             f"\ngroupchat is up: gateway on {suite.gateway_address}, NATS on {suite.nats_url}\n"
             f"  token:  make token USER=alice\n"
-            f"  try:    grpcurl -plaintext -H \"authorization: Bearer $(make -s token USER=alice)\" "
+            f'  try:    grpcurl -plaintext -H "authorization: Bearer $(make -s token USER=alice)" '
             f"{suite.gateway_address} list\n"
             "Ctrl-C stops everything.\n",
             flush=True,

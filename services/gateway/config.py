@@ -19,7 +19,7 @@ class GatewayConfig:
         env = env or Env()
         return cls(
             server=ServerConfig.from_env(env, default_listen="127.0.0.1:50051", database="gateway"),
-            groups_address=env.str("GROUPS_ADDRESS", "127.0.0.1:50052"),
-            downstream_timeout_seconds=env.float("DOWNSTREAM_TIMEOUT_SECONDS", 5.0, minimum=0.1),
-            subscribe_buffer=env.int("SUBSCRIBE_BUFFER", 1024, minimum=1),
+            groups_address=env.string("GROUPS_ADDRESS", "127.0.0.1:50052"),
+            downstream_timeout_seconds=env.number("DOWNSTREAM_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+            subscribe_buffer=env.integer("SUBSCRIBE_BUFFER", 1024, minimum=1),
         )

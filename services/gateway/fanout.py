@@ -1,8 +1,8 @@
 """Local fan-out of group events to the Subscribe streams of one gateway.
 
 The gateway subscribes once per group that any of its connected users belongs to, and once
-per connected user for that user's joins; each event is decoded once and handed to the
-bounded queues of the streams it concerns, serialized once for all of them. A stream whose queue is full is ended (the
+per connected user for that user's joins; each event is serialized once and handed to the
+bounded queues of the streams it concerns. A stream whose queue is full is ended (the
 client catches up by sequence), so one slow reader never stalls a group.
 """
 
@@ -64,7 +64,9 @@ Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
 
 
 class FanoutHub:
-    def __init__(self, subscribe: Subscribe, flush: Callable[[], Awaitable[None]], buffer_size: int) -> None:
+    def __init__(
+        self, subscribe: Subscribe, flush: Callable[[], Awaitable[None]], buffer_size: int
+    ) -> None:
         self._subscribe = subscribe
         self._flush = flush
         self._buffer_size = buffer_size

@@ -17,7 +17,12 @@ GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
 GROUPS = groups_pb2.DESCRIPTOR.services_by_name["Groups"]
 # Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design.
 GROUPS_IDEMPOTENT = (
-    "GetGroup", "ListMembers", "ListMyGroups", "ListGroupMessages", "JoinGroup", "MarkGroupRead",
+    "GetGroup",
+    "ListMembers",
+    "ListMyGroups",
+    "ListGroupMessages",
+    "JoinGroup",
+    "MarkGroupRead",
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import grpc
 from groupchat.groups.v1 import groups_pb2 as pb
 from groupchat.groups.v1 import groups_pb2_grpc
@@ -17,16 +19,26 @@ from services.groups.mapping import (
 from services.kit.paging import decode_page_token, encode_page_token, page_size
 from services.kit.rpc import current_identity
 
-Ctx = grpc.aio.ServicerContext
+Ctx: TypeAlias = grpc.aio.ServicerContext
 
 
 def _settings(
-    name: str, description: str, category: int, cover_url: str, capacity: int, listed: bool,
+    name: str,
+    description: str,
+    category: int,
+    cover_url: str,
+    capacity: int,
+    listed: bool,
     linked_post_id: str,
 ) -> GroupSettings:
     return GroupSettings(
-        name=name, description=description, category=category_name(category),
-        cover_url=cover_url, capacity=capacity, listed=listed, linked_post_id=linked_post_id,
+        name=name,
+        description=description,
+        category=category_name(category),
+        cover_url=cover_url,
+        capacity=capacity,
+        listed=listed,
+        linked_post_id=linked_post_id,
     )
 
 
@@ -34,20 +46,33 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
     def __init__(self, app: GroupsApp) -> None:
         self._app = app
 
-    async def CreateGroup(self, request: pb.CreateGroupRequest, context: Ctx) -> pb.CreateGroupResponse:
+    async def CreateGroup(
+        self, request: pb.CreateGroupRequest, context: Ctx
+    ) -> pb.CreateGroupResponse:
         settings = _settings(
-            request.name, request.description, request.category, request.cover_url,
-            request.capacity, request.listed, request.linked_post_id,
+            request.name,
+            request.description,
+            request.category,
+            request.cover_url,
+            request.capacity,
+            request.listed,
+            request.linked_post_id,
         )
         group, owner = await self._app.create_group(
             current_identity().user_id, settings, request.request_id
         )
-        return pb.CreateGroupResponse(group=group_to_proto(group), membership=member_to_proto(owner))
+        return pb.CreateGroupResponse(
+            group=group_to_proto(group), membership=member_to_proto(owner)
+        )
 
     async def GetGroup(self, request: pb.GetGroupRequest, context: Ctx) -> pb.GetGroupResponse:
-        return pb.GetGroupResponse(group=group_to_proto(await self._app.get_group(request.group_id)))
+        return pb.GetGroupResponse(
+            group=group_to_proto(await self._app.get_group(request.group_id))
+        )
 
-    async def UpdateGroup(self, request: pb.UpdateGroupRequest, context: Ctx) -> pb.UpdateGroupResponse:
+    async def UpdateGroup(
+        self, request: pb.UpdateGroupRequest, context: Ctx
+    ) -> pb.UpdateGroupResponse:
         g = request.group
         changes = _settings(
             g.name, g.description, g.category, g.cover_url, g.capacity, g.listed, g.linked_post_id
@@ -67,23 +92,31 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             joined=result.joined,
         )
 
-    async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Ctx) -> pb.LeaveGroupResponse:
+    async def LeaveGroup(
+        self, request: pb.LeaveGroupRequest, context: Ctx
+    ) -> pb.LeaveGroupResponse:
         dissolved = await self._app.leave_group(current_identity().user_id, request.group_id)
         return pb.LeaveGroupResponse(dissolved=dissolved)
 
-    async def RemoveMember(self, request: pb.RemoveMemberRequest, context: Ctx) -> pb.RemoveMemberResponse:
+    async def RemoveMember(
+        self, request: pb.RemoveMemberRequest, context: Ctx
+    ) -> pb.RemoveMemberResponse:
         await self._app.remove_member(
             current_identity().user_id, request.group_id, request.user_id, request.ban
         )
         return pb.RemoveMemberResponse()
 
-    async def SetMemberRole(self, request: pb.SetMemberRoleRequest, context: Ctx) -> pb.SetMemberRoleResponse:
+    async def SetMemberRole(
+        self, request: pb.SetMemberRoleRequest, context: Ctx
+    ) -> pb.SetMemberRoleResponse:
         member = await self._app.set_member_role(
             current_identity().user_id, request.group_id, request.user_id, request.role
         )
         return pb.SetMemberRoleResponse(membership=member_to_proto(member))
 
-    async def MuteMember(self, request: pb.MuteMemberRequest, context: Ctx) -> pb.MuteMemberResponse:
+    async def MuteMember(
+        self, request: pb.MuteMemberRequest, context: Ctx
+    ) -> pb.MuteMemberResponse:
         member = await self._app.mute_member(
             current_identity().user_id, request.group_id, request.user_id, request.duration_seconds
         )
@@ -97,7 +130,9 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
         )
         return pb.TransferOwnershipResponse(group=group_to_proto(group))
 
-    async def ListMembers(self, request: pb.ListMembersRequest, context: Ctx) -> pb.ListMembersResponse:
+    async def ListMembers(
+        self, request: pb.ListMembersRequest, context: Ctx
+    ) -> pb.ListMembersResponse:
         limit = page_size(request.page_size)
         position = decode_page_token(request.page_token) or {}
         members = await self._app.list_members(
@@ -109,7 +144,9 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             members=[member_to_proto(m) for m in page], next_page_token=token
         )
 
-    async def ListMyGroups(self, request: pb.ListMyGroupsRequest, context: Ctx) -> pb.ListMyGroupsResponse:
+    async def ListMyGroups(
+        self, request: pb.ListMyGroupsRequest, context: Ctx
+    ) -> pb.ListMyGroupsResponse:
         limit = page_size(request.page_size)
         position = decode_page_token(request.page_token) or {}
         rows = await self._app.list_my_groups(
@@ -133,8 +170,11 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
         self, request: pb.SendGroupMessageRequest, context: Ctx
     ) -> pb.SendGroupMessageResponse:
         message = await self._app.send_message(
-            current_identity().user_id, request.group_id, request.text,
-            list(request.mentions), request.client_msg_id,
+            current_identity().user_id,
+            request.group_id,
+            request.text,
+            list(request.mentions),
+            request.client_msg_id,
         )
         return pb.SendGroupMessageResponse(message=message_to_proto(message))
 
@@ -142,14 +182,19 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
         self, request: pb.ListGroupMessagesRequest, context: Ctx
     ) -> pb.ListGroupMessagesResponse:
         messages, has_more = await self._app.list_messages(
-            current_identity().user_id, request.group_id, request.after_seq,
-            request.before_seq, page_size(request.page_size, maximum=200),
+            current_identity().user_id,
+            request.group_id,
+            request.after_seq,
+            request.before_seq,
+            page_size(request.page_size, maximum=200),
         )
         return pb.ListGroupMessagesResponse(
             messages=[message_to_proto(m) for m in messages], has_more=has_more
         )
 
-    async def MarkGroupRead(self, request: pb.MarkGroupReadRequest, context: Ctx) -> pb.MarkGroupReadResponse:
+    async def MarkGroupRead(
+        self, request: pb.MarkGroupReadRequest, context: Ctx
+    ) -> pb.MarkGroupReadResponse:
         read_seq, unread = await self._app.mark_read(
             current_identity().user_id, request.group_id, request.read_seq
         )

@@ -25,8 +25,8 @@ from services.groups.domain import (
     MemberNotFound,
     Membership,
     Message,
-    NotAMember,
     NotAllowed,
+    NotAMember,
     OwnerMustTransfer,
     Role,
 )
@@ -112,7 +112,9 @@ class GroupsApp:
             return existing, await self._membership(existing.group_id, user_id)
         owner = Membership(group.group_id, user_id, Role.OWNER, now, 0, 0)
         await self._store.insert_membership(owner)
-        await self._publish(group, "group_created", user_id, group_created={"group": group_to_proto(group)})
+        await self._publish(
+            group, "group_created", user_id, group_created={"group": group_to_proto(group)}
+        )
         log.info("group_created", group_id=group.group_id, owner_id=user_id)
         return group, owner
 
@@ -141,8 +143,13 @@ class GroupsApp:
             updated = await self._store.update_settings(group, settings, self._clock())
             if updated is not None:
                 await self._publish(
-                    updated, "group_updated", user_id,
-                    group_updated={"group": group_to_proto(updated), "changed_fields": sorted(fields)},
+                    updated,
+                    "group_updated",
+                    user_id,
+                    group_updated={
+                        "group": group_to_proto(updated),
+                        "changed_fields": sorted(fields),
+                    },
                 )
                 return updated
         raise ConcurrentUpdate("the group kept changing; try again")
@@ -170,8 +177,14 @@ class GroupsApp:
             await self._store.give_back_user_slot(user_id)
             return JoinResult(await self._membership(group_id, user_id), group, joined=False)
         await self._publish(
-            seated, "member_joined", user_id,
-            member_joined={"member": member_to_proto(member), "member_count": seated.member_count, "source": source},
+            seated,
+            "member_joined",
+            user_id,
+            member_joined={
+                "member": member_to_proto(member),
+                "member_count": seated.member_count,
+                "source": source,
+            },
         )
         return JoinResult(member, seated, joined=True)
 
@@ -187,7 +200,9 @@ class GroupsApp:
             await self._store.give_back_user_slot(user_id)
             dissolved = replace(group, member_count=0, version=group.version + 1)
             await self._publish(
-                dissolved, "member_left", user_id,
+                dissolved,
+                "member_left",
+                user_id,
                 member_left={"group_id": group_id, "user_id": user_id, "member_count": 0},
             )
             await self._publish(
@@ -201,8 +216,14 @@ class GroupsApp:
         await self._store.give_back_user_slot(user_id)
         if after is not None:
             await self._publish(
-                after, "member_left", user_id,
-                member_left={"group_id": group_id, "user_id": user_id, "member_count": after.member_count},
+                after,
+                "member_left",
+                user_id,
+                member_left={
+                    "group_id": group_id,
+                    "user_id": user_id,
+                    "member_count": after.member_count,
+                },
             )
         return False
 
@@ -227,10 +248,15 @@ class GroupsApp:
         await self._store.give_back_user_slot(target_id)
         if after is not None:
             await self._publish(
-                after, "member_removed", target_id,
+                after,
+                "member_removed",
+                target_id,
                 member_removed={
-                    "group_id": group_id, "user_id": target_id, "removed_by": actor_id,
-                    "banned": ban, "member_count": after.member_count,
+                    "group_id": group_id,
+                    "user_id": target_id,
+                    "removed_by": actor_id,
+                    "banned": ban,
+                    "member_count": after.member_count,
                 },
             )
 
@@ -270,10 +296,14 @@ class GroupsApp:
         group = await self._store.transfer_owner(group_id, actor_id, new_owner_id)
         if group is None:
             raise ConcurrentUpdate("ownership changed meanwhile; reload the group")
-        new_owner = await self._store.update_membership(group_id, new_owner_id, role=int(Role.OWNER))
+        new_owner = await self._store.update_membership(
+            group_id, new_owner_id, role=int(Role.OWNER)
+        )
         old_owner = await self._store.update_membership(group_id, actor_id, role=int(Role.ADMIN))
         await self._publish(
-            group, "group_updated", actor_id,
+            group,
+            "group_updated",
+            actor_id,
             group_updated={"group": group_to_proto(group), "changed_fields": ["owner_id"]},
         )
         for changed in (new_owner, old_owner):
@@ -312,8 +342,13 @@ class GroupsApp:
         return message
 
     async def _append(
-        self, group_id: str, user_id: str, text: str, mentions: list[str],
-        client_msg_id: str, key: str | None,
+        self,
+        group_id: str,
+        user_id: str,
+        text: str,
+        mentions: list[str],
+        client_msg_id: str,
+        key: str | None,
     ) -> Message:
         last = self._last_seqs.get(group_id)
         while True:
@@ -333,8 +368,11 @@ class GroupsApp:
         await self._outbox.publish(
             [
                 new_event(
-                    "groups", "group_message_posted", aggregate_id=group_id,
-                    aggregate_version=seq, user_id=user_id,
+                    "groups",
+                    "group_message_posted",
+                    aggregate_id=group_id,
+                    aggregate_version=seq,
+                    user_id=user_id,
                     group_message_posted={"message": message_to_proto(message)},
                 )
             ]
@@ -345,7 +383,9 @@ class GroupsApp:
         self, user_id: str, group_id: str, after_seq: int, before_seq: int, limit: int
     ) -> tuple[list[Message], bool]:
         if after_seq < 0 or before_seq < 0:
-            raise InvalidArgument([FieldViolation("after_seq", "sequence numbers are not negative")])
+            raise InvalidArgument(
+                [FieldViolation("after_seq", "sequence numbers are not negative")]
+            )
         await self._membership(group_id, user_id)
         if before_seq:
             page = await self._store.messages_before(group_id, before_seq, after_seq, limit + 1)
@@ -415,13 +455,19 @@ class GroupsApp:
             return
         by_field = "changed_by" if event_type == "member_role_changed" else "muted_by"
         await self._publish(
-            group, event_type, member.user_id,
+            group,
+            event_type,
+            member.user_id,
             **{event_type: {"member": member_to_proto(member), by_field: actor_id}},
         )
 
     async def _publish(self, group: Group, event_type: str, user_id: str, **payload: Any) -> None:
         event: OutgoingEvent = new_event(
-            "groups", event_type, aggregate_id=group.group_id,
-            aggregate_version=group.version, user_id=user_id, **payload,
+            "groups",
+            event_type,
+            aggregate_id=group.group_id,
+            aggregate_version=group.version,
+            user_id=user_id,
+            **payload,
         )
         await self._outbox.publish([event])

@@ -20,11 +20,11 @@ class GroupsConfig:
         return cls(
             server=ServerConfig.from_env(env, default_listen="127.0.0.1:50052", database="groups"),
             limits=GroupsLimits(
-                max_capacity=env.int("GROUP_MAX_CAPACITY", 500, minimum=2),
-                max_groups_per_user=env.int("MAX_GROUPS_PER_USER", 500, minimum=1),
-                join_rate_limit=env.int("JOIN_RATE_LIMIT", 30, minimum=1),
-                join_rate_window_seconds=env.int("JOIN_RATE_WINDOW_SECONDS", 60, minimum=1),
-                max_mute_seconds=env.int("MAX_MUTE_SECONDS", 30 * 86_400, minimum=1),
+                max_capacity=env.integer("GROUP_MAX_CAPACITY", 500, minimum=2),
+                max_groups_per_user=env.integer("MAX_GROUPS_PER_USER", 500, minimum=1),
+                join_rate_limit=env.integer("JOIN_RATE_LIMIT", 30, minimum=1),
+                join_rate_window_seconds=env.integer("JOIN_RATE_WINDOW_SECONDS", 60, minimum=1),
+                max_mute_seconds=env.integer("MAX_MUTE_SECONDS", 30 * 86_400, minimum=1),
             ),
-            stream_replicas=env.int("NATS_STREAM_REPLICAS", 1, minimum=1),
+            stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1, minimum=1),
         )

@@ -105,9 +105,7 @@ class GroupSettings:
             "cover_url",
             f"an https:// URL of at most {URL_MAX} characters",
         )
-        check.check(
-            2 <= self.capacity <= max_capacity, "capacity", f"between 2 and {max_capacity}"
-        )
+        check.check(2 <= self.capacity <= max_capacity, "capacity", f"between 2 and {max_capacity}")
         check.check(
             not self.linked_post_id or bool(ID_PATTERN.match(self.linked_post_id)),
             "linked_post_id",
@@ -185,7 +183,9 @@ def validate_message(text: str, mentions: list[str], client_msg_id: str) -> None
     check.check(0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters")
     check.check(len(mentions) <= MENTIONS_MAX, "mentions", f"at most {MENTIONS_MAX} users")
     check.check(
-        all(ID_PATTERN.match(m) for m in mentions), "mentions", "user ids: 1-64 letters, digits, '_' or '-'"
+        all(ID_PATTERN.match(m) for m in mentions),
+        "mentions",
+        "user ids: 1-64 letters, digits, '_' or '-'",
     )
     check.check(
         not client_msg_id or len(client_msg_id) <= 128, "client_msg_id", "at most 128 characters"

@@ -20,7 +20,7 @@ def group_to_proto(g: Group) -> groups_pb2.Group:
         group_id=g.group_id,
         name=s.name,
         description=s.description,
-        category=groups_pb2.Category.Value(s.category) if s.category else 0,
+        category=groups_pb2.Category.Value(s.category) if s.category else None,
         cover_url=s.cover_url,
         capacity=s.capacity,
         listed=s.listed,
@@ -38,7 +38,7 @@ def member_to_proto(m: Membership) -> groups_pb2.Member:
     member = groups_pb2.Member(
         group_id=m.group_id,
         user_id=m.user_id,
-        role=int(m.role),
+        role=groups_pb2.Role.Name(m.role),
         joined_at=_timestamp(m.joined_at_ms),
         read_seq=m.read_seq,
     )

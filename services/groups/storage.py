@@ -177,7 +177,9 @@ class GroupsStore:
         query: dict[str, Any] = {"user_id": user_id}
         if after_group is not None:
             query["group_id"] = {"$gt": after_group}
-        docs = await self._members.find(query).sort("group_id", ASCENDING).limit(limit).to_list(None)
+        docs = (
+            await self._members.find(query).sort("group_id", ASCENDING).limit(limit).to_list(None)
+        )
         return [_membership(d) for d in docs]  # type: ignore[misc]
 
     async def count_members(self, group_id: str) -> int:

@@ -22,7 +22,7 @@ class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = os.environ if environ is None else environ
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def string(self, name: str, default: str | None = None) -> str:
         value = self._environ.get(name)
         if value is None or value == "":
             if default is None:
@@ -30,10 +30,10 @@ class Env:
             return default
         return value
 
-    def optional_str(self, name: str) -> str | None:
+    def optional_string(self, name: str) -> str | None:
         return self._environ.get(name) or None
 
-    def int(self, name: str, default: int, minimum: int = 0) -> int:
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
         raw = self._environ.get(name)
         if raw is None or raw == "":
             return default
@@ -45,7 +45,7 @@ class Env:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
         raw = self._environ.get(name)
         if raw is None or raw == "":
             return default
@@ -73,19 +73,19 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, env: Env, *, default_listen: str, database: str) -> ServerConfig:
-        secret = env.str("JWT_SECRET")
+        secret = env.string("JWT_SECRET")
         if len(secret) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
-        log_format = env.str("LOG_FORMAT", "auto")
+        log_format = env.string("LOG_FORMAT", "auto")
         if log_format not in ("auto", "json", "console"):
             raise ConfigError(f"LOG_FORMAT must be auto, json or console, got {log_format!r}")
         return cls(
-            listen=env.str("GRPC_LISTEN", default_listen),
+            listen=env.string("GRPC_LISTEN", default_listen),
             jwt_secret=secret,
-            nats_url=env.str("NATS_URL", "nats://127.0.0.1:4222"),
-            mongodb_uri=env.optional_str("MONGODB_URI"),
-            database=env.str("MONGODB_DATABASE", database),
-            shutdown_grace_seconds=env.float("SHUTDOWN_GRACE_SECONDS", 10.0),
-            log_level=env.str("LOG_LEVEL", "info").lower(),
+            nats_url=env.string("NATS_URL", "nats://127.0.0.1:4222"),
+            mongodb_uri=env.optional_string("MONGODB_URI"),
+            database=env.string("MONGODB_DATABASE", database),
+            shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 10.0),
+            log_level=env.string("LOG_LEVEL", "info").lower(),
             log_format=log_format,
         )

@@ -119,7 +119,9 @@ class EventBus:
             timeout=5.0,
         )
 
-    async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
+    async def subscribe(
+        self, subject: str, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
         """A plain (non-durable) subscription, for real-time push."""
         return await self._nc.subscribe(subject, cb=handler, pending_msgs_limit=65_536)
 

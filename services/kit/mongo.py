@@ -52,8 +52,8 @@ def _look_up_ids_directly() -> None:
             return iter([document] if found else [])
         return scan(self, filter)
 
-    Collection._iter_documents = iter_documents
-    Collection._groupchat_id_lookup = True
+    Collection._iter_documents = iter_documents  # type: ignore[method-assign]
+    Collection._groupchat_id_lookup = True  # type: ignore[attr-defined]
 
 
 class ProcessedEvents:

@@ -21,9 +21,7 @@ log = structlog.get_logger("outbox")
 
 
 class Outbox:
-    def __init__(
-        self, collection: Any, bus: EventBus, *, retry_after_seconds: float = 2.0
-    ) -> None:
+    def __init__(self, collection: Any, bus: EventBus, *, retry_after_seconds: float = 2.0) -> None:
         self._collection = collection
         self._bus = bus
         self._retry_after = retry_after_seconds
@@ -57,7 +55,9 @@ class Outbox:
                 await self._bus.publish(event)
                 published.append(event.envelope.event_id)
         except Exception as exc:  # NATS down or slow: the relay takes over
-            log.warning("outbox_publish_deferred", error=repr(exc), pending=len(events) - len(published))
+            log.warning(
+                "outbox_publish_deferred", error=repr(exc), pending=len(events) - len(published)
+            )
         if published:
             await self._collection.delete_many({"_id": {"$in": published}})
         return len(published)

@@ -26,7 +26,6 @@ from services.kit.rpc import RpcInterceptor
 log = structlog.get_logger("server")
 
 
-
 @dataclass
 class ServiceContext:
     """What a service's setup gets: the server to register on and a stack to close on."""
@@ -73,8 +72,11 @@ class ServiceHost:
             raise
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = server.add_insecure_port(self._config.listen)
@@ -90,7 +92,9 @@ class ServiceHost:
 
     async def stop(self) -> None:
         """NOT_SERVING first, then let in-flight calls finish within the grace period."""
-        log.info("shutting_down", service=self.name, grace_seconds=self._config.shutdown_grace_seconds)
+        log.info(
+            "shutting_down", service=self.name, grace_seconds=self._config.shutdown_grace_seconds
+        )
         await self._health.enter_graceful_shutdown()
         for hook in self._context.stopping_hooks if self._context else []:
             await hook()

@@ -24,7 +24,9 @@ def unique(prefix: str) -> str:
 async def create_group(gateway: Any, owner: str, capacity: int = 500) -> str:
     stub, md = gateway(owner)
     reply = await stub.CreateGroup(
-        pb.CreateGroupRequest(name="Weekend hikes", category=pb.OUTDOORS, capacity=capacity, listed=True),
+        pb.CreateGroupRequest(
+            name="Weekend hikes", category=pb.OUTDOORS, capacity=capacity, listed=True
+        ),
         metadata=md,
     )
     return str(reply.group.group_id)
@@ -32,7 +34,9 @@ async def create_group(gateway: Any, owner: str, capacity: int = 500) -> str:
 
 async def join(gateway: Any, user: str, group_id: str) -> pb.JoinGroupResponse:
     stub, md = gateway(user)
-    return await stub.JoinGroup(pb.JoinGroupRequest(group_id=group_id, source=pb.PLAZA), metadata=md)
+    return await stub.JoinGroup(
+        pb.JoinGroupRequest(group_id=group_id, source=pb.PLAZA), metadata=md
+    )
 
 
 async def send(gateway: Any, user: str, group_id: str, text: str) -> pb.GroupMessage:
@@ -68,10 +72,12 @@ async def test_a_message_reaches_all_500_open_streams(gateway: Any) -> None:
     try:
         assert all(gid in s.ready.group_ids for s in streams)  # type: ignore[union-attr]
         sent = [await send(gateway, members[7], gid, f"hello {n}") for n in range(3)]
-        await eventually(lambda: all(len(s.texts()) == 3 for s in streams), timeout=30)
+        await eventually(lambda: all(len(s.texts()) == 3 for s in streams), within=30)
         for stream in streams:
             assert stream.texts() == ["hello 0", "hello 1", "hello 2"]
-            seqs = [e.group_message_posted.message.seq for e in stream.of_type("group_message_posted")]
+            seqs = [
+                e.group_message_posted.message.seq for e in stream.of_type("group_message_posted")
+            ]
             assert seqs == [m.seq for m in sent]
     finally:
         await asyncio.gather(*(s.close() for s in streams))
@@ -121,7 +127,9 @@ async def test_moderation_reaches_the_member_it_concerns(gateway: Any) -> None:
                 pb.SendGroupMessageRequest(group_id=gid, text="let me talk"), metadata=bob_md
             )
         assert error_info(muted.value).reason == "MUTED"  # type: ignore[union-attr]
-        await stub.RemoveMember(pb.RemoveMemberRequest(group_id=gid, user_id=bob, ban=True), metadata=md)
+        await stub.RemoveMember(
+            pb.RemoveMemberRequest(group_id=gid, user_id=bob, ban=True), metadata=md
+        )
         await eventually(lambda: len(bob_stream.of_type("member_removed")) == 1)
         assert bob_stream.of_type("member_removed")[0].member_removed.banned
         with pytest.raises(grpc.aio.AioRpcError) as banned:

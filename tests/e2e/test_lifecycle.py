@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from groupchat.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from groupchat.groups.v1 import groups_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.rpc_status import error_info
 from tests.conftest import TEST_JWT_SECRET
@@ -58,7 +58,9 @@ async def test_a_stream_that_falls_behind_is_ended_as_slow_consumer(
     channel, stub, md = caller(own_suite, token, options=[("grpc.http2.bdp_probe", 0)])
     try:
         group = (
-            await stub.CreateGroup(pb.CreateGroupRequest(name="Busy", category=pb.MUSIC), metadata=md("owner"))
+            await stub.CreateGroup(
+                pb.CreateGroupRequest(name="Busy", category=pb.MUSIC), metadata=md("owner")
+            )
         ).group
         call = stub.Subscribe(gateway_pb2.SubscribeRequest(), metadata=md("owner"))
         first = await call.read()

@@ -27,8 +27,17 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     store: Path = tmp_path_factory.mktemp("jetstream")
     process = subprocess.Popen(
-        [nats_server_binary(), "-c", str(NATS_CONFIG), "-a", "127.0.0.1", "-p", str(port),
-         "-sd", str(store)],
+        [
+            nats_server_binary(),
+            "-c",
+            str(NATS_CONFIG),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-sd",
+            str(store),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

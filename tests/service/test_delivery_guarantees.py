@@ -28,8 +28,12 @@ class UnreachableBus:
 
 def sample_event() -> OutgoingEvent:
     return new_event(
-        "groups", "group_dissolved", aggregate_id=f"g_{uuid.uuid4().hex[:8]}",
-        aggregate_version=1, user_id="alice", group_dissolved={"group_id": "g"},
+        "groups",
+        "group_dissolved",
+        aggregate_id=f"g_{uuid.uuid4().hex[:8]}",
+        aggregate_version=1,
+        user_id="alice",
+        group_dissolved={"group_id": "g"},
     )
 
 
@@ -40,7 +44,9 @@ async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(nat
         store = GroupsStore(db)
         await store.create_indexes()
         # Two app instances over one store stand for two groups processes.
-        first, second = (GroupsApp(store, Outbox(db["outbox"], bus), GroupsLimits()) for _ in range(2))
+        first, second = (
+            GroupsApp(store, Outbox(db["outbox"], bus), GroupsLimits()) for _ in range(2)
+        )
         group, _ = await first.create_group(
             "owner", GroupSettings("Both", "", "FOOD", "", 500, True, ""), ""
         )

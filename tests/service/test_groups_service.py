@@ -147,7 +147,9 @@ async def test_admin_removes_and_bans_a_member(groups: GroupsCaller) -> None:
         pb.SetMemberRoleRequest(group_id=gid, user_id="admin", role=pb.ADMIN), metadata=md
     )
     admin, amd = groups("admin")
-    await admin.RemoveMember(pb.RemoveMemberRequest(group_id=gid, user_id="bob", ban=True), metadata=amd)
+    await admin.RemoveMember(
+        pb.RemoveMemberRequest(group_id=gid, user_id="bob", ban=True), metadata=amd
+    )
     code, reason = await refused(join(groups, "bob", gid))
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "BANNED")
 
@@ -164,9 +166,15 @@ async def test_member_cannot_remove_mute_or_promote(groups: GroupsCaller) -> Non
     bob, md = groups("bob")
     for call in (
         bob.RemoveMember(pb.RemoveMemberRequest(group_id=gid, user_id="carol"), metadata=md),
-        bob.MuteMember(pb.MuteMemberRequest(group_id=gid, user_id="carol", duration_seconds=60), metadata=md),
-        bob.SetMemberRole(pb.SetMemberRoleRequest(group_id=gid, user_id="carol", role=pb.ADMIN), metadata=md),
-        bob.TransferOwnership(pb.TransferOwnershipRequest(group_id=gid, new_owner_id="carol"), metadata=md),
+        bob.MuteMember(
+            pb.MuteMemberRequest(group_id=gid, user_id="carol", duration_seconds=60), metadata=md
+        ),
+        bob.SetMemberRole(
+            pb.SetMemberRoleRequest(group_id=gid, user_id="carol", role=pb.ADMIN), metadata=md
+        ),
+        bob.TransferOwnership(
+            pb.TransferOwnershipRequest(group_id=gid, new_owner_id="carol"), metadata=md
+        ),
     ):
         assert await refused(call) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
 
@@ -179,7 +187,9 @@ async def test_admin_cannot_promote_or_remove_the_owner(groups: GroupsCaller) ->
     )
     admin, amd = groups("admin")
     assert await refused(
-        admin.SetMemberRole(pb.SetMemberRoleRequest(group_id=gid, user_id="bob", role=pb.ADMIN), metadata=amd)
+        admin.SetMemberRole(
+            pb.SetMemberRoleRequest(group_id=gid, user_id="bob", role=pb.ADMIN), metadata=amd
+        )
     ) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
     assert await refused(
         admin.RemoveMember(pb.RemoveMemberRequest(group_id=gid, user_id="owner"), metadata=amd)
@@ -196,7 +206,8 @@ async def test_muted_member_cannot_send_until_unmuted(groups: GroupsCaller) -> N
     bob, bmd = groups("bob")
     send = pb.SendGroupMessageRequest(group_id=gid, text="hello?")
     assert await refused(bob.SendGroupMessage(send, metadata=bmd)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "MUTED",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MUTED",
     )
     await owner.MuteMember(pb.MuteMemberRequest(group_id=gid, user_id="bob"), metadata=md)
     assert (await bob.SendGroupMessage(send, metadata=bmd)).message.seq == 1
@@ -206,7 +217,8 @@ async def test_owner_must_transfer_before_leaving(groups: GroupsCaller) -> None:
     gid = await group_with(groups, "bob")
     owner, md = groups("owner")
     assert await refused(owner.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=md)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "OWNER_MUST_TRANSFER",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "OWNER_MUST_TRANSFER",
     )
     moved = await owner.TransferOwnership(
         pb.TransferOwnershipRequest(group_id=gid, new_owner_id="bob"), metadata=md
@@ -224,7 +236,8 @@ async def test_last_member_leaving_dissolves_the_group(groups: GroupsCaller) -> 
     owner, md = groups("owner")
     assert (await owner.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=md)).dissolved
     assert await refused(owner.GetGroup(pb.GetGroupRequest(group_id=gid), metadata=md)) == (
-        grpc.StatusCode.NOT_FOUND, "GROUP_NOT_FOUND",
+        grpc.StatusCode.NOT_FOUND,
+        "GROUP_NOT_FOUND",
     )
 
 
@@ -236,12 +249,14 @@ async def test_capacity_cannot_drop_below_the_members(groups: GroupsCaller) -> N
         update_mask=field_mask_pb2.FieldMask(paths=["capacity"]),
     )
     assert await refused(owner.UpdateGroup(update, metadata=md)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "CAPACITY_BELOW_MEMBERS",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CAPACITY_BELOW_MEMBERS",
     )
     update.group.capacity = 3
     assert (await owner.UpdateGroup(update, metadata=md)).group.capacity == 3
     assert await refused(join(groups, "dave", gid)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "GROUP_FULL",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GROUP_FULL",
     )
 
 
@@ -295,12 +310,16 @@ async def test_non_members_cannot_send_or_read(groups: GroupsCaller) -> None:
     gid = await group_with(groups)
     eve, md = groups("eve")
     expected = (grpc.StatusCode.PERMISSION_DENIED, "NOT_A_MEMBER")
-    assert await refused(
-        eve.SendGroupMessage(pb.SendGroupMessageRequest(group_id=gid, text="hi"), metadata=md)
-    ) == expected
-    assert await refused(
-        eve.ListGroupMessages(pb.ListGroupMessagesRequest(group_id=gid), metadata=md)
-    ) == expected
+    assert (
+        await refused(
+            eve.SendGroupMessage(pb.SendGroupMessageRequest(group_id=gid, text="hi"), metadata=md)
+        )
+        == expected
+    )
+    assert (
+        await refused(eve.ListGroupMessages(pb.ListGroupMessagesRequest(group_id=gid), metadata=md))
+        == expected
+    )
 
 
 async def test_history_pages_both_ways_and_unread_follows_the_read_position(
@@ -309,7 +328,9 @@ async def test_history_pages_both_ways_and_unread_follows_the_read_position(
     gid = await group_with(groups, "bob")
     owner, md = groups("owner")
     for n in range(1, 11):
-        await owner.SendGroupMessage(pb.SendGroupMessageRequest(group_id=gid, text=f"m{n}"), metadata=md)
+        await owner.SendGroupMessage(
+            pb.SendGroupMessageRequest(group_id=gid, text=f"m{n}"), metadata=md
+        )
     bob, bmd = groups("bob")
     after = await bob.ListGroupMessages(
         pb.ListGroupMessagesRequest(group_id=gid, after_seq=3, page_size=4), metadata=bmd

@@ -11,7 +11,9 @@ from tools.protogen import ROOT, generate
 def differing_files(left: Path, right: Path) -> list[str]:
     comparison = filecmp.dircmp(left, right, ignore=["__pycache__", ".stamp"])
     found = [*comparison.left_only, *comparison.right_only, *comparison.diff_files]
-    found += [f for f in comparison.common_files if not filecmp.cmp(left / f, right / f, shallow=False)]
+    found += [
+        f for f in comparison.common_files if not filecmp.cmp(left / f, right / f, shallow=False)
+    ]
     for sub in comparison.common_dirs:
         found += [f"{sub}/{f}" for f in differing_files(left / sub, right / sub)]
     return sorted(set(found))

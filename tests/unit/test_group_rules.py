@@ -22,8 +22,13 @@ def member(role: Role, user: str = "u", muted_until_ms: int = 0) -> Membership:
 
 def settings(**overrides: object) -> GroupSettings:
     values: dict[str, object] = {
-        "name": "Tea lovers", "description": "", "category": "FOOD", "cover_url": "",
-        "capacity": 500, "listed": True, "linked_post_id": "",
+        "name": "Tea lovers",
+        "description": "",
+        "category": "FOOD",
+        "cover_url": "",
+        "capacity": 500,
+        "listed": True,
+        "linked_post_id": "",
     }
     values.update(overrides)
     return GroupSettings(**values)  # type: ignore[arg-type]
