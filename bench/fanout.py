@@ -59,7 +59,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from services.kit.auth import mint_token
-from tools.suite import ROOT, Suite, free_port, nats_server_binary
+from tools.suite import ROOT, Suite, nats_server_binary
 
 GATEWAY_SUBSCRIBE = "/groupchat.gateway.v1.Gateway/Subscribe"
 BARE_SERVICE = "bench.BareFanout"
@@ -818,17 +818,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_header(args), flush=True)
     secret = secrets.token_hex(20)  # 40 characters
     work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
-    extra_env = {"LOG_LEVEL": "warning", "JOIN_RATE_LIMIT": "100000", "SUBSCRIBE_BUFFER": "100000"}
+    extra_env = {"JOIN_RATE_LIMIT": "100000", "SUBSCRIBE_BUFFER": "100000"}
     if args.subscribers > 500:
         extra_env["GROUP_MAX_CAPACITY"] = str(args.subscribers)
-    suite = Suite(
-        gateway_port=free_port(),
-        nats_port=free_port(),
-        jwt_secret=secret,
-        data_dir=work_dir,
-        log_dir=work_dir / "logs",
-        extra_env=extra_env,
-    )
+    suite = Suite.isolated(work_dir, secret, **extra_env)
     ok = False
     try:
         suite.start()

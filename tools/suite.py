@@ -38,6 +38,21 @@ def nats_server_binary() -> str:
     return found
 
 
+def nats_server_command(port: int, store_dir: Path) -> list[str]:
+    """nats-server on loopback with JetStream, configured as in deploy/nats/local.conf."""
+    return [
+        nats_server_binary(),
+        "-c",
+        str(NATS_CONFIG),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-sd",
+        str(store_dir),
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,6 +100,18 @@ class Suite:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def isolated(cls, work_dir: Path, jwt_secret: str, **extra_env: str) -> Suite:
+        """A suite on free ports with its data and logs under work_dir (tests, benchmarks)."""
+        return cls(
+            gateway_port=free_port(),
+            nats_port=free_port(),
+            jwt_secret=jwt_secret,
+            data_dir=work_dir,
+            log_dir=work_dir / "logs",
+            extra_env={"LOG_LEVEL": "warning", **extra_env},
+        )
+
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
@@ -97,19 +124,7 @@ class Suite:
         data_dir = self.data_dir or Path(tempfile.mkdtemp(prefix="groupchat-"))
         data_dir.mkdir(parents=True, exist_ok=True)
         self._spawn(
-            "nats",
-            [
-                nats_server_binary(),
-                "-c",
-                str(NATS_CONFIG),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.nats_port),
-                "-sd",
-                str(data_dir / "jetstream"),
-            ],
-            env=dict(os.environ),
+            "nats", nats_server_command(self.nats_port, data_dir / "jetstream"), dict(os.environ)
         )
         wait_port(self.nats_port)
         self.addresses = {"groups": f"127.0.0.1:{free_port()}", "gateway": self.gateway_address}

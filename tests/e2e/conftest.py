@@ -10,22 +10,13 @@ import pytest
 from groupchat.gateway.v1 import gateway_pb2_grpc
 
 from tests.conftest import TEST_JWT_SECRET
-from tools.suite import Suite, free_port
+from tools.suite import Suite
 
 
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     data_dir: Path = tmp_path_factory.mktemp("suite")
-    running = Suite(
-        gateway_port=free_port(),
-        nats_port=free_port(),
-        jwt_secret=TEST_JWT_SECRET,
-        data_dir=data_dir,
-        log_dir=data_dir / "logs",
-        # The join storm and many test users come from one place; keep the per-user limits
-        # but not so low that the storm trips them.
-        extra_env={"LOG_LEVEL": "warning"},
-    )
+    running = Suite.isolated(data_dir, TEST_JWT_SECRET)
     running.start()
     yield running
     running.stop()

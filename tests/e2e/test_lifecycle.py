@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.rpc_status import error_info
 from tests.conftest import TEST_JWT_SECRET
-from tools.suite import Suite, free_port
+from tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
 
@@ -28,17 +28,11 @@ GRACE_SECONDS = 5
 @pytest.fixture(scope="module")
 def own_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     data_dir: Path = tmp_path_factory.mktemp("own_suite")
-    running = Suite(
-        gateway_port=free_port(),
-        nats_port=free_port(),
-        jwt_secret=TEST_JWT_SECRET,
-        data_dir=data_dir,
-        log_dir=data_dir / "logs",
-        extra_env={
-            "LOG_LEVEL": "warning",
-            "SUBSCRIBE_BUFFER": str(BUFFER),
-            "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
-        },
+    running = Suite.isolated(
+        data_dir,
+        TEST_JWT_SECRET,
+        SUBSCRIBE_BUFFER=str(BUFFER),
+        SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS),
     )
     running.start()
     yield running

@@ -19,7 +19,7 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
 from tests.conftest import TEST_JWT_SECRET
-from tools.suite import NATS_CONFIG, free_port, nats_server_binary, wait_port
+from tools.suite import free_port, nats_server_command, wait_port
 
 
 @pytest.fixture(scope="session")
@@ -27,19 +27,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     store: Path = tmp_path_factory.mktemp("jetstream")
     process = subprocess.Popen(
-        [
-            nats_server_binary(),
-            "-c",
-            str(NATS_CONFIG),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-sd",
-            str(store),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     wait_port(port)
     yield f"nats://127.0.0.1:{port}"
