@@ -103,6 +103,7 @@ class Suite:
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def isolated(cls, work_dir: Path, jwt_secret: str, **extra_env: str) -> Suite:
@@ -132,6 +133,7 @@ class Suite:
         )
         wait_port(self.nats_port)
         self.addresses = {"groups": f"127.0.0.1:{free_port()}", "gateway": self.gateway_address}
+        self.metrics_ports = {service: free_port() for service in SERVICES}
         env = {
             **os.environ,
             "JWT_SECRET": self.jwt_secret,
@@ -143,7 +145,11 @@ class Suite:
             self._spawn(
                 service,
                 [sys.executable, "-m", f"services.{service}"],
-                env={**env, "GRPC_LISTEN": self.addresses[service]},
+                env={
+                    **env,
+                    "GRPC_LISTEN": self.addresses[service],
+                    "METRICS_PORT": str(self.metrics_ports[service]),
+                },
             )
             wait_healthy(self.addresses[service])
 
@@ -189,8 +195,12 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     try:
         suite.start()
+        metrics = ", ".join(
+            f"{name} http://127.0.0.1:{port}/metrics" for name, port in suite.metrics_ports.items()
+        )
         print(
             f"\ngroupchat is up: gateway on {suite.gateway_address}, NATS on {suite.nats_url}\n"
+            f"  metrics: {metrics}\n"
             f"  token:  make token USER=alice\n"
             f'  try:    grpcurl -plaintext -H "authorization: Bearer $(make -s token USER=alice)" '
             f"{suite.gateway_address} list\n"

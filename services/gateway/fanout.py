@@ -17,6 +17,8 @@ import structlog
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
 
+from services.kit.metrics import FANOUT_DROPPED, FANOUT_QUEUED, STREAMS_OPEN
+
 log = structlog.get_logger("fanout")
 
 # Events that concern one member (the last subject token), not the whole group.
@@ -42,9 +44,11 @@ class Session:
         if self._finished:
             return
         if self._queue.qsize() >= self._buffer_size:
+            FANOUT_DROPPED.inc()
             self._finish(Session.OVERFLOW)
         else:
             self._queue.put_nowait(response)
+            FANOUT_QUEUED.inc()
 
     def end(self) -> None:
         """Finish the stream after what is buffered (the gateway is shutting down)."""
@@ -57,7 +61,16 @@ class Session:
 
     async def next(self) -> Any:
         """The next serialized response, or Session.OVERFLOW / Session.ENDED once finished."""
-        return await self._queue.get()
+        item = await self._queue.get()
+        if isinstance(item, bytes):
+            FANOUT_QUEUED.dec()
+        return item
+
+    def discard(self) -> None:
+        """Forget what is still buffered (the stream is gone)."""
+        while not self._queue.empty():
+            if isinstance(self._queue.get_nowait(), bytes):
+                FANOUT_QUEUED.dec()
 
 
 Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
@@ -88,6 +101,7 @@ class FanoutHub:
     async def open(self, user_id: str) -> Session:
         """Register a stream; from now on the user's joins are seen."""
         session = Session(user_id, self._buffer_size)
+        STREAMS_OPEN.inc()
         async with self._lock:
             self._sessions[user_id].add(session)
             if user_id not in self._user_subs:
@@ -104,6 +118,8 @@ class FanoutHub:
         await self._flush()
 
     async def close(self, session: Session) -> None:
+        STREAMS_OPEN.dec()
+        session.discard()
         async with self._lock:
             user_id = session.user_id
             self._sessions[user_id].discard(session)

@@ -30,6 +30,7 @@ def build(config: GatewayConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
         bus = await EventBus.connect(config.server.nats_url, "gateway")
         context.stack.push_async_callback(bus.close)
+        context.ready_when("nats", bus.reachable)
         groups = Downstream(
             config.groups_address,
             GROUPS,

@@ -12,7 +12,7 @@ from services.groups.app import GroupsApp
 from services.groups.config import GroupsConfig
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
-from services.kit.mongo import open_database
+from services.kit.mongo import open_database, reachable
 from services.kit.outbox import Outbox
 from services.kit.server import ServiceContext, ServiceHost
 
@@ -26,6 +26,8 @@ def build(config: GroupsConfig) -> ServiceHost:
             config.server.nats_url, "groups", stream_replicas=config.stream_replicas
         )
         stack.push_async_callback(bus.close)
+        context.ready_when("mongodb", lambda: reachable(db))
+        context.ready_when("nats", bus.reachable)
         store = GroupsStore(db)
         await store.create_indexes()
         outbox = Outbox(db["outbox"], bus)

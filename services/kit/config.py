@@ -45,6 +45,11 @@ class Env:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         return value
 
+    def optional_integer(self, name: str, minimum: int = 0) -> int | None:
+        if not self._environ.get(name):
+            return None
+        return self.integer(name, 0, minimum)
+
     def number(self, name: str, default: float, minimum: float = 0.0) -> float:
         raw = self._environ.get(name)
         if raw is None or raw == "":
@@ -70,6 +75,7 @@ class ServerConfig:
     shutdown_grace_seconds: float
     log_level: str
     log_format: str
+    metrics_port: int | None
 
     @classmethod
     def from_env(cls, env: Env, *, default_listen: str, database: str) -> ServerConfig:
@@ -88,4 +94,5 @@ class ServerConfig:
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 10.0),
             log_level=env.string("LOG_LEVEL", "info").lower(),
             log_format=log_format,
+            metrics_port=env.optional_integer("METRICS_PORT"),
         )

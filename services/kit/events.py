@@ -23,6 +23,8 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from services.kit.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED, EVENTS_REDELIVERED
+
 log = structlog.get_logger("events")
 
 SUBJECT_ROOT = "groupchat"
@@ -118,6 +120,7 @@ class EventBus:
             headers={"Nats-Msg-Id": event.envelope.event_id},
             timeout=5.0,
         )
+        EVENTS_PUBLISHED.labels(event.envelope.type).inc()
 
     async def subscribe(
         self, subject: str, handler: Callable[[Msg], Awaitable[None]]
@@ -130,15 +133,18 @@ class EventBus:
         it raises. Handlers must be idempotent on the event id (see `ProcessedEvents`)."""
 
         async def on_message(msg: Msg) -> None:
-            envelope = events_pb2.Envelope()
-            envelope.ParseFromString(msg.data)
+            envelope = events_pb2.Envelope.FromString(msg.data)
+            if msg.metadata.num_delivered > 1:
+                EVENTS_REDELIVERED.labels(durable).inc()
             try:
                 await handler(envelope)
             except Exception:
                 log.exception("event_handler_failed", durable=durable, event_id=envelope.event_id)
+                EVENTS_CONSUMED.labels(durable, "failed").inc()
                 await msg.nak(delay=1.0)
                 return
             await msg.ack()
+            EVENTS_CONSUMED.labels(durable, "ok").inc()
 
         return await self._js.subscribe(
             subject,
@@ -157,8 +163,8 @@ class EventBus:
         """Return once the server has processed everything sent so far (subscriptions too)."""
         await self._nc.flush(timeout=5)
 
-    @property
-    def connected(self) -> bool:
+    async def reachable(self) -> bool:
+        """Whether NATS is connected (readiness)."""
         return bool(self._nc.is_connected)
 
     async def close(self) -> None:

@@ -31,6 +31,12 @@ def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
     return client, client[name]
 
 
+async def reachable(db: Any) -> bool:
+    """Whether the database answers a ping (readiness)."""
+    reply = await db.command("ping")
+    return bool(reply.get("ok"))
+
+
 def _look_up_ids_directly() -> None:
     """Let the stand-in answer `{"_id": value, ...}` filters from its id map, as MongoDB
     answers them from the _id index, instead of scanning every document (which makes a

@@ -16,6 +16,7 @@ import structlog
 from groupchat.events.v1 import events_pb2
 
 from services.kit.events import EventBus, OutgoingEvent
+from services.kit.metrics import EVENTS_DEFERRED
 
 log = structlog.get_logger("outbox")
 
@@ -55,6 +56,7 @@ class Outbox:
                 await self._bus.publish(event)
                 published.append(event.envelope.event_id)
         except Exception as exc:  # NATS down or slow: the relay takes over
+            EVENTS_DEFERRED.inc(len(events) - len(published))
             log.warning(
                 "outbox_publish_deferred", error=repr(exc), pending=len(events) - len(published)
             )

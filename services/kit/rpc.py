@@ -19,6 +19,7 @@ import structlog
 
 from services.kit.auth import Identity, TokenVerifier
 from services.kit.errors import DomainError, Unauthenticated
+from services.kit.metrics import RPC_SECONDS, RPCS
 from services.kit.rpc_status import to_grpc_status
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -119,5 +120,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
             )
         finally:
-            duration_ms = round((time.perf_counter() - started) * 1000, 2)
-            log.info("rpc", method=method, duration_ms=duration_ms, **outcome)
+            seconds = time.perf_counter() - started
+            RPCS.labels(method, outcome["code"]).inc()
+            RPC_SECONDS.labels(method).observe(seconds)
+            log.info("rpc", method=method, duration_ms=round(seconds * 1000, 2), **outcome)

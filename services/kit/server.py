@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -21,9 +22,16 @@ from grpc_reflection.v1alpha import reflection
 
 from services.kit.auth import TokenVerifier
 from services.kit.config import ServerConfig
+from services.kit.metrics import serve_metrics
 from services.kit.rpc import RpcInterceptor
 
 log = structlog.get_logger("server")
+
+# Health service names: "" and each gRPC service report readiness; LIVENESS only says the
+# process is up and serving, so a NATS or MongoDB outage never gets pods restarted.
+LIVENESS = "liveness"
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+READINESS_INTERVAL_SECONDS = 2.0
 
 
 @dataclass
@@ -34,9 +42,15 @@ class ServiceContext:
     stack: AsyncExitStack
     stopping_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
+    readiness_checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
+
     def on_stopping(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run `hook` when shutdown begins, before in-flight calls are waited for."""
         self.stopping_hooks.append(hook)
+
+    def ready_when(self, dependency: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """Report NOT_SERVING on readiness while `check` fails (NATS, MongoDB, ...)."""
+        self.readiness_checks[dependency] = check
 
 
 # Registers servicers and returns their full service names.
@@ -52,7 +66,11 @@ class ServiceHost:
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._context: ServiceContext | None = None
+        self._readiness: asyncio.Task[None] | None = None
+        self._ready: bool | None = None
+        self._metrics_server: Any = None
         self.port = 0
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         """Open resources, bind, and start serving (SERVING on health)."""
@@ -85,22 +103,56 @@ class ServiceHost:
             raise RuntimeError(f"could not listen on {self._config.listen}")
         await server.start()
         self._server = server
-        for service in ["", *service_names]:
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self._check_readiness(["", *service_names])
+        self._readiness = asyncio.create_task(
+            self._report_readiness(["", *service_names]), name="readiness"
+        )
+        if self._config.metrics_port is not None:
+            self._metrics_server = serve_metrics(self._config.metrics_port)
+            self.metrics_port = int(self._metrics_server.server_port)
         host = self._config.listen.rsplit(":", 1)[0]
-        log.info("serving", service=self.name, address=f"{host}:{self.port}")
+        log.info(
+            "serving",
+            service=self.name,
+            address=f"{host}:{self.port}",
+            metrics_port=self._config.metrics_port,
+        )
+
+    async def _report_readiness(self, services: list[str]) -> None:
+        """Keep readiness (the service names and "") in step with the dependencies."""
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_SECONDS)
+            await self._check_readiness(services)
+
+    async def _check_readiness(self, services: list[str]) -> None:
+        checks = self._context.readiness_checks if self._context else {}
+        failing = [name for name, check in checks.items() if not await _passes(check)]
+        ready = not failing
+        if ready == self._ready:
+            return
+        if self._ready is not None or not ready:
+            log.warning("readiness", ready=ready, failing=failing)
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else NOT_SERVING
+        for service in services:
+            await self._health.set(service, status)
 
     async def stop(self) -> None:
         """NOT_SERVING first, then let in-flight calls finish within the grace period."""
         log.info(
             "shutting_down", service=self.name, grace_seconds=self._config.shutdown_grace_seconds
         )
+        if self._readiness is not None:
+            self._readiness.cancel()
         await self._health.enter_graceful_shutdown()
         for hook in self._context.stopping_hooks if self._context else []:
             await hook()
         if self._server is not None:
             await self._server.stop(self._config.shutdown_grace_seconds)
         await self._stack.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         log.info("stopped", service=self.name)
 
     async def run_until_signalled(self) -> None:
@@ -112,3 +164,10 @@ class ServiceHost:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+async def _passes(check: Callable[[], Awaitable[bool]]) -> bool:
+    try:
+        return await asyncio.wait_for(check(), READINESS_INTERVAL_SECONDS)
+    except Exception:
+        return False

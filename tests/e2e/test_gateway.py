@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from typing import Any
 
@@ -158,3 +159,37 @@ async def test_the_gateway_returns_the_request_id_it_used(gateway: Any) -> None:
     call = stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=(*md, ("x-request-id", "trace-42")))
     await call
     assert ("x-request-id", "trace-42") in tuple(await call.initial_metadata())
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of a /metrics page, keyed by name and labels as printed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+async def test_metrics_count_rpcs_events_and_streams(gateway: Any, suite: Any) -> None:
+    joins = (
+        'groupchat_rpc_requests_total{code="OK",method="/groupchat.gateway.v1.Gateway/JoinGroup"}'
+    )
+    published = 'groupchat_events_published_total{type="groups.member_joined"}'
+    before_gateway = scrape(suite.metrics_ports["gateway"])
+    before_groups = scrape(suite.metrics_ports["groups"])
+    owner = unique("owner")
+    gid = await create_group(gateway, owner)
+    for _ in range(3):
+        await join(gateway, unique("m"), gid)
+    stream = await open_stream(*gateway(owner))
+    try:
+        after_gateway = scrape(suite.metrics_ports["gateway"])
+        after_groups = scrape(suite.metrics_ports["groups"])
+        assert after_gateway[joins] - before_gateway.get(joins, 0) == 3
+        assert after_groups[published] - before_groups.get(published, 0) == 3
+        assert after_gateway["groupchat_subscribe_streams_open"] >= 1
+    finally:
+        await stream.close()

@@ -1,0 +1,44 @@
+"""Prometheus metrics of a service process, served over HTTP when METRICS_PORT is set.
+
+Metric objects live at module level because prometheus-client registers them once per
+process; nothing is served or started at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RPCS = Counter(
+    "groupchat_rpc_requests", "RPCs handled, by method and status code.", ["method", "code"]
+)
+RPC_SECONDS = Histogram(
+    "groupchat_rpc_duration_seconds",
+    "Time to handle an RPC (for streams: how long they stayed open).",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
+)
+EVENTS_PUBLISHED = Counter(
+    "groupchat_events_published", "Events stored by JetStream, by event type.", ["type"]
+)
+EVENTS_DEFERRED = Counter(
+    "groupchat_events_deferred", "Events left in the outbox because NATS did not take them."
+)
+EVENTS_CONSUMED = Counter(
+    "groupchat_events_consumed", "Events handled by durable consumers.", ["durable", "outcome"]
+)
+EVENTS_REDELIVERED = Counter(
+    "groupchat_events_redelivered", "Events a durable consumer got more than once.", ["durable"]
+)
+STREAMS_OPEN = Gauge("groupchat_subscribe_streams_open", "Open Subscribe streams.")
+FANOUT_QUEUED = Gauge("groupchat_fanout_queued", "Events waiting in Subscribe stream buffers.")
+FANOUT_DROPPED = Counter(
+    "groupchat_fanout_streams_dropped", "Subscribe streams ended for falling behind."
+)
+
+
+def serve_metrics(port: int) -> Any:
+    """Serve /metrics on `port` (0: a free one) in a thread; returns the HTTP server."""
+    server, _thread = start_http_server(port)
+    return server
