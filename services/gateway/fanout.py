@@ -90,14 +90,6 @@ class FanoutHub:
         self._user_subs: dict[str, Any] = {}
         self._lock = asyncio.Lock()
 
-    @property
-    def open_sessions(self) -> int:
-        return sum(len(s) for s in self._sessions.values())
-
-    @property
-    def followed_groups(self) -> int:
-        return len(self._group_subs)
-
     async def open(self, user_id: str) -> Session:
         """Register a stream; from now on the user's joins are seen."""
         session = Session(user_id, self._buffer_size)

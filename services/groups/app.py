@@ -198,16 +198,19 @@ class GroupsApp:
                 raise OwnerMustTransfer("someone joined meanwhile: transfer ownership first")
             await self._store.delete_group_memberships(group_id)
             await self._store.give_back_user_slot(user_id)
-            dissolved = replace(group, member_count=0, version=group.version + 1)
+            emptied = replace(group, member_count=0, version=group.version + 1)
             await self._publish(
-                dissolved,
+                emptied,
                 "member_left",
                 user_id,
                 member_left={"group_id": group_id, "user_id": user_id, "member_count": 0},
             )
+            dissolved = replace(emptied, version=emptied.version + 1)
             await self._publish(
                 dissolved, "group_dissolved", user_id, group_dissolved={"group_id": group_id}
             )
+            self._send_locks.pop(group_id, None)
+            self._last_seqs.pop(group_id, None)
             log.info("group_dissolved", group_id=group_id)
             return True
         if not await self._store.delete_membership(group_id, user_id):

@@ -70,7 +70,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        # The suite has no client-streaming RPCs; never serve one unauthenticated.
+        raise NotImplementedError(f"{method}: client streaming is not supported")
 
     def _wrap_unary(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
