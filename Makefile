@@ -6,7 +6,11 @@ PROTOS := $(shell find protos -name '*.proto')
 USER ?= alice
 ROLES ?=
 
-.PHONY: run test bench token gen check-gen lint clean
+IMAGE ?= groupchat
+VERSION ?= dev
+CONTAINER ?= docker
+
+.PHONY: run test bench token gen lint image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -39,6 +43,10 @@ $(VENV)/.installed: pyproject.toml
 gen/.stamp: $(PROTOS) $(VENV)/.installed tools/protogen.py
 	$(PY) -m tools.protogen gen
 	touch $@
+
+# The one container image of the suite (needs a container engine; see deploy/README.md).
+image:
+	$(CONTAINER) build -f deploy/Dockerfile -t $(IMAGE):$(VERSION) .
 
 clean:
 	rm -rf $(VENV) gen .run
