@@ -1,16 +1,32 @@
-"""Fixtures shared by every tier: tokens and a way to wait on a condition."""
+"""Fixtures shared by every tier: a nats-server, tokens, and a way to wait on a condition."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from services.kit.auth import mint_token
+from tools.suite import free_port, nats_server_command, wait_port
 
 TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    store: Path = tmp_path_factory.mktemp("jetstream")
+    process = subprocess.Popen(
+        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_port(port)
+    yield f"nats://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
 
 
 @pytest.fixture

@@ -49,6 +49,8 @@ class Downstream:
             address,
             options=[
                 ("grpc.enable_retries", 1),
+                # Spread calls over every replica the (headless) DNS name resolves to.
+                ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.service_config", _service_config(service.full_name, idempotent_methods)),
                 ("grpc.keepalive_time_ms", 30_000),
             ],

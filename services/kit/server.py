@@ -80,6 +80,9 @@ class ServiceHost:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # Clients reconnect now and then, re-resolve DNS and so find new replicas;
+                # calls already open on the old connection (streams too) run on.
+                ("grpc.max_connection_age_ms", 300_000),
             ],
         )
         self._context = ServiceContext(server, self._stack)

@@ -98,6 +98,7 @@ async def test_sigterm_goes_not_serving_ends_streams_and_exits_within_the_grace_
         gateway.send_signal(signal.SIGTERM)
 
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # an open Watch would hold the server for its whole grace period
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await call.read()
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE

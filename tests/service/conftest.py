@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -19,20 +17,6 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
 from tests.conftest import TEST_JWT_SECRET
-from tools.suite import free_port, nats_server_command, wait_port
-
-
-@pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    store: Path = tmp_path_factory.mktemp("jetstream")
-    process = subprocess.Popen(
-        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_port(port)
-    yield f"nats://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
 
 
 def service_env(nats_url: str, **overrides: str) -> Env:
