@@ -14,7 +14,6 @@ import structlog
 from services.groups import domain
 from services.groups.domain import (
     Banned,
-    CapacityBelowMembers,
     ConcurrentUpdate,
     Group,
     GroupFull,
@@ -25,22 +24,16 @@ from services.groups.domain import (
     MemberNotFound,
     Membership,
     Message,
-    NotAllowed,
     NotAMember,
     OwnerMustTransfer,
     Role,
 )
 from services.groups.mapping import group_to_proto, member_to_proto, message_to_proto
 from services.groups.storage import GroupsStore
-from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.outbox import Outbox
 
 log = structlog.get_logger("groups")
-
-UPDATABLE_FIELDS = frozenset(
-    {"name", "description", "category", "cover_url", "capacity", "listed", "linked_post_id"}
-)
 
 
 @dataclass(frozen=True)
@@ -124,22 +117,13 @@ class GroupsApp:
     async def update_group(
         self, user_id: str, group_id: str, changes: GroupSettings, fields: list[str]
     ) -> Group:
-        unknown = sorted(set(fields) - UPDATABLE_FIELDS)
-        if not fields or unknown:
-            raise InvalidArgument(
-                [FieldViolation("update_mask", f"name one or more of {sorted(UPDATABLE_FIELDS)}")]
-            )
-        actor = await self._membership(group_id, user_id)
-        if actor.role < Role.ADMIN:
-            raise NotAllowed("only the owner and admins can edit the group")
+        domain.validate_update_mask(fields)
+        domain.ensure_can_manage(await self._membership(group_id, user_id))
         for _ in range(5):
             group = await self._group(group_id)
             settings = replace(group.settings, **{f: getattr(changes, f) for f in fields})
             settings.validate(self._limits.max_capacity)
-            if settings.capacity < group.member_count:
-                raise CapacityBelowMembers(
-                    f"the group has {group.member_count} members: capacity cannot go below that"
-                )
+            domain.ensure_capacity_fits(settings, group.member_count)
             updated = await self._store.update_settings(group, settings, self._clock())
             if updated is not None:
                 await self._publish(
@@ -238,8 +222,7 @@ class GroupsApp:
             if not ban:
                 raise MemberNotFound(f"{target_id} is not a member of this group")
             # Banning someone who is not (or no longer) a member keeps them out.
-            if actor.role < Role.ADMIN:
-                raise NotAllowed("only the owner and admins can ban")
+            domain.ensure_can_manage(actor)
             await self._store.ban(group_id, target_id, actor_id, self._clock())
             return
         domain.ensure_can_moderate(actor, target)
@@ -266,9 +249,7 @@ class GroupsApp:
     async def set_member_role(
         self, actor_id: str, group_id: str, target_id: str, role_value: int
     ) -> Membership:
-        if role_value not in (Role.MEMBER, Role.ADMIN):
-            raise InvalidArgument([FieldViolation("role", "MEMBER or ADMIN")])
-        role = Role(role_value)
+        role = domain.assignable_role(role_value)
         actor = await self._membership(group_id, actor_id)
         target = await self._target(group_id, target_id)
         domain.ensure_can_set_role(actor, target, role)
@@ -385,10 +366,7 @@ class GroupsApp:
     async def list_messages(
         self, user_id: str, group_id: str, after_seq: int, before_seq: int, limit: int
     ) -> tuple[list[Message], bool]:
-        if after_seq < 0 or before_seq < 0:
-            raise InvalidArgument(
-                [FieldViolation("after_seq", "sequence numbers are not negative")]
-            )
+        domain.validate_seqs(after_seq=after_seq, before_seq=before_seq)
         await self._membership(group_id, user_id)
         if before_seq:
             page = await self._store.messages_before(group_id, before_seq, after_seq, limit + 1)
@@ -398,8 +376,7 @@ class GroupsApp:
 
     async def mark_read(self, user_id: str, group_id: str, read_seq: int) -> tuple[int, int]:
         """Returns (read position, unread count)."""
-        if read_seq < 0:
-            raise InvalidArgument([FieldViolation("read_seq", "must not be negative")])
+        domain.validate_seqs(read_seq=read_seq)
         await self._membership(group_id, user_id)
         group = await self._group(group_id)
         member = await self._store.advance_read_seq(

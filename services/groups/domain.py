@@ -143,6 +143,49 @@ class Membership:
         return self.muted_until_ms > now_ms
 
 
+UPDATABLE_FIELDS = frozenset(
+    {"name", "description", "category", "cover_url", "capacity", "listed", "linked_post_id"}
+)
+
+
+def validate_update_mask(fields: list[str]) -> None:
+    check = Validator()
+    check.check(
+        bool(fields) and set(fields) <= UPDATABLE_FIELDS,
+        "update_mask",
+        f"name one or more of {sorted(UPDATABLE_FIELDS)}",
+    )
+    check.raise_if_invalid()
+
+
+def ensure_can_manage(actor: Membership) -> None:
+    """Edit the group and ban non-members: admins and the owner."""
+    if actor.role < Role.ADMIN:
+        raise NotAllowed("only the owner and admins can do this")
+
+
+def ensure_capacity_fits(settings: GroupSettings, member_count: int) -> None:
+    if settings.capacity < member_count:
+        raise CapacityBelowMembers(
+            f"the group has {member_count} members: capacity cannot go below that"
+        )
+
+
+def assignable_role(value: int) -> Role:
+    """SetMemberRole assigns MEMBER or ADMIN; ownership moves only by transfer."""
+    check = Validator()
+    check.check(value in (Role.MEMBER, Role.ADMIN), "role", "MEMBER or ADMIN")
+    check.raise_if_invalid()
+    return Role(value)
+
+
+def validate_seqs(**seqs: int) -> None:
+    check = Validator()
+    for field, value in seqs.items():
+        check.check(value >= 0, field, "must not be negative")
+    check.raise_if_invalid()
+
+
 def ensure_can_moderate(actor: Membership, target: Membership) -> None:
     """Remove, ban and mute: admins and the owner, over members of a lower role."""
     if actor.role < Role.ADMIN:

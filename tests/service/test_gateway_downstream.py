@@ -17,8 +17,10 @@ from services.groups.domain import GroupNotFound
 from services.kit.rpc_status import error_info, to_grpc_status
 from tests.service.conftest import service_env
 
-CAP_SECONDS = 3.0
+CAP_SECONDS = 8.0
 ROUNDING = 0.05
+# Generous, so that a loaded CI machine does not hit it.
+SHORT_SECONDS = 4.0
 
 
 class RecordingGroups:
@@ -79,12 +81,12 @@ async def test_downstream_calls_get_the_callers_remaining_deadline(
 ) -> None:
     groups, _ = recorder
     md = (("authorization", f"Bearer {token('alice')}"), ("x-request-id", "req-7"))
-    await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md, timeout=1.0)
+    await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md, timeout=SHORT_SECONDS)
     await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md)
     short, unbounded = groups.calls
     # grpc encodes timeouts in coarse units on the wire: allow a little rounding.
-    assert 0 < short["remaining"] <= 1.0 + ROUNDING
-    assert 1.0 + ROUNDING < unbounded["remaining"] <= CAP_SECONDS + ROUNDING
+    assert 0 < short["remaining"] <= SHORT_SECONDS + ROUNDING, short
+    assert SHORT_SECONDS + ROUNDING < unbounded["remaining"] <= CAP_SECONDS + ROUNDING, unbounded
     for call in (short, unbounded):
         assert call["metadata"]["authorization"] == f"Bearer {token('alice')}"
         assert call["metadata"]["x-request-id"] == "req-7"

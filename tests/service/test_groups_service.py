@@ -379,3 +379,22 @@ async def test_writes_publish_events_on_the_group_subjects(
     assert left.member_left.member_count == 1
     assert joined.aggregate_version < left.aggregate_version
     assert len({e.event_id for _, e in seen}) == 3
+
+
+async def test_a_member_cannot_edit_the_group_but_an_admin_can(groups: GroupsCaller) -> None:
+    gid = await group_with(groups, "bob", "carol")
+    rename = pb.UpdateGroupRequest(
+        group=pb.Group(group_id=gid, name="Renamed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+    )
+    bob, bmd = groups("bob")
+    assert await refused(bob.UpdateGroup(rename, metadata=bmd)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ROLE_NOT_ALLOWED",
+    )
+    owner, md = groups("owner")
+    await owner.SetMemberRole(
+        pb.SetMemberRoleRequest(group_id=gid, user_id="carol", role=pb.ADMIN), metadata=md
+    )
+    carol, cmd = groups("carol")
+    assert (await carol.UpdateGroup(rename, metadata=cmd)).group.name == "Renamed"

@@ -6,6 +6,7 @@ import pytest
 
 from services.groups import domain
 from services.groups.domain import (
+    CapacityBelowMembers,
     GroupSettings,
     Membership,
     Muted,
@@ -155,3 +156,36 @@ def test_longest_message_is_accepted() -> None:
 def test_dedup_key_only_with_a_client_message_id() -> None:
     assert domain.dedup_key("g", "u", "") is None
     assert domain.dedup_key("g", "u", "c1") != domain.dedup_key("g2", "u", "c1")
+
+
+def test_only_admins_and_the_owner_manage_the_group() -> None:
+    domain.ensure_can_manage(member(Role.ADMIN))
+    domain.ensure_can_manage(member(Role.OWNER))
+    with pytest.raises(NotAllowed):
+        domain.ensure_can_manage(member(Role.MEMBER))
+
+
+@pytest.mark.parametrize("fields", [[], ["owner_id"], ["name", "member_count"]])
+def test_update_mask_names_only_updatable_fields(fields: list[str]) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        domain.validate_update_mask(fields)
+    assert violated_fields(caught.value) == {"update_mask"}
+
+
+def test_capacity_cannot_go_below_the_members() -> None:
+    domain.ensure_capacity_fits(settings(capacity=3), member_count=3)
+    with pytest.raises(CapacityBelowMembers):
+        domain.ensure_capacity_fits(settings(capacity=2), member_count=3)
+
+
+@pytest.mark.parametrize("value", [0, 3, 7])
+def test_set_role_assigns_member_or_admin_only(value: int) -> None:
+    with pytest.raises(InvalidArgument):
+        domain.assignable_role(value)
+    assert domain.assignable_role(2) == Role.ADMIN
+
+
+def test_negative_sequence_numbers_are_named() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        domain.validate_seqs(after_seq=0, before_seq=-1)
+    assert violated_fields(caught.value) == {"before_seq"}
