@@ -90,8 +90,7 @@ def proxy_handlers(
     public: ServiceDescriptor, downstream: Downstream
 ) -> dict[str, grpc.RpcMethodHandler]:
     """Handlers for every unary method of `public` that `downstream` serves under the same
-    name, forwarding the request and passing back the response or the error (details
-    included) unchanged."""
+    name, forwarding the request and passing back the response or the error unchanged."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in public.methods:
         if downstream.has_method(method.name):
@@ -107,18 +106,7 @@ def _forwarder(method: MethodDescriptor, downstream: Downstream) -> Any:
     name = method.name
 
     async def forward(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await downstream.call(name, request, context)
-        except grpc.aio.AioRpcError as error:
-            await context.abort(error.code(), error.details() or "", _passable(error))
+        # A failed call's status and details reach the client through the RPC interceptor.
+        return await downstream.call(name, request, context)
 
     return forward
-
-
-def _passable(error: grpc.aio.AioRpcError) -> tuple[tuple[str, Any], ...]:
-    """Trailing metadata worth passing on: the rich status details, nothing transport-level."""
-    return tuple(
-        (key, value)
-        for key, value in (error.trailing_metadata() or ())
-        if key == "grpc-status-details-bin"
-    )

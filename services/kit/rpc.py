@@ -107,6 +107,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         except DomainError as error:
             outcome.update(code=error.kind.value, reason=error.reason)
             await context.abort_with_status(to_grpc_status(error))
+        except grpc.aio.AioRpcError as error:  # a downstream call failed: pass its status on
+            outcome["code"] = error.code().name
+            await context.abort(error.code(), error.details() or "", _status_details(error))
         except grpc.aio.AbortError:
             code = context.code()
             outcome["code"] = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -125,3 +128,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             RPCS.labels(method, outcome["code"]).inc()
             RPC_SECONDS.labels(method).observe(seconds)
             log.info("rpc", method=method, duration_ms=round(seconds * 1000, 2), **outcome)
+
+
+def _status_details(error: grpc.aio.AioRpcError) -> tuple[tuple[str, Any], ...]:
+    """The rich status details of a failed call, and no transport-level metadata."""
+    return tuple(
+        (key, value)
+        for key, value in (error.trailing_metadata() or ())
+        if key == "grpc-status-details-bin"
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
-from groupchat.gateway.v1 import gateway_pb2_grpc
+from groupchat.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from groupchat.groups.v1 import groups_pb2 as pb
 
 from services.gateway.config import GatewayConfig
@@ -110,3 +110,14 @@ async def test_the_gateway_refuses_calls_without_a_token_before_going_downstream
         await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert groups.calls == []
+
+
+async def test_a_downstream_failure_inside_subscribe_keeps_its_status(
+    gateway: gateway_pb2_grpc.GatewayStub, token: Callable[..., str]
+) -> None:
+    # The stand-in serves no ListMyGroups, which Subscribe needs first.
+    md = (("authorization", f"Bearer {token('alice')}"),)
+    call = gateway.Subscribe(gateway_pb2.SubscribeRequest(), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
