@@ -273,16 +273,13 @@ def test_create_join_send_and_list_messages(call: Callable[..., Outcome]) -> Non
     assert "joined" not in again  # false: nothing changed
     assert again["group"]["member_count"] == 2
 
-    sent = call(
-        "SendGroupMessage",
-        {
-            "group_id": group_id,
-            "text": f"hello @{owner}",
-            "mentions": [owner],
-            "client_msg_id": "m-1",
-        },
-        user=joiner,
-    ).json()["message"]
+    greeting = {
+        "group_id": group_id,
+        "text": f"hello @{owner}",
+        "mentions": [owner],
+        "client_msg_id": "m-1",
+    }
+    sent = call("SendGroupMessage", greeting, user=joiner).json()["message"]
     assert sent["group_id"] == group_id
     assert sent["seq"] == "1"
     assert sent["sender_id"] == joiner
@@ -291,16 +288,7 @@ def test_create_join_send_and_list_messages(call: Callable[..., Outcome]) -> Non
     assert sent["client_msg_id"] == "m-1"
     assert "sent_at" in sent
 
-    retried = call(
-        "SendGroupMessage",
-        {
-            "group_id": group_id,
-            "text": f"hello @{owner}",
-            "mentions": [owner],
-            "client_msg_id": "m-1",
-        },
-        user=joiner,
-    ).json()["message"]
+    retried = call("SendGroupMessage", greeting, user=joiner).json()["message"]
     assert retried == sent  # same client_msg_id: the first message, not a second one
 
     reply = call("SendGroupMessage", {"group_id": group_id, "text": "welcome!"}, user=owner).json()[
