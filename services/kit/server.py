@@ -9,6 +9,7 @@ long-lived streams), stop with a grace period, close in reverse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -70,7 +71,6 @@ class ServiceHost:
         self._ready: bool | None = None
         self._metrics_server: Any = None
         self.port = 0
-        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         """Open resources, bind, and start serving (SERVING on health)."""
@@ -113,7 +113,6 @@ class ServiceHost:
         )
         if self._config.metrics_port is not None:
             self._metrics_server = serve_metrics(self._config.metrics_port)
-            self.metrics_port = int(self._metrics_server.server_port)
         host = self._config.listen.rsplit(":", 1)[0]
         log.info(
             "serving",
@@ -148,6 +147,8 @@ class ServiceHost:
         )
         if self._readiness is not None:
             self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
         await self._health.enter_graceful_shutdown()
         for hook in self._context.stopping_hooks if self._context else []:
             await hook()
