@@ -84,7 +84,7 @@ class GroupsApp:
         settings.validate(self._limits.max_capacity)
         create_key = f"{user_id}:{request_id}" if request_id else None
         if create_key and (existing := await self._store.group_by_create_key(create_key)):
-            return existing, await self._membership(existing.group_id, user_id)
+            return existing, await self._creator_membership(existing, user_id)
         if not await self._store.take_user_slot(user_id, self._limits.max_groups_per_user):
             raise self._group_limit(user_id)
         now = self._clock()
@@ -102,7 +102,7 @@ class GroupsApp:
             await self._store.give_back_user_slot(user_id)
             existing = await self._store.group_by_create_key(create_key or "")
             assert existing is not None
-            return existing, await self._membership(existing.group_id, user_id)
+            return existing, await self._creator_membership(existing, user_id)
         owner = Membership(group.group_id, user_id, Role.OWNER, now, 0, 0)
         await self._store.insert_membership(owner)
         await self._publish(
@@ -401,6 +401,12 @@ class GroupsApp:
                 raise GroupNotFound(f"no group {group_id}", group_id=group_id)
             raise NotAMember("you are not a member of this group", group_id=group_id)
         return member
+
+    async def _creator_membership(self, group: Group, user_id: str) -> Membership:
+        """The creator's membership, for a retried create. A concurrent first attempt may not
+        have stored it yet; it is then the owner membership that attempt is writing."""
+        stored = await self._store.get_membership(group.group_id, user_id)
+        return stored or Membership(group.group_id, user_id, Role.OWNER, group.created_at_ms, 0, 0)
 
     async def _target(self, group_id: str, user_id: str) -> Membership:
         domain.validate_id(user_id, "user_id")

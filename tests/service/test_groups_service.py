@@ -58,6 +58,16 @@ async def test_create_retried_with_the_same_request_id_returns_the_first_group(
     assert other.group_id != first.group_id
 
 
+async def test_concurrent_retries_of_one_create_make_one_group(groups: GroupsCaller) -> None:
+    replies = await asyncio.gather(
+        *(create(groups, "alice", request_id="r-storm") for _ in range(10))
+    )
+    assert len({group.group_id for group in replies}) == 1
+    stub, md = groups("alice")
+    mine = await stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=md)
+    assert [g.group.group_id for g in mine.groups] == [replies[0].group_id]
+
+
 async def test_calls_without_a_token_are_unauthenticated(groups: GroupsCaller) -> None:
     stub, _ = groups("alice")
     code, _ = await refused(stub.GetGroup(pb.GetGroupRequest(group_id="g_x")))
