@@ -182,14 +182,8 @@ class GroupsApp:
                 raise OwnerMustTransfer("someone joined meanwhile: transfer ownership first")
             await self._store.delete_group_memberships(group_id)
             await self._store.give_back_user_slot(user_id)
-            emptied = replace(group, member_count=0, version=group.version + 1)
-            await self._publish(
-                emptied,
-                "member_left",
-                user_id,
-                member_left={"group_id": group_id, "user_id": user_id, "member_count": 0},
-            )
-            dissolved = replace(emptied, version=emptied.version + 1)
+            # One event for the one fact: the group is gone, its last member with it.
+            dissolved = replace(group, member_count=0, version=group.version + 1)
             await self._publish(
                 dissolved, "group_dissolved", user_id, group_dissolved={"group_id": group_id}
             )

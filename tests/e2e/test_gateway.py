@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from groupchat.groups.v1 import groups_pb2 as pb
 
 from services.kit.rpc_status import error_info
@@ -193,3 +194,30 @@ async def test_metrics_count_rpcs_events_and_streams(gateway: Any, suite: Any) -
         assert after_gateway["groupchat_subscribe_streams_open"] >= 1
     finally:
         await stream.close()
+
+
+async def test_group_changes_reach_every_member_stream(gateway: Any) -> None:
+    owner, bob = unique("owner"), unique("bob")
+    gid = await create_group(gateway, owner)
+    await join(gateway, bob, gid)
+    owner_stream = await open_stream(*gateway(owner))
+    bob_stream = await open_stream(*gateway(bob))
+    try:
+        stub, md = gateway(owner)
+        await stub.UpdateGroup(
+            pb.UpdateGroupRequest(
+                group=pb.Group(group_id=gid, description="now with snacks"),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            ),
+            metadata=md,
+        )
+        for stream in (owner_stream, bob_stream):
+            await eventually(lambda s=stream: len(s.of_type("group_updated")) == 1)
+        bob_stub, bob_md = gateway(bob)
+        await bob_stub.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=bob_md)
+        await stub.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=md)
+        await eventually(lambda: len(owner_stream.of_type("group_dissolved")) == 1)
+        assert bob_stream.of_type("group_dissolved") == []  # bob had left already
+    finally:
+        await owner_stream.close()
+        await bob_stream.close()

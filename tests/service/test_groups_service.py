@@ -408,3 +408,47 @@ async def test_a_member_cannot_edit_the_group_but_an_admin_can(groups: GroupsCal
     )
     carol, cmd = groups("carol")
     assert (await carol.UpdateGroup(rename, metadata=cmd)).group.name == "Renamed"
+
+
+async def test_every_kind_of_change_publishes_its_event(
+    groups: GroupsCaller, nats_client: Any
+) -> None:
+    seen: list[str] = []
+
+    async def collect(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    await nats_client.subscribe("groupchat.groups.>", cb=collect)
+    await nats_client.flush()
+    gid = await group_with(groups, "bob", "carol")
+    owner, md = groups("owner")
+    await owner.UpdateGroup(
+        pb.UpdateGroupRequest(
+            group=pb.Group(group_id=gid, name="Renamed"),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+        ),
+        metadata=md,
+    )
+    await owner.SetMemberRole(
+        pb.SetMemberRoleRequest(group_id=gid, user_id="bob", role=pb.ADMIN), metadata=md
+    )
+    await owner.MuteMember(
+        pb.MuteMemberRequest(group_id=gid, user_id="carol", duration_seconds=60), metadata=md
+    )
+    await owner.RemoveMember(pb.RemoveMemberRequest(group_id=gid, user_id="carol"), metadata=md)
+    bob, bmd = groups("bob")
+    await bob.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=bmd)
+    await owner.LeaveGroup(pb.LeaveGroupRequest(group_id=gid), metadata=md)
+    expected = [
+        f"groupchat.groups.group_created.{gid}.owner",
+        f"groupchat.groups.member_joined.{gid}.bob",
+        f"groupchat.groups.member_joined.{gid}.carol",
+        f"groupchat.groups.group_updated.{gid}.owner",
+        f"groupchat.groups.member_role_changed.{gid}.bob",
+        f"groupchat.groups.member_muted.{gid}.carol",
+        f"groupchat.groups.member_removed.{gid}.carol",
+        f"groupchat.groups.member_left.{gid}.bob",
+        f"groupchat.groups.group_dissolved.{gid}.owner",
+    ]
+    await eventually(lambda: len([s for s in seen if gid in s]) >= len(expected))
+    assert [s for s in seen if gid in s] == expected
