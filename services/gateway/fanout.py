@@ -17,7 +17,7 @@ import structlog
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
 
-from services.kit.metrics import FANOUT_DROPPED, FANOUT_QUEUED, STREAMS_OPEN
+from services.kit.metrics import FANOUT_DROPPED
 
 log = structlog.get_logger("fanout")
 
@@ -48,7 +48,6 @@ class Session:
             self._finish(Session.OVERFLOW)
         else:
             self._queue.put_nowait(response)
-            FANOUT_QUEUED.inc()
 
     def end(self) -> None:
         """Finish the stream after what is buffered (the gateway is shutting down)."""
@@ -61,16 +60,11 @@ class Session:
 
     async def next(self) -> Any:
         """The next serialized response, or Session.OVERFLOW / Session.ENDED once finished."""
-        item = await self._queue.get()
-        if isinstance(item, bytes):
-            FANOUT_QUEUED.dec()
-        return item
+        return await self._queue.get()
 
-    def discard(self) -> None:
-        """Forget what is still buffered (the stream is gone)."""
-        while not self._queue.empty():
-            if isinstance(self._queue.get_nowait(), bytes):
-                FANOUT_QUEUED.dec()
+    @property
+    def buffered(self) -> int:
+        return self._queue.qsize()
 
 
 Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
@@ -90,10 +84,16 @@ class FanoutHub:
         self._user_subs: dict[str, Any] = {}
         self._lock = asyncio.Lock()
 
+    def open_streams(self) -> int:
+        return sum(len(sessions) for sessions in self._sessions.values())
+
+    def buffered_events(self) -> int:
+        """Events waiting in stream buffers (read at scrape time, not on the hot path)."""
+        return sum(s.buffered for sessions in self._sessions.values() for s in sessions)
+
     async def open(self, user_id: str) -> Session:
         """Register a stream; from now on the user's joins are seen."""
         session = Session(user_id, self._buffer_size)
-        STREAMS_OPEN.inc()
         async with self._lock:
             self._sessions[user_id].add(session)
             if user_id not in self._user_subs:
@@ -110,8 +110,6 @@ class FanoutHub:
         await self._flush()
 
     async def close(self, session: Session) -> None:
-        STREAMS_OPEN.dec()
-        session.discard()
         async with self._lock:
             user_id = session.user_id
             self._sessions[user_id].discard(session)

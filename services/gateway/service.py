@@ -11,6 +11,7 @@ from services.gateway.fanout import FanoutHub
 from services.gateway.subscribe import SubscribeHandler
 from services.kit.downstream import Downstream, proxy_handlers
 from services.kit.events import EventBus
+from services.kit.metrics import FANOUT_QUEUED, STREAMS_OPEN
 from services.kit.server import ServiceContext, ServiceHost
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
@@ -39,6 +40,8 @@ def build(config: GatewayConfig) -> ServiceHost:
         )
         context.stack.push_async_callback(groups.close)
         hub = FanoutHub(bus.subscribe, bus.flush, config.subscribe_buffer)
+        STREAMS_OPEN.set_function(hub.open_streams)
+        FANOUT_QUEUED.set_function(hub.buffered_events)
 
         async def end_streams() -> None:
             hub.end_all()
