@@ -76,13 +76,11 @@ class GroupsStore:
             )
         )
 
-    async def bump_version(self, group_id: str, **set_fields: Any) -> Group | None:
-        update: dict[str, Any] = {"$inc": {"version": 1}}
-        if set_fields:
-            update["$set"] = set_fields
+    async def bump_version(self, group_id: str) -> Group | None:
+        """Record a change to the group's members (roles, mutes) in its version."""
         return _group(
             await self._groups.find_one_and_update(
-                {"_id": group_id}, update, return_document=ReturnDocument.AFTER
+                {"_id": group_id}, {"$inc": {"version": 1}}, return_document=ReturnDocument.AFTER
             )
         )
 
@@ -181,9 +179,6 @@ class GroupsStore:
             await self._members.find(query).sort("group_id", ASCENDING).limit(limit).to_list(None)
         )
         return [_membership(d) for d in docs]  # type: ignore[misc]
-
-    async def count_members(self, group_id: str) -> int:
-        return int(await self._members.count_documents({"group_id": group_id}))
 
     # Bans
 
