@@ -28,9 +28,15 @@ from services.kit.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED, EVENTS_REDEL
 log = structlog.get_logger("events")
 
 SUBJECT_ROOT = "groupchat"
-# JetStream streams of the suite: stream name -> subjects it keeps.
+# JetStream streams: stream name -> subjects it keeps. The suite's own events, and the
+# platform's (follow graph, posts) that the suite consumes; each service ensures them all at
+# start, so whichever starts first creates them.
 STREAMS: dict[str, list[str]] = {
     "GROUPCHAT_GROUPS": [f"{SUBJECT_ROOT}.groups.>"],
+    "GROUPCHAT_MESSAGING": [f"{SUBJECT_ROOT}.messaging.>"],
+    "GROUPCHAT_PLAZA": [f"{SUBJECT_ROOT}.plaza.>"],
+    "PLATFORM_SOCIAL": ["social.>"],
+    "PLATFORM_POSTS": ["posts.>"],
 }
 DUPLICATE_WINDOW_SECONDS = 120.0
 
@@ -130,7 +136,9 @@ class EventBus:
 
     async def consume(self, durable: str, subject: str, handler: EventHandler) -> Subscription:
         """A durable consumer: each event is acked after `handler` returns, redelivered if
-        it raises. Handlers must be idempotent on the event id (see `ProcessedEvents`)."""
+        it raises. Handlers must be idempotent on the event id (see `ProcessedEvents`).
+        Every replica of a service binds the same durable as one deliver group, so each
+        event goes to one of them."""
 
         async def on_message(msg: Msg) -> None:
             envelope = events_pb2.Envelope.FromString(msg.data)
@@ -148,6 +156,7 @@ class EventBus:
 
         return await self._js.subscribe(
             subject,
+            queue=durable,
             durable=durable,
             cb=on_message,
             manual_ack=True,

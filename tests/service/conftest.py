@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from groupchat.groups.v1 import groups_pb2_grpc
 from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
+from services.kit.server import ServiceHost
 from tests.conftest import TEST_JWT_SECRET
 
 
@@ -35,7 +37,27 @@ def service_env(nats_url: str, **overrides: str) -> Env:
     return Env(values)
 
 
-GroupsCaller = Callable[[str], tuple[groups_pb2_grpc.GroupsStub, tuple[tuple[str, str], ...]]]
+Metadata = tuple[tuple[str, str], ...]
+GroupsCaller = Callable[[str], tuple[groups_pb2_grpc.GroupsStub, Metadata]]
+
+
+@asynccontextmanager
+async def serving(
+    host: ServiceHost, stub_class: Any, token: Callable[..., str]
+) -> AsyncIterator[Any]:
+    """Start `host` on a free port; yield `as_user(user_id, roles=None)` -> (stub, metadata)."""
+    await host.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+    stub = stub_class(channel)
+
+    def as_user(user_id: str, roles: list[str] | None = None) -> tuple[Any, Metadata]:
+        return stub, (("authorization", f"Bearer {token(user_id, roles)}"),)
+
+    try:
+        yield as_user
+    finally:
+        await channel.close()
+        await host.stop()
 
 
 @pytest.fixture
@@ -50,16 +72,8 @@ async def groups(
 ) -> AsyncIterator[GroupsCaller]:
     """`groups(user)` returns (stub, metadata) for calls to an in-process groups service."""
     host = build(GroupsConfig.from_env(service_env(nats_url, **groups_env)))
-    await host.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
-    stub = groups_pb2_grpc.GroupsStub(channel)
-
-    def as_user(user_id: str) -> tuple[groups_pb2_grpc.GroupsStub, tuple[tuple[str, str], ...]]:
-        return stub, (("authorization", f"Bearer {token(user_id)}"),)
-
-    yield as_user
-    await channel.close()
-    await host.stop()
+    async with serving(host, groups_pb2_grpc.GroupsStub, token) as as_user:
+        yield as_user
 
 
 @pytest.fixture
