@@ -25,8 +25,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 NATS_CONFIG = ROOT / "deploy" / "nats" / "local.conf"
 DEV_JWT_SECRET = "dev-only-secret-do-not-use-in-production!"
-# Services in start order: (module, address variable its clients use).
-SERVICES = ("groups", "gateway")
+# Services in start order, the gateway last: it reaches all the others.
+SERVICES = ("groups", "messaging", "plaza", "gateway")
+# The variable the gateway reads each internal service's address from.
+ADDRESS_VARIABLES = {
+    "groups": "GROUPS_ADDRESS",
+    "messaging": "MESSAGING_ADDRESS",
+    "plaza": "PLAZA_ADDRESS",
+}
 
 
 def installed_binary(name: str) -> str:
@@ -132,13 +138,16 @@ class Suite:
             "nats", nats_server_command(self.nats_port, data_dir / "jetstream"), dict(os.environ)
         )
         wait_port(self.nats_port)
-        self.addresses = {"groups": f"127.0.0.1:{free_port()}", "gateway": self.gateway_address}
+        self.addresses = {
+            **{service: f"127.0.0.1:{free_port()}" for service in ADDRESS_VARIABLES},
+            "gateway": self.gateway_address,
+        }
         self.metrics_ports = {service: free_port() for service in SERVICES}
         env = {
             **os.environ,
             "JWT_SECRET": self.jwt_secret,
             "NATS_URL": self.nats_url,
-            "GROUPS_ADDRESS": self.addresses["groups"],
+            **{name: self.addresses[service] for service, name in ADDRESS_VARIABLES.items()},
             **self.extra_env,
         }
         for service in SERVICES:

@@ -11,6 +11,8 @@ from services.kit.config import Env, ServerConfig
 class GatewayConfig:
     server: ServerConfig
     groups_address: str
+    messaging_address: str
+    plaza_address: str
     downstream_timeout_seconds: float
     subscribe_buffer: int
 
@@ -20,6 +22,8 @@ class GatewayConfig:
         return cls(
             server=ServerConfig.from_env(env, default_listen="127.0.0.1:50051", database="gateway"),
             groups_address=env.string("GROUPS_ADDRESS", "127.0.0.1:50052"),
+            messaging_address=env.string("MESSAGING_ADDRESS", "127.0.0.1:50053"),
+            plaza_address=env.string("PLAZA_ADDRESS", "127.0.0.1:50054"),
             downstream_timeout_seconds=env.number("DOWNSTREAM_TIMEOUT_SECONDS", 5.0, minimum=0.1),
             subscribe_buffer=env.integer("SUBSCRIBE_BUFFER", 1024, minimum=1),
         )

@@ -1,9 +1,9 @@
-"""Local fan-out of group events to the Subscribe streams of one gateway.
+"""Local fan-out of events to the Subscribe streams of one gateway.
 
-The gateway subscribes once per group that any of its connected users belongs to, and once
-per connected user for that user's joins; each event is serialized once and handed to the
-bounded queues of the streams it concerns. A stream whose queue is full is ended (the
-client catches up by sequence), so one slow reader never stalls a group.
+The gateway subscribes once per group that any of its connected users belongs to, and per
+connected user for that user's joins and direct messages; each event is serialized once and
+handed to the bounded queues of the streams it concerns. A stream whose queue is full is
+ended (the client catches up by sequence), so one slow reader never stalls a group.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class FanoutHub:
         self._followers: dict[str, set[str]] = defaultdict(set)  # group -> local users
         self._followed: dict[str, set[str]] = defaultdict(set)  # user -> groups
         self._group_subs: dict[str, Any] = {}
-        self._user_subs: dict[str, Any] = {}
+        self._user_subs: dict[str, list[Any]] = {}
         self._lock = asyncio.Lock()
 
     def open_streams(self) -> int:
@@ -92,14 +92,20 @@ class FanoutHub:
         return sum(s.buffered for sessions in self._sessions.values() for s in sessions)
 
     async def open(self, user_id: str) -> Session:
-        """Register a stream; from now on the user's joins are seen."""
+        """Register a stream; from now on the user's joins and direct messages are seen."""
         session = Session(user_id, self._buffer_size)
         async with self._lock:
             self._sessions[user_id].add(session)
             if user_id not in self._user_subs:
-                self._user_subs[user_id] = await self._subscribe(
-                    f"groupchat.groups.member_joined.*.{user_id}", self._on_user_event
-                )
+                self._user_subs[user_id] = [
+                    await self._subscribe(
+                        f"groupchat.groups.member_joined.*.{user_id}", self._on_user_event
+                    ),
+                    await self._subscribe(
+                        f"groupchat.messaging.direct_message_sent.*.{user_id}",
+                        self._on_direct_message,
+                    ),
+                ]
         return session
 
     async def follow(self, user_id: str, group_ids: list[str]) -> None:
@@ -116,7 +122,7 @@ class FanoutHub:
             if self._sessions[user_id]:
                 return
             del self._sessions[user_id]
-            if sub := self._user_subs.pop(user_id, None):
+            for sub in self._user_subs.pop(user_id, ()):
                 await sub.unsubscribe()
             for group_id in list(self._followed.pop(user_id, ())):
                 await self._unfollow(user_id, group_id)
@@ -156,6 +162,11 @@ class FanoutHub:
             await self._follow(user_id, envelope.aggregate_id)
         await self._flush()
         self._deliver(user_id, _response(envelope))
+
+    async def _on_direct_message(self, msg: Any) -> None:
+        """A direct message to the user (the last subject token is the recipient)."""
+        envelope = events_pb2.Envelope.FromString(msg.data)
+        self._deliver(msg.subject.rsplit(".", 1)[1], _response(envelope))
 
     async def _on_group_event(self, msg: Any) -> None:
         _, _, event_type, group_id, user_id = msg.subject.split(".", 4)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from groupchat.gateway.v1 import gateway_pb2
 from groupchat.groups.v1 import groups_pb2
+from groupchat.messaging.v1 import messaging_pb2
+from groupchat.plaza.v1 import plaza_pb2
 
 from services.gateway.config import GatewayConfig
+from services.gateway.conversations import ConversationsHandler
 from services.gateway.fanout import FanoutHub
 from services.gateway.subscribe import SubscribeHandler
 from services.kit.downstream import Downstream, proxy_handlers
@@ -16,6 +20,8 @@ from services.kit.server import ServiceContext, ServiceHost
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
 GROUPS = groups_pb2.DESCRIPTOR.services_by_name["Groups"]
+MESSAGING = messaging_pb2.DESCRIPTOR.services_by_name["Messaging"]
+PLAZA = plaza_pb2.DESCRIPTOR.services_by_name["Plaza"]
 # Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design.
 GROUPS_IDEMPOTENT = (
     "GetGroup",
@@ -24,6 +30,23 @@ GROUPS_IDEMPOTENT = (
     "ListGroupMessages",
     "JoinGroup",
     "MarkGroupRead",
+    "ListGroupConversations",
+)
+MESSAGING_IDEMPOTENT = (
+    "ListDirectMessages",
+    "MarkDirectRead",
+    "GetStrangerQuota",
+    "BlockUser",
+    "UnblockUser",
+    "ListDirectConversations",
+)
+PLAZA_IDEMPOTENT = (
+    "BrowsePlaza",
+    "ListSelectedGroups",
+    "SetGroupSelected",
+    "ListCategories",
+    "SearchGroups",
+    "GetGroupInsights",
 )
 
 
@@ -32,13 +55,22 @@ def build(config: GatewayConfig) -> ServiceHost:
         bus = await EventBus.connect(config.server.nats_url, "gateway")
         context.stack.push_async_callback(bus.close)
         context.ready_when("nats", bus.reachable)
-        groups = Downstream(
-            config.groups_address,
-            GROUPS,
-            timeout_cap_seconds=config.downstream_timeout_seconds,
-            idempotent_methods=GROUPS_IDEMPOTENT,
-        )
-        context.stack.push_async_callback(groups.close)
+
+        def downstream(
+            address: str, service: ServiceDescriptor, idempotent: tuple[str, ...]
+        ) -> Downstream:
+            client = Downstream(
+                address,
+                service,
+                timeout_cap_seconds=config.downstream_timeout_seconds,
+                idempotent_methods=idempotent,
+            )
+            context.stack.push_async_callback(client.close)
+            return client
+
+        groups = downstream(config.groups_address, GROUPS, GROUPS_IDEMPOTENT)
+        messaging = downstream(config.messaging_address, MESSAGING, MESSAGING_IDEMPOTENT)
+        plaza = downstream(config.plaza_address, PLAZA, PLAZA_IDEMPOTENT)
         hub = FanoutHub(bus.subscribe, bus.flush, config.subscribe_buffer)
         STREAMS_OPEN.set_function(hub.open_streams)
         FANOUT_QUEUED.set_function(hub.buffered_events)
@@ -47,7 +79,16 @@ def build(config: GatewayConfig) -> ServiceHost:
             hub.end_all()
 
         context.on_stopping(end_streams)
-        handlers = proxy_handlers(GATEWAY, groups)
+        handlers = {
+            **proxy_handlers(GATEWAY, groups),
+            **proxy_handlers(GATEWAY, messaging),
+            **proxy_handlers(GATEWAY, plaza),
+        }
+        handlers["ListConversations"] = grpc.unary_unary_rpc_method_handler(
+            ConversationsHandler(groups, messaging),
+            request_deserializer=gateway_pb2.ListConversationsRequest.FromString,
+            response_serializer=gateway_pb2.ListConversationsResponse.SerializeToString,
+        )
         handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
             SubscribeHandler(hub, groups, config.subscribe_buffer),
             request_deserializer=gateway_pb2.SubscribeRequest.FromString,
