@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
         from mongomock_motor import AsyncMongoMockClient
 
         _look_up_ids_directly()
-        client = AsyncMongoMockClient()
+        client = AsyncMongoMockClient(_store=_embedded_server())
         log.warning(
             "mongodb",
             database=name,
@@ -29,6 +30,16 @@ def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
             detail="MONGODB_URI is not set: using the in-process store; data is NOT kept",
         )
     return client, client[name]
+
+
+@functools.cache
+def _embedded_server() -> Any:
+    """One in-process "server" per process: every client opened here sees the same
+    databases, as every replica of a service sees the same MongoDB (two instances of a
+    service in one test process share their store)."""
+    from mongomock.store import ServerStore
+
+    return ServerStore()
 
 
 async def reachable(db: Any) -> bool:
