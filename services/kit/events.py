@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
 import structlog
 from groupchat.events.v1 import events_pb2
 from nats.aio.client import Client as NatsClient
@@ -73,13 +74,17 @@ EventHandler = Callable[[events_pb2.Envelope], Awaitable[None]]
 
 
 class EventBus:
-    def __init__(self, nc: NatsClient, stream_replicas: int = 1) -> None:
+    def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._js = nc.jetstream()
-        self._replicas = stream_replicas
 
     @classmethod
-    async def connect(cls, url: str, name: str, stream_replicas: int = 1) -> EventBus:
+    async def connect(cls, url: str, name: str, stream_replicas: int | None = None) -> EventBus:
+        """Connect as `name`. The services that write to the streams pass `stream_replicas`
+        and create (or update) them; a client that only reads or publishes (the gateway,
+        tools) passes nothing and leaves their configuration alone, so that a process
+        started with another replica count never flips a stream's."""
+
         async def on_disconnect() -> None:
             log.warning("nats_disconnected", url=url)
 
@@ -98,19 +103,20 @@ class EventBus:
             reconnected_cb=on_reconnect,
             error_cb=on_error,
         )
-        bus = cls(nc, stream_replicas)
-        await bus.ensure_streams()
+        bus = cls(nc)
+        if stream_replicas is not None:
+            await bus.ensure_streams(stream_replicas)
         log.info("nats_connected", url=url)
         return bus
 
-    async def ensure_streams(self) -> None:
+    async def ensure_streams(self, replicas: int) -> None:
         """Create (or update) the suite's streams: file storage, deduplicated by event id."""
         for name, subjects in STREAMS.items():
             config = StreamConfig(
                 name=name,
                 subjects=subjects,
                 storage=StorageType.FILE,
-                num_replicas=self._replicas,
+                num_replicas=replicas,
                 duplicate_window=DUPLICATE_WINDOW_SECONDS,
             )
             try:
@@ -167,6 +173,56 @@ class EventBus:
                 max_deliver=-1,
             ),
         )
+
+    async def replay(self, stream: str, handler: EventHandler, batch: int = 256) -> int:
+        """Hand every event stored in `stream`, oldest first, up to its last sequence at the
+        time of the call, to `handler` (an ephemeral consumer: no durable position moves).
+        Returns how many events were replayed; for rebuilding a projection."""
+        info = await self._js.stream_info(stream)
+        last = info.state.last_seq
+        if info.state.messages == 0:
+            return 0
+        sub = await self._js.pull_subscribe(
+            STREAMS[stream][0],
+            stream=stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=60.0,
+            ),
+        )
+        replayed = 0
+        try:
+            while True:
+                msgs = await sub.fetch(batch, timeout=5.0)
+                for msg in msgs:
+                    await handler(events_pb2.Envelope.FromString(msg.data))
+                    replayed += 1
+                    if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
+                        return replayed
+        finally:
+            consumer = (await sub.consumer_info()).name
+            await sub.unsubscribe()
+            await self._js.delete_consumer(stream, consumer)
+
+    async def respond(
+        self, subject: str, queue: str, handler: Callable[[bytes], Awaitable[bytes]]
+    ) -> Subscription:
+        """Answer requests on `subject` (core NATS request/reply, outside every stream); of
+        the replicas subscribed in `queue`, one answers each request."""
+
+        async def on_request(msg: Msg) -> None:
+            await msg.respond(await handler(msg.data))
+
+        return await self._nc.subscribe(subject, queue=queue, cb=on_request)
+
+    async def request(self, subject: str, data: bytes, wait_seconds: float) -> bytes:
+        """Ask whoever answers on `subject`; raises TimeoutError when nobody does in time."""
+        try:
+            reply = await self._nc.request(subject, data, timeout=wait_seconds)
+        except nats.errors.NoRespondersError:
+            raise TimeoutError(f"nobody answers on {subject}") from None
+        return bytes(reply.data)
 
     async def flush(self) -> None:
         """Return once the server has processed everything sent so far (subscriptions too)."""

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pymongo.errors import DuplicateKeyError
 
+if TYPE_CHECKING:
+    from groupchat.events.v1 import events_pb2
+
+    from services.kit.events import EventHandler
+
 log = structlog.get_logger("mongo")
+
+PROCESSED_EVENTS_KEPT_SECONDS = 7 * 86_400
 
 
 def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
@@ -22,6 +30,7 @@ def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
         from mongomock_motor import AsyncMongoMockClient
 
         _look_up_ids_directly()
+        _accept_bulk_updates()
         client = AsyncMongoMockClient(_store=_embedded_server())
         log.warning(
             "mongodb",
@@ -73,16 +82,51 @@ def _look_up_ids_directly() -> None:
     Collection._groupchat_id_lookup = True  # type: ignore[attr-defined]
 
 
+def _accept_bulk_updates() -> None:
+    """Let the stand-in take `bulk_write([UpdateOne(...)])` from pymongo 4.9 and newer, which
+    passes a `sort` option (always None here: UpdateOne without sort) the stand-in predates."""
+    from mongomock.collection import BulkOperationBuilder
+
+    if getattr(BulkOperationBuilder, "_groupchat_accepts_sort", False):
+        return
+    add_update = BulkOperationBuilder.add_update
+
+    def add_update_without_sort(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+        if sort is not None:
+            raise NotImplementedError("the in-process store cannot sort bulk updates")
+        return add_update(self, *args, **kwargs)
+
+    BulkOperationBuilder.add_update = add_update_without_sort  # type: ignore[method-assign]
+    BulkOperationBuilder._groupchat_accepts_sort = True  # type: ignore[attr-defined]
+
+
 class ProcessedEvents:
     """Remembers handled event ids so that a redelivered event changes nothing."""
 
     def __init__(self, collection: Any) -> None:
         self._collection = collection
 
+    def once(self, handler: EventHandler) -> EventHandler:
+        """`handler`, skipping events it handled before. An event is recorded only after the
+        handler returned, so one that failed midway runs again in full on redelivery: the
+        handler's steps must tolerate being repeated (conditional, versioned writes)."""
+
+        async def handle(envelope: events_pb2.Envelope) -> None:
+            if await self._collection.find_one({"_id": envelope.event_id}) is not None:
+                return
+            await handler(envelope)
+            await self.first_time(envelope.event_id)
+
+        return handle
+
+    async def create_indexes(self) -> None:
+        # A redelivery comes within minutes; a week of ids is plenty and the rest is dropped.
+        await self._collection.create_index("at", expireAfterSeconds=PROCESSED_EVENTS_KEPT_SECONDS)
+
     async def first_time(self, event_id: str) -> bool:
         """Record `event_id`; False when it was recorded before."""
         try:
-            await self._collection.insert_one({"_id": event_id})
+            await self._collection.insert_one({"_id": event_id, "at": dt.datetime.now(dt.UTC)})
         except DuplicateKeyError:
             return False
         return True

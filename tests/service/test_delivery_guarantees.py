@@ -39,7 +39,7 @@ def sample_event() -> OutgoingEvent:
 
 async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(nats_url: str) -> None:
     client, db = open_database(None, f"seq_{uuid.uuid4().hex[:8]}")
-    bus = await EventBus.connect(nats_url, "test")
+    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     try:
         store = GroupsStore(db)
         await store.create_indexes()
@@ -67,7 +67,7 @@ async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(nat
 
 async def test_events_written_while_nats_is_down_are_published_later(nats_url: str) -> None:
     client, db = open_database(None, f"outbox_{uuid.uuid4().hex[:8]}")
-    bus = await EventBus.connect(nats_url, "test")
+    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     listener = await nats.connect(nats_url)
     try:
         event = sample_event()
@@ -96,7 +96,7 @@ async def test_events_written_while_nats_is_down_are_published_later(nats_url: s
 
 
 async def test_a_republished_event_is_stored_once(nats_url: str) -> None:
-    bus = await EventBus.connect(nats_url, "test")
+    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     nc = await nats.connect(nats_url)
     try:
         event = sample_event()
@@ -112,7 +112,7 @@ async def test_a_republished_event_is_stored_once(nats_url: str) -> None:
 
 async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(nats_url: str) -> None:
     client, db = open_database(None, f"consumer_{uuid.uuid4().hex[:8]}")
-    bus = await EventBus.connect(nats_url, "test")
+    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     processed = ProcessedEvents(db["processed_events"])
     event = sample_event()
     attempts: list[str] = []

@@ -1,0 +1,45 @@
+"""What every service that stores opens first, the same way: its MongoDB database, the event
+bus (creating the streams with the configured replicas), and the outbox with its relay.
+Each is a readiness dependency and is closed on the service's exit stack, in reverse: the
+relay stops, the bus drains (events in hand finish), then the database closes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from services.kit.config import ServerConfig
+from services.kit.events import EventBus
+from services.kit.mongo import ProcessedEvents, open_database, reachable
+from services.kit.outbox import Outbox
+from services.kit.server import ServiceContext
+from services.kit.tasks import run_in_background
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    db: Any
+    bus: EventBus
+    outbox: Outbox
+
+    async def processed_events(self) -> ProcessedEvents:
+        """The record of handled event ids that makes this service's consumers idempotent."""
+        processed = ProcessedEvents(self.db["processed_events"])
+        await processed.create_indexes()
+        return processed
+
+
+async def open_infrastructure(
+    context: ServiceContext, config: ServerConfig, name: str, stream_replicas: int
+) -> Infrastructure:
+    stack = context.stack
+    client, db = open_database(config.mongodb_uri, config.database)
+    stack.callback(client.close)
+    bus = await EventBus.connect(config.nats_url, name, stream_replicas=stream_replicas)
+    stack.push_async_callback(bus.close)
+    context.ready_when("mongodb", lambda: reachable(db))
+    context.ready_when("nats", bus.reachable)
+    outbox = Outbox(db["outbox"], bus)
+    await outbox.create_indexes()
+    run_in_background(stack, outbox.run_relay(), "outbox-relay")
+    return Infrastructure(db, bus, outbox)
