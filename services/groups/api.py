@@ -15,6 +15,7 @@ from services.groups.mapping import (
     group_to_proto,
     member_to_proto,
     message_to_proto,
+    my_group_to_proto,
 )
 from services.kit.paging import decode_page_token, encode_page_token, page_size
 from services.kit.rpc import current_identity
@@ -155,15 +156,22 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
         page = rows[:limit]
         token = encode_page_token({"after": page[-1][0].group_id}) if len(rows) > limit else ""
         return pb.ListMyGroupsResponse(
-            groups=[
-                pb.MyGroup(
-                    group=group_to_proto(group),
-                    membership=member_to_proto(member),
-                    unread_count=max(group.last_seq - member.read_seq, 0),
-                )
-                for group, member in page
-            ],
+            groups=[my_group_to_proto(group, member) for group, member in page],
             next_page_token=token,
+        )
+
+    async def ListGroupConversations(
+        self, request: pb.ListGroupConversationsRequest, context: Ctx
+    ) -> pb.ListGroupConversationsResponse:
+        conversations, has_more = await self._app.list_group_conversations(
+            current_identity().user_id,
+            request.before_activity_ms,
+            request.before_group_id,
+            page_size(request.page_size, default=20, maximum=100),
+        )
+        return pb.ListGroupConversationsResponse(
+            groups=[my_group_to_proto(c.group, c.membership) for c in conversations],
+            has_more=has_more,
         )
 
     async def SendGroupMessage(

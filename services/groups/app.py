@@ -26,6 +26,7 @@ from services.groups.domain import (
     Message,
     NotAMember,
     OwnerMustTransfer,
+    PostChange,
     Role,
 )
 from services.groups.mapping import group_to_proto, member_to_proto, message_to_proto
@@ -50,6 +51,15 @@ class JoinResult:
     membership: Membership
     group: Group
     joined: bool
+
+
+@dataclass(frozen=True)
+class GroupConversation:
+    """One of a member's groups in their Messages tab."""
+
+    group: Group
+    membership: Membership
+    activity_ms: int
 
 
 def _now_ms() -> int:
@@ -85,6 +95,7 @@ class GroupsApp:
         create_key = f"{user_id}:{request_id}" if request_id else None
         if create_key and (existing := await self._store.group_by_create_key(create_key)):
             return existing, await self._creator_membership(existing, user_id)
+        await self._check_link(user_id, settings.linked_post_id)
         if not await self._store.take_user_slot(user_id, self._limits.max_groups_per_user):
             raise self._group_limit(user_id)
         now = self._clock()
@@ -109,7 +120,7 @@ class GroupsApp:
             group, "group_created", user_id, group_created={"group": group_to_proto(group)}
         )
         log.info("group_created", group_id=group.group_id, owner_id=user_id)
-        return group, owner
+        return await self._settle_link(group), owner
 
     async def get_group(self, group_id: str) -> Group:
         return await self._group(group_id)
@@ -124,6 +135,8 @@ class GroupsApp:
             settings = replace(group.settings, **{f: getattr(changes, f) for f in fields})
             settings.validate(self._limits.max_capacity)
             domain.ensure_capacity_fits(settings, group.member_count)
+            if "linked_post_id" in fields:
+                await self._check_link(user_id, settings.linked_post_id)
             updated = await self._store.update_settings(group, settings, self._clock())
             if updated is not None:
                 await self._publish(
@@ -135,7 +148,7 @@ class GroupsApp:
                         "changed_fields": sorted(fields),
                     },
                 )
-                return updated
+                return await self._settle_link(updated)
         raise ConcurrentUpdate("the group kept changing; try again")
 
     # Membership
@@ -299,8 +312,29 @@ class GroupsApp:
         self, user_id: str, after_group: str | None, limit: int
     ) -> list[tuple[Group, Membership]]:
         memberships = await self._store.memberships_of_user(user_id, after_group, limit)
-        groups = await self._store.groups_by_id([m.group_id for m in memberships])
-        return [(groups[m.group_id], m) for m in memberships if m.group_id in groups]
+        return await self._with_groups(memberships)
+
+    async def list_group_conversations(
+        self, user_id: str, before_activity_ms: int, before_group_id: str, limit: int
+    ) -> tuple[list[GroupConversation], bool]:
+        """The user's groups by (activity, group id), newest first, strictly before the given
+        position (none: from the newest); and whether older ones remain."""
+        domain.validate_seqs(before_activity_ms=before_activity_ms)
+        # A user is in at most MAX_GROUPS_PER_USER (500) groups, so loading all of them and
+        # ordering in Python is cheap enough, and spares keeping a per-member activity index
+        # that every message would have to update for every member of the group.
+        rows = await self._with_groups(await self._store.all_memberships_of_user(user_id))
+        conversations = sorted(
+            (GroupConversation(g, m, domain.activity_for_member(g, m)) for g, m in rows),
+            key=lambda c: (c.activity_ms, c.group.group_id),
+            reverse=True,
+        )
+        if before_activity_ms:
+            position = (before_activity_ms, before_group_id)
+            conversations = [
+                c for c in conversations if (c.activity_ms, c.group.group_id) < position
+            ]
+        return conversations[:limit], len(conversations) > limit
 
     # Messages
 
@@ -342,7 +376,7 @@ class GroupsApp:
                 return first  # a concurrent retry of the same message won
             last = None  # another process took this seq: read the last one and try again
         self._last_seqs[group_id] = seq
-        await self._store.advance_last_seq(group_id, seq)
+        await self._store.record_last_message(message)
         await self._outbox.publish(
             [
                 new_event(
@@ -378,7 +412,50 @@ class GroupsApp:
         )
         if member is None:
             raise NotAMember("you are not a member of this group")
-        return member.read_seq, max(group.last_seq - member.read_seq, 0)
+        return member.read_seq, domain.unread_count(group, member)
+
+    # Linked posts
+
+    async def apply_post_change(self, change: PostChange) -> None:
+        """Project a platform post event; once the post is no longer published, unlink it
+        from every group that links it."""
+        await self._store.apply_post_change(change)
+        # Decided on the projection, not on this event: a stale event must not unlink a post
+        # published again since, and a redelivery after a failure midway finishes the job.
+        post = await self._store.get_post(change.post_id)
+        if post is None or post.published:
+            return
+        for group_id in await self._store.group_ids_linking(post.post_id):
+            await self._unlink(group_id, post.post_id)
+
+    async def _check_link(self, user_id: str, post_id: str) -> None:
+        if post_id:
+            domain.ensure_can_link(await self._store.get_post(post_id), post_id, user_id)
+
+    async def _settle_link(self, group: Group) -> Group:
+        """Unlink the group's post if it was removed while the group was being written. The
+        removal's unlink reads the groups after recording the removal, and this reads the post
+        after writing the group, so at least one of the two sees the other."""
+        post_id = group.settings.linked_post_id
+        if not post_id:
+            return group
+        post = await self._store.get_post(post_id)
+        if post is not None and post.published:
+            return group
+        return await self._unlink(group.group_id, post_id) or await self._group(group.group_id)
+
+    async def _unlink(self, group_id: str, post_id: str) -> Group | None:
+        group = await self._store.unlink_post(group_id, post_id, self._clock())
+        if group is None:
+            return None  # unlinked already, or linked to another post meanwhile
+        await self._publish(
+            group,
+            "group_updated",
+            group.owner_id,
+            group_updated={"group": group_to_proto(group), "changed_fields": ["linked_post_id"]},
+        )
+        log.info("post_unlinked", group_id=group_id, post_id=post_id)
+        return group
 
     # Shared steps
 
@@ -395,6 +472,10 @@ class GroupsApp:
                 raise GroupNotFound(f"no group {group_id}", group_id=group_id)
             raise NotAMember("you are not a member of this group", group_id=group_id)
         return member
+
+    async def _with_groups(self, memberships: list[Membership]) -> list[tuple[Group, Membership]]:
+        groups = await self._store.groups_by_id([m.group_id for m in memberships])
+        return [(groups[m.group_id], m) for m in memberships if m.group_id in groups]
 
     async def _creator_membership(self, group: Group, user_id: str) -> Membership:
         """The creator's membership, for a retried create. A concurrent first attempt may not

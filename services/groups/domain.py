@@ -78,6 +78,20 @@ class ConcurrentUpdate(DomainError):
     reason = "CONCURRENT_UPDATE"
 
 
+class PostNotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "POST_NOT_FOUND"
+
+
+class PostNotOwned(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "POST_NOT_OWNED"
+
+
+class PostNotPublished(DomainError):
+    reason = "POST_NOT_PUBLISHED"
+
+
 @dataclass(frozen=True)
 class GroupSettings:
     """What a creator chooses. `category` is a taxonomy name; None when not a known one."""
@@ -124,10 +138,18 @@ class Group:
     created_at_ms: int
     updated_at_ms: int
     version: int
+    # The post the group linked until its author hid or deleted it; "" otherwise.
+    unlinked_post_id: str = ""
+    last_message: Message | None = None
 
     @property
     def is_full(self) -> bool:
         return self.member_count >= self.settings.capacity
+
+    @property
+    def last_activity_ms(self) -> int:
+        """When the newest message was sent, or when the group was created if it has none."""
+        return self.last_message.sent_at_ms if self.last_message else self.created_at_ms
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,54 @@ class Membership:
 
     def is_muted(self, now_ms: int) -> bool:
         return self.muted_until_ms > now_ms
+
+
+def unread_count(group: Group, member: Membership) -> int:
+    return max(group.last_seq - member.read_seq, 0)
+
+
+def activity_for_member(group: Group, member: Membership) -> int:
+    """A group's place in a member's Messages tab: its last activity, or when they joined if
+    that is later (a group joined just now comes first even if it has been quiet)."""
+    return max(group.last_activity_ms, member.joined_at_ms)
+
+
+@dataclass(frozen=True)
+class Post:
+    """The groups service's view of a platform post: enough to decide whether it may be linked."""
+
+    post_id: str
+    author_id: str
+    title: str
+    published: bool
+    version: int
+
+
+@dataclass(frozen=True)
+class PostChange:
+    """One platform post event. `published` is None for an edit, which leaves it as it was
+    (an edit of a hidden post must not publish it); `title` is None when the event has none."""
+
+    post_id: str
+    author_id: str
+    version: int
+    published: bool | None
+    title: str | None
+
+
+def ensure_can_link(post: Post | None, post_id: str, user_id: str) -> None:
+    """A group links only one of its caller's own published posts."""
+    if post is None:
+        raise PostNotFound(f"no post {post_id}", post_id=post_id)
+    if post.author_id != user_id:
+        raise PostNotOwned("you can only link your own posts", post_id=post_id)
+    if not post.published:
+        raise PostNotPublished("the post is hidden or deleted", post_id=post_id)
+
+
+def unlinked_post_after_update(group: Group, settings: GroupSettings) -> str:
+    """Linking a post again settles an earlier unlink; anything else keeps the notice."""
+    return "" if settings.linked_post_id else group.unlinked_post_id
 
 
 UPDATABLE_FIELDS = frozenset(

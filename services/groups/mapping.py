@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
+from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2
 
-from services.groups.domain import Group, Membership, Message
-
-
-def _timestamp(ms: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMilliseconds(ms)
-    return ts
+from services.groups.domain import (
+    Group,
+    Membership,
+    Message,
+    PostChange,
+    activity_for_member,
+    unread_count,
+)
+from services.kit.timestamps import timestamp_from_ms
 
 
 def group_to_proto(g: Group) -> groups_pb2.Group:
@@ -28,9 +30,22 @@ def group_to_proto(g: Group) -> groups_pb2.Group:
         owner_id=g.owner_id,
         member_count=g.member_count,
         last_seq=g.last_seq,
-        created_at=_timestamp(g.created_at_ms),
-        updated_at=_timestamp(g.updated_at_ms),
+        created_at=timestamp_from_ms(g.created_at_ms),
+        updated_at=timestamp_from_ms(g.updated_at_ms),
         version=g.version,
+        last_message=message_to_proto(g.last_message) if g.last_message else None,
+        last_activity_at=timestamp_from_ms(g.last_activity_ms),
+        unlinked_post_id=g.unlinked_post_id,
+    )
+
+
+def my_group_to_proto(g: Group, m: Membership) -> groups_pb2.MyGroup:
+    """A group as one of the member's conversations."""
+    return groups_pb2.MyGroup(
+        group=group_to_proto(g),
+        membership=member_to_proto(m),
+        unread_count=unread_count(g, m),
+        last_activity_at=timestamp_from_ms(activity_for_member(g, m)),
     )
 
 
@@ -39,7 +54,7 @@ def member_to_proto(m: Membership) -> groups_pb2.Member:
         group_id=m.group_id,
         user_id=m.user_id,
         role=groups_pb2.Role.Name(m.role),
-        joined_at=_timestamp(m.joined_at_ms),
+        joined_at=timestamp_from_ms(m.joined_at_ms),
         read_seq=m.read_seq,
     )
     if m.muted_until_ms:
@@ -55,7 +70,7 @@ def message_to_proto(m: Message) -> groups_pb2.GroupMessage:
         text=m.text,
         mentions=list(m.mentions),
         client_msg_id=m.client_msg_id,
-        sent_at=_timestamp(m.sent_at_ms),
+        sent_at=timestamp_from_ms(m.sent_at_ms),
     )
 
 
@@ -64,3 +79,28 @@ def category_name(value: int) -> str | None:
     if value == groups_pb2.CATEGORY_UNSPECIFIED or value not in groups_pb2.Category.values():
         return None
     return groups_pb2.Category.Name(value)
+
+
+def post_change_from_event(envelope: events_pb2.Envelope) -> PostChange | None:
+    """The post change a platform post event stands for; None for any other event."""
+    kind = envelope.WhichOneof("payload")
+    version = envelope.aggregate_version
+    if kind in ("post_published", "post_updated"):
+        post = getattr(envelope, kind).post
+        return PostChange(
+            post_id=post.post_id,
+            author_id=post.author_id,
+            version=version,
+            published=True if kind == "post_published" else None,
+            title=post.title,
+        )
+    if kind == "post_removed":
+        removed = envelope.post_removed
+        return PostChange(
+            post_id=removed.post_id,
+            author_id=removed.author_id,
+            version=version,
+            published=False,
+            title=None,
+        )
+    return None

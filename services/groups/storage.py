@@ -10,7 +10,16 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from services.groups.domain import Group, GroupSettings, Membership, Message, Role
+from services.groups.domain import (
+    Group,
+    GroupSettings,
+    Membership,
+    Message,
+    Post,
+    PostChange,
+    Role,
+    unlinked_post_after_update,
+)
 
 
 class GroupsStore:
@@ -21,9 +30,11 @@ class GroupsStore:
         self._messages = db["messages"]
         self._user_groups = db["user_group_counts"]
         self._join_windows = db["join_windows"]
+        self._posts = db["posts"]
 
     async def create_indexes(self) -> None:
         await self._groups.create_index("create_key", unique=True, sparse=True)
+        await self._groups.create_index("linked_post_id")
         await self._members.create_index(
             [("group_id", ASCENDING), ("user_id", ASCENDING)], unique=True
         )
@@ -95,6 +106,7 @@ class GroupsStore:
                     "$set": {
                         **_settings_doc(settings),
                         "free_seats": settings.capacity - group.member_count,
+                        "unlinked_post_id": unlinked_post_after_update(group, settings),
                         "updated_at_ms": now_ms,
                     },
                     "$inc": {"version": 1},
@@ -117,8 +129,42 @@ class GroupsStore:
         result = await self._groups.delete_one({"_id": group_id, "member_count": 1})
         return bool(result.deleted_count)
 
-    async def advance_last_seq(self, group_id: str, seq: int) -> None:
-        await self._groups.update_one({"_id": group_id}, {"$max": {"last_seq": seq}})
+    async def record_last_message(self, message: Message) -> bool:
+        """Make `message` the group's newest, unless a later one is recorded already: the seq,
+        the message and the activity time move together. False when it was not the newest."""
+        result = await self._groups.update_one(
+            {"_id": message.group_id, "last_seq": {"$lt": message.seq}},
+            {
+                "$set": {
+                    "last_seq": message.seq,
+                    "last_message": _message_doc(message),
+                    "last_activity_ms": message.sent_at_ms,
+                }
+            },
+        )
+        return bool(result.modified_count)
+
+    async def group_ids_linking(self, post_id: str) -> list[str]:
+        docs = await self._groups.find({"linked_post_id": post_id}, {"_id": 1}).to_list(None)
+        return [doc["_id"] for doc in docs]
+
+    async def unlink_post(self, group_id: str, post_id: str, now_ms: int) -> Group | None:
+        """Unlink `post_id` from the group if it still links it; None when it does not (already
+        unlinked, or linked to another post meanwhile)."""
+        return _group(
+            await self._groups.find_one_and_update(
+                {"_id": group_id, "linked_post_id": post_id},
+                {
+                    "$set": {
+                        "linked_post_id": "",
+                        "unlinked_post_id": post_id,
+                        "updated_at_ms": now_ms,
+                    },
+                    "$inc": {"version": 1},
+                },
+                return_document=ReturnDocument.AFTER,
+            )
+        )
 
     # Memberships
 
@@ -180,6 +226,11 @@ class GroupsStore:
         )
         return [_membership(d) for d in docs]  # type: ignore[misc]
 
+    async def all_memberships_of_user(self, user_id: str) -> list[Membership]:
+        """Every group the user is in: at most MAX_GROUPS_PER_USER."""
+        docs = await self._members.find({"user_id": user_id}).to_list(None)
+        return [_membership(d) for d in docs]  # type: ignore[misc]
+
     # Bans
 
     async def ban(self, group_id: str, user_id: str, by: str, now_ms: int) -> None:
@@ -239,16 +290,7 @@ class GroupsStore:
 
     async def insert_message(self, message: Message) -> bool:
         """False when the seq is taken or the dedup key exists: the caller finds out which."""
-        doc: dict[str, Any] = {
-            "_id": f"{message.group_id}:{message.seq}",
-            "group_id": message.group_id,
-            "seq": message.seq,
-            "sender_id": message.sender_id,
-            "text": message.text,
-            "mentions": list(message.mentions),
-            "client_msg_id": message.client_msg_id,
-            "sent_at_ms": message.sent_at_ms,
-        }
+        doc = {"_id": f"{message.group_id}:{message.seq}", **_message_doc(message)}
         if message.dedup_key:
             doc["dedup_key"] = message.dedup_key
         try:
@@ -283,6 +325,45 @@ class GroupsStore:
         )
         return [_message(d) for d in reversed(docs)]
 
+    # Posts
+
+    async def apply_post_change(self, change: PostChange) -> bool:
+        """Apply a platform post event if it is newer than the post's projection; False when it
+        is stale or a redelivery. One conditional upsert: when the filter misses because the
+        stored version is not older, the upsert's insert collides on _id."""
+        set_fields: dict[str, Any] = {"author_id": change.author_id, "version": change.version}
+        on_insert: dict[str, Any] = {}
+        if change.published is None:
+            on_insert["published"] = True  # an edit of a post not seen yet: it is live
+        else:
+            set_fields["published"] = change.published
+        if change.title is not None:
+            set_fields["title"] = change.title
+        else:
+            on_insert["title"] = ""
+        update: dict[str, Any] = {"$set": set_fields}
+        if on_insert:
+            update["$setOnInsert"] = on_insert
+        try:
+            await self._posts.update_one(
+                {"_id": change.post_id, "version": {"$lt": change.version}}, update, upsert=True
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def get_post(self, post_id: str) -> Post | None:
+        doc = await self._posts.find_one({"_id": post_id})
+        if doc is None:
+            return None
+        return Post(
+            post_id=doc["_id"],
+            author_id=doc["author_id"],
+            title=doc["title"],
+            published=doc["published"],
+            version=doc["version"],
+        )
+
 
 def _member_key(group_id: str, user_id: str) -> str:
     return f"{group_id}:{user_id}"
@@ -308,6 +389,9 @@ def _group_doc(g: Group) -> dict[str, Any]:
         "member_count": g.member_count,
         "free_seats": g.settings.capacity - g.member_count,
         "last_seq": g.last_seq,
+        "last_message": _message_doc(g.last_message) if g.last_message else None,
+        "last_activity_ms": g.last_activity_ms,
+        "unlinked_post_id": g.unlinked_post_id,
         "created_at_ms": g.created_at_ms,
         "updated_at_ms": g.updated_at_ms,
         "version": g.version,
@@ -334,6 +418,9 @@ def _group(doc: dict[str, Any] | None) -> Group | None:
         created_at_ms=doc["created_at_ms"],
         updated_at_ms=doc["updated_at_ms"],
         version=doc["version"],
+        # Groups stored before these fields existed have neither.
+        unlinked_post_id=doc.get("unlinked_post_id", ""),
+        last_message=_message(last) if (last := doc.get("last_message")) else None,
     )
 
 
@@ -360,6 +447,18 @@ def _membership(doc: dict[str, Any] | None) -> Membership | None:
         muted_until_ms=doc["muted_until_ms"],
         read_seq=doc["read_seq"],
     )
+
+
+def _message_doc(m: Message) -> dict[str, Any]:
+    return {
+        "group_id": m.group_id,
+        "seq": m.seq,
+        "sender_id": m.sender_id,
+        "text": m.text,
+        "mentions": list(m.mentions),
+        "client_msg_id": m.client_msg_id,
+        "sent_at_ms": m.sent_at_ms,
+    }
 
 
 def _message(doc: dict[str, Any]) -> Message:

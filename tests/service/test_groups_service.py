@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -452,3 +453,105 @@ async def test_every_kind_of_change_publishes_its_event(
     ]
     await eventually(lambda: len([s for s in seen if gid in s]) >= len(expected))
     assert [s for s in seen if gid in s] == expected
+
+
+# Activity and the Messages tab
+
+
+async def send(groups: GroupsCaller, user: str, group_id: str, text: str) -> pb.GroupMessage:
+    stub, md = groups(user)
+    request = pb.SendGroupMessageRequest(group_id=group_id, text=text)
+    return (await stub.SendGroupMessage(request, metadata=md)).message
+
+
+async def conversations(
+    groups: GroupsCaller, user: str, **position: Any
+) -> pb.ListGroupConversationsResponse:
+    stub, md = groups(user)
+    request = pb.ListGroupConversationsRequest(**position)
+    return await stub.ListGroupConversations(request, metadata=md)
+
+
+def position_of(entry: pb.MyGroup) -> dict[str, Any]:
+    """The keyset position just after `entry`."""
+    return {
+        "before_activity_ms": entry.last_activity_at.ToMilliseconds(),
+        "before_group_id": entry.group.group_id,
+    }
+
+
+async def test_the_newest_message_is_the_groups_last_message_and_activity(
+    groups: GroupsCaller,
+) -> None:
+    group = await create(groups, "alice")
+    assert not group.HasField("last_message")
+    assert group.last_activity_at == group.created_at
+    await send(groups, "alice", group.group_id, "first")
+    second = await send(groups, "alice", group.group_id, "second")
+    stub, md = groups("alice")
+    stored = (await stub.GetGroup(pb.GetGroupRequest(group_id=group.group_id), metadata=md)).group
+    assert (stored.last_seq, stored.last_message) == (2, second)
+    assert stored.last_activity_at == second.sent_at
+
+
+async def test_last_message_keeps_up_with_concurrent_senders(groups: GroupsCaller) -> None:
+    gid = await group_with(groups, "bob", "carol")
+    await asyncio.gather(
+        *(send(groups, user, gid, f"{user} {n}") for n in range(10) for user in ("bob", "carol"))
+    )
+    stub, md = groups("owner")
+    stored = (await stub.GetGroup(pb.GetGroupRequest(group_id=gid), metadata=md)).group
+    assert stored.last_seq == stored.last_message.seq == 20
+
+
+async def test_a_member_who_joined_after_the_last_message_is_active_from_their_join(
+    groups: GroupsCaller,
+) -> None:
+    group = await create(groups, "alice")
+    hello = await send(groups, "alice", group.group_id, "hello")
+    joined = await join(groups, "bob", group.group_id)
+    stub, md = groups("bob")
+    [mine] = (await stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=md)).groups
+    assert mine.last_activity_at == joined.membership.joined_at
+    assert mine.unread_count == 0
+    [bobs] = (await conversations(groups, "bob")).groups
+    assert bobs == mine
+    stub, md = groups("alice")
+    [alices] = (await stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=md)).groups
+    assert alices.last_activity_at == hello.sent_at
+
+
+async def test_group_conversations_come_newest_first_and_page_without_repeats_as_messages_arrive(
+    groups: GroupsCaller,
+) -> None:
+    ids = {(await create(groups, "alice", name=f"Group {n}")).group_id for n in range(5)}
+    for gid in sorted(ids):
+        await send(groups, "alice", gid, "hi")
+    everything = await conversations(groups, "alice", page_size=100)
+    keys = [(e.last_activity_at.ToMilliseconds(), e.group.group_id) for e in everything.groups]
+    assert keys == sorted(keys, reverse=True)
+    order = [gid for _, gid in keys]
+    assert set(order) == ids and not everything.has_more
+
+    first = await conversations(groups, "alice", page_size=2)
+    assert [e.group.group_id for e in first.groups] == order[:2] and first.has_more
+    # The oldest group gets a message (strictly later than any activity so far, so it moves
+    # to the top, ahead of the reader's position): later pages must not show it again.
+    await eventually(lambda: time.time() * 1000 > keys[0][0] + 1)
+    await send(groups, "alice", order[-1], "news")
+    seen = [e.group.group_id for e in first.groups]
+    page = first
+    while page.has_more:
+        page = await conversations(groups, "alice", page_size=2, **position_of(page.groups[-1]))
+        seen += [e.group.group_id for e in page.groups]
+    assert seen == order[:-1]
+    newest = await conversations(groups, "alice", page_size=1)
+    assert newest.groups[0].group.group_id == order[-1]
+    assert newest.groups[0].group.last_message.text == "news"
+
+
+async def test_group_conversations_refuse_a_negative_position(groups: GroupsCaller) -> None:
+    stub, md = groups("alice")
+    request = pb.ListGroupConversationsRequest(before_activity_ms=-1)
+    code, _ = await refused(stub.ListGroupConversations(request, metadata=md))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT

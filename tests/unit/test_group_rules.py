@@ -7,14 +7,22 @@ import pytest
 from services.groups import domain
 from services.groups.domain import (
     CapacityBelowMembers,
+    Group,
     GroupSettings,
     Membership,
+    Message,
     Muted,
     NotAllowed,
     OwnerMustTransfer,
+    Post,
+    PostNotFound,
+    PostNotOwned,
+    PostNotPublished,
     Role,
 )
-from services.kit.errors import InvalidArgument
+from services.groups.mapping import post_change_from_event
+from services.kit.errors import ErrorKind, InvalidArgument
+from tools.platform import post_event
 
 
 def member(role: Role, user: str = "u", muted_until_ms: int = 0) -> Membership:
@@ -189,3 +197,102 @@ def test_negative_sequence_numbers_are_named() -> None:
     with pytest.raises(InvalidArgument) as caught:
         domain.validate_seqs(after_seq=0, before_seq=-1)
     assert violated_fields(caught.value) == {"before_seq"}
+
+
+# Linked posts
+
+
+def post(author: str = "alice", published: bool = True) -> Post:
+    return Post("p1", author, "Matcha at home", published, version=1)
+
+
+def group(linked_post_id: str = "", unlinked_post_id: str = "", **fields: object) -> Group:
+    values: dict[str, object] = {
+        "group_id": "g",
+        "settings": settings(linked_post_id=linked_post_id),
+        "owner_id": "alice",
+        "member_count": 1,
+        "last_seq": 0,
+        "created_at_ms": 1_000,
+        "updated_at_ms": 1_000,
+        "version": 1,
+        "unlinked_post_id": unlinked_post_id,
+    }
+    values.update(fields)
+    return Group(**values)  # type: ignore[arg-type]
+
+
+def test_the_author_links_their_published_post() -> None:
+    domain.ensure_can_link(post("alice"), "p1", "alice")
+
+
+@pytest.mark.parametrize(
+    ("found", "error", "kind", "reason"),
+    [
+        (None, PostNotFound, ErrorKind.NOT_FOUND, "POST_NOT_FOUND"),
+        (post("bob"), PostNotOwned, ErrorKind.PERMISSION_DENIED, "POST_NOT_OWNED"),
+        (
+            post("alice", published=False),
+            PostNotPublished,
+            ErrorKind.FAILED_PRECONDITION,
+            "POST_NOT_PUBLISHED",
+        ),
+    ],
+)
+def test_a_post_that_is_missing_not_yours_or_not_published_is_refused(
+    found: Post | None, error: type[Exception], kind: ErrorKind, reason: str
+) -> None:
+    with pytest.raises(error) as caught:
+        domain.ensure_can_link(found, "p1", "alice")
+    assert (caught.value.kind, caught.value.reason) == (kind, reason)  # type: ignore[attr-defined]
+
+
+def test_someone_elses_hidden_post_is_not_owned_before_it_is_not_published() -> None:
+    with pytest.raises(PostNotOwned):
+        domain.ensure_can_link(post("bob", published=False), "p1", "alice")
+
+
+def test_linking_a_post_again_clears_the_unlink_notice() -> None:
+    unlinked = group(unlinked_post_id="p1")
+    assert domain.unlinked_post_after_update(unlinked, settings(linked_post_id="p2")) == ""
+    assert domain.unlinked_post_after_update(unlinked, settings(name="Renamed")) == "p1"
+
+
+@pytest.mark.parametrize(
+    ("action", "published", "title"),
+    [
+        ("publish", True, "Matcha at home"),
+        ("update", None, "Matcha at home"),
+        ("hide", False, None),
+        ("delete", False, None),
+    ],
+)
+def test_post_events_become_post_changes(
+    action: str, published: bool | None, title: str | None
+) -> None:
+    event = post_event(action, "p1", "alice", title="Matcha at home", version=7)
+    change = post_change_from_event(event.envelope)
+    assert change is not None
+    assert (change.post_id, change.author_id, change.version) == ("p1", "alice", 7)
+    assert (change.published, change.title) == (published, title)
+
+
+# Activity
+
+
+def message(seq: int, sent_at_ms: int) -> Message:
+    return Message("g", seq, "alice", "hi", (), "", sent_at_ms)
+
+
+def test_a_quiet_group_was_last_active_when_it_was_created() -> None:
+    assert group().last_activity_ms == 1_000
+    assert group(last_seq=3, last_message=message(3, 5_000)).last_activity_ms == 5_000
+
+
+def test_a_members_activity_is_the_groups_or_their_join_if_later() -> None:
+    active = group(last_seq=3, last_message=message(3, 5_000))
+    early = Membership("g", "bob", Role.MEMBER, 2_000, 0, 0)
+    late = Membership("g", "carol", Role.MEMBER, 9_000, 0, 3)
+    assert domain.activity_for_member(active, early) == 5_000
+    assert domain.activity_for_member(active, late) == 9_000
+    assert (domain.unread_count(active, early), domain.unread_count(active, late)) == (3, 0)
