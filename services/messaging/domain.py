@@ -1,0 +1,259 @@
+"""Direct messages' rules in plain Python: who is a stranger to whom, what the day's stranger
+quota allows, how many messages may wait for an answer, and what a message must be.
+
+The rules that must hold under concurrency are decided here and enforced by single atomic
+operations in `services.messaging.storage`; nothing here does I/O or reads a clock itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from services.kit.errors import DomainError, ErrorKind, QuotaExceeded, Validator
+
+TEXT_MAX = 4_000
+CLIENT_MSG_ID_MAX = 128
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A day's quota record is kept a day past the day's end (TTL), so a late read still finds it.
+QUOTA_RECORD_GRACE = dt.timedelta(days=1)
+
+
+class Blocked(DomainError):
+    """The recipient blocked the sender."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "BLOCKED"
+
+
+class RecipientBlocked(DomainError):
+    """The sender blocked the recipient: they must unblock them before writing."""
+
+    reason = "RECIPIENT_BLOCKED"
+
+
+class AwaitingReply(DomainError):
+    """The starter of an unanswered conversation with a stranger has sent all they may."""
+
+    reason = "AWAITING_REPLY"
+
+
+class StrangerQuotaExceeded(QuotaExceeded):
+    reason = "STRANGER_QUOTA_EXCEEDED"
+
+
+class ConcurrentUpdate(DomainError):
+    kind = ErrorKind.ABORTED
+    reason = "CONCURRENT_UPDATE"
+
+
+def conversation_id(user_a: str, user_b: str) -> str:
+    """The id of the conversation between two users: both ids, sorted, joined by ':'."""
+    return ":".join(sorted((user_a, user_b)))
+
+
+def dedup_key(sender_id: str, client_msg_id: str) -> str | None:
+    """Unique per sender and client message id: a retry finds the first send."""
+    return f"{sender_id}:{client_msg_id}" if client_msg_id else None
+
+
+@dataclass(frozen=True)
+class DirectMessage:
+    conversation_id: str
+    seq: int
+    sender_id: str
+    recipient_id: str
+    text: str
+    client_msg_id: str
+    sent_at_ms: int
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation between two users, as stored.
+
+    `started_by` is whoever was admitted to write first (None until someone is); `answered`
+    becomes true, for good, when the other participant writes. `unanswered` counts the
+    starter's messages admitted while the recipient was a stranger to them.
+    """
+
+    conversation_id: str
+    participants: tuple[str, str]
+    started_by: str | None
+    answered: bool
+    unanswered: int
+    last_seq: int
+    last_message: DirectMessage | None
+    last_activity_ms: int
+    read_seqs: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def established(self) -> bool:
+        return self.answered
+
+    def peer_of(self, user_id: str) -> str:
+        first, second = self.participants
+        return second if user_id == first else first
+
+    def read_seq(self, user_id: str) -> int:
+        return self.read_seqs.get(user_id, 0)
+
+    def unread_count(self, user_id: str) -> int:
+        return max(self.last_seq - self.read_seq(user_id), 0)
+
+    def is_request_for(self, user_id: str) -> bool:
+        """The peer wrote first and `user_id` has not answered yet: a message request."""
+        return not self.answered and self.started_by == self.peer_of(user_id)
+
+
+class Admission(enum.Enum):
+    """How a message gets into a conversation."""
+
+    # The recipient wrote first and waits for this answer: it establishes the conversation.
+    ANSWER = "answer"
+    # The two are not strangers here (established, or they follow each other): no limits.
+    FREE = "free"
+    # The sender writes to a stranger: it counts against the unanswered allowance and uses
+    # the day's stranger quota (once per stranger and day).
+    STRANGER = "stranger"
+
+
+def admit(
+    conversation: Conversation | None,
+    sender_id: str,
+    *,
+    mutual_follow: bool,
+    unanswered_limit: int,
+) -> Admission:
+    """Decide how `sender_id`'s next message enters `conversation` (None: nobody wrote yet).
+
+    The recipient is a stranger to the sender unless they follow each other or the
+    conversation is established; an established conversation stays so whatever happens to
+    the follow graph. Answering someone who wrote first is never limited.
+
+    The unanswered allowance applies only while the recipient is a stranger: messages sent
+    while the two follow each other are not counted and not refused, even when the
+    conversation was never answered. If they stop following each other before an answer,
+    the starter is back under the allowance, counting only the messages sent as a stranger.
+
+    Raises AwaitingReply when the starter has used the allowance. The caller must have this
+    decision enforced atomically (the conversation may change meanwhile).
+    """
+    if conversation is not None and conversation.answered:
+        return Admission.FREE
+    starter = conversation.started_by if conversation is not None else None
+    if starter is not None and starter != sender_id:
+        return Admission.ANSWER
+    if mutual_follow:
+        return Admission.FREE
+    if conversation is not None and conversation.unanswered >= unanswered_limit:
+        raise AwaitingReply(
+            f"wait for an answer: at most {unanswered_limit} messages before the recipient replies",
+            limit=str(unanswered_limit),
+        )
+    return Admission.STRANGER
+
+
+class QuotaCharge(enum.Enum):
+    CHARGED = "charged"
+    ALREADY_CHARGED = "already_charged"
+    EXHAUSTED = "exhausted"
+
+
+def quota_charge(charged_today: Collection[str], recipient_id: str, limit: int) -> QuotaCharge:
+    """What writing to the stranger `recipient_id` costs, given who was charged today."""
+    if recipient_id in charged_today:
+        return QuotaCharge.ALREADY_CHARGED
+    if len(charged_today) >= limit:
+        return QuotaCharge.EXHAUSTED
+    return QuotaCharge.CHARGED
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    limit: int
+    used: int
+    resets_at: dt.datetime
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True)
+class StrangerQuota:
+    """How many strangers a user may start writing to per day, days being local to `zone`."""
+
+    limit: int
+    zone: ZoneInfo
+
+    def day(self, now_ms: int) -> str:
+        """The local day of `now_ms`, as YYYY-MM-DD."""
+        return self._local(now_ms).date().isoformat()
+
+    def resets_at(self, now_ms: int) -> dt.datetime:
+        """The next local midnight after `now_ms`, in UTC."""
+        tomorrow = self._local(now_ms).date() + dt.timedelta(days=1)
+        midnight = dt.datetime.combine(tomorrow, dt.time(0), tzinfo=self.zone)
+        return midnight.astimezone(dt.UTC)
+
+    def record_expires_at(self, now_ms: int) -> dt.datetime:
+        """When the record of the day of `now_ms` may be forgotten."""
+        return self.resets_at(now_ms) + QUOTA_RECORD_GRACE
+
+    def usage(self, used: int, now_ms: int) -> QuotaUsage:
+        return QuotaUsage(self.limit, used, self.resets_at(now_ms))
+
+    def exceeded(self, sender_id: str, now_ms: int) -> StrangerQuotaExceeded:
+        return StrangerQuotaExceeded(
+            f"you can start conversations with {self.limit} strangers a day; "
+            "try again after the reset",
+            subject=f"user:{sender_id}",
+            resets_at=rfc3339(self.resets_at(now_ms)),
+            limit=str(self.limit),
+        )
+
+    def _local(self, now_ms: int) -> dt.datetime:
+        return dt.datetime.fromtimestamp(now_ms / 1000, tz=self.zone)
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    """`moment` in UTC as RFC 3339 with a 'Z', e.g. 2026-01-01T16:00:00Z."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def validate_message(sender_id: str, recipient_id: str, text: str, client_msg_id: str) -> None:
+    check = Validator()
+    _check_peer(check, sender_id, recipient_id, "recipient_id")
+    check.check(0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters")
+    check.check(
+        len(client_msg_id) <= CLIENT_MSG_ID_MAX,
+        "client_msg_id",
+        f"at most {CLIENT_MSG_ID_MAX} characters",
+    )
+    check.raise_if_invalid()
+
+
+def validate_peer(user_id: str, peer_id: str, field_name: str) -> None:
+    """`peer_id` names another user than `user_id`."""
+    check = Validator()
+    _check_peer(check, user_id, peer_id, field_name)
+    check.raise_if_invalid()
+
+
+def validate_non_negative(**values: int) -> None:
+    check = Validator()
+    for name, value in values.items():
+        check.check(value >= 0, name, "must not be negative")
+    check.raise_if_invalid()
+
+
+def _check_peer(check: Validator, user_id: str, peer_id: str, field_name: str) -> None:
+    if not USER_ID_PATTERN.match(peer_id):
+        check.check(False, field_name, "a user id: 1-64 letters, digits, '_' or '-'")
+    else:
+        check.check(peer_id != user_id, field_name, "another user than yourself")

@@ -1,0 +1,183 @@
+"""The direct-message rules: strangers, the daily stranger quota and the unanswered limit."""
+
+from __future__ import annotations
+
+import datetime as dt
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.kit.config import ConfigError, Env
+from services.kit.errors import InvalidArgument
+from services.messaging import domain
+from services.messaging.config import MessagingConfig
+from services.messaging.domain import (
+    Admission,
+    AwaitingReply,
+    Conversation,
+    QuotaCharge,
+    StrangerQuota,
+    admit,
+    quota_charge,
+)
+from tests.conftest import TEST_JWT_SECRET
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def at(moment: str, zone: ZoneInfo = SHANGHAI) -> int:
+    """A clock reading (ms) for a local time in `zone`."""
+    local = dt.datetime.fromisoformat(moment).replace(tzinfo=zone)
+    return int(local.timestamp() * 1000)
+
+
+def conversation(
+    started_by: str | None = "alice", answered: bool = False, unanswered: int = 1
+) -> Conversation:
+    return Conversation(
+        conversation_id="alice:bob",
+        participants=("alice", "bob"),
+        started_by=started_by,
+        answered=answered,
+        unanswered=unanswered,
+        last_seq=unanswered,
+        last_message=None,
+        last_activity_ms=1,
+    )
+
+
+# The day boundary
+
+
+def test_the_day_turns_at_midnight_in_the_configured_zone_not_in_utc() -> None:
+    quota = StrangerQuota(5, SHANGHAI)
+    before, after = at("2026-03-01T23:59"), at("2026-03-02T00:01")
+    assert quota.day(before) == "2026-03-01"
+    assert quota.day(after) == "2026-03-02"
+    # Both moments fall on one UTC day (1 March, 15:59 and 16:01).
+    assert StrangerQuota(5, ZoneInfo("UTC")).day(before) == StrangerQuota(5, ZoneInfo("UTC")).day(
+        after
+    )
+
+
+def test_the_quota_resets_at_the_next_local_midnight() -> None:
+    quota = StrangerQuota(5, SHANGHAI)
+    resets_at = quota.resets_at(at("2026-03-01T09:30"))
+    assert resets_at == dt.datetime(2026, 3, 1, 16, 0, tzinfo=dt.UTC)
+    assert domain.rfc3339(resets_at) == "2026-03-01T16:00:00Z"
+    assert quota.resets_at(at("2026-03-01T23:59")) == resets_at
+
+
+def test_the_refusal_says_whose_quota_and_when_it_resets() -> None:
+    error = StrangerQuota(5, SHANGHAI).exceeded("alice", at("2026-03-01T12:00"))
+    assert (error.reason, error.subject) == ("STRANGER_QUOTA_EXCEEDED", "user:alice")
+    assert error.metadata == {"resets_at": "2026-03-01T16:00:00Z", "limit": "5"}
+
+
+# Strangers
+
+
+def test_a_first_message_without_a_mutual_follow_is_to_a_stranger() -> None:
+    assert admit(None, "alice", mutual_follow=False, unanswered_limit=3) is Admission.STRANGER
+
+
+def test_a_mutual_follow_is_not_a_stranger() -> None:
+    assert admit(None, "alice", mutual_follow=True, unanswered_limit=3) is Admission.FREE
+
+
+def test_answering_someone_who_wrote_first_is_free_and_establishes() -> None:
+    assert admit(conversation(), "bob", mutual_follow=False, unanswered_limit=3) is (
+        Admission.ANSWER
+    )
+
+
+def test_an_established_conversation_stays_free_after_an_unfollow() -> None:
+    established = conversation(answered=True, unanswered=3)
+    for user in ("alice", "bob"):
+        assert admit(established, user, mutual_follow=False, unanswered_limit=3) is (Admission.FREE)
+
+
+def test_the_starter_may_send_only_the_unanswered_limit_before_an_answer() -> None:
+    assert admit(conversation(unanswered=2), "alice", mutual_follow=False, unanswered_limit=3) is (
+        Admission.STRANGER
+    )
+    with pytest.raises(AwaitingReply):
+        admit(conversation(unanswered=3), "alice", mutual_follow=False, unanswered_limit=3)
+
+
+def test_the_unanswered_limit_does_not_apply_while_they_follow_each_other() -> None:
+    waiting = conversation(unanswered=3)
+    assert admit(waiting, "alice", mutual_follow=True, unanswered_limit=3) is Admission.FREE
+
+
+def test_a_request_is_seen_as_one_only_by_its_recipient() -> None:
+    request = conversation()
+    assert request.is_request_for("bob")
+    assert not request.is_request_for("alice")
+    assert not conversation(answered=True).is_request_for("bob")
+
+
+# The daily quota
+
+
+def test_a_stranger_already_charged_today_costs_nothing_more() -> None:
+    assert quota_charge(["bob"], "bob", 5) is QuotaCharge.ALREADY_CHARGED
+    assert quota_charge(["bob", "carol"], "bob", 2) is QuotaCharge.ALREADY_CHARGED
+
+
+def test_a_new_stranger_is_charged_until_the_limit() -> None:
+    assert quota_charge(["bob"], "carol", 2) is QuotaCharge.CHARGED
+    assert quota_charge(["bob", "carol"], "dave", 2) is QuotaCharge.EXHAUSTED
+
+
+# Input
+
+
+def test_a_conversation_id_is_the_sorted_pair() -> None:
+    assert domain.conversation_id("bob", "alice") == domain.conversation_id("alice", "bob")
+    assert domain.conversation_id("bob", "alice") == "alice:bob"
+
+
+@pytest.mark.parametrize(
+    ("recipient", "text", "client_msg_id", "field"),
+    [
+        ("alice", "hi", "", "recipient_id"),
+        ("bo b", "hi", "", "recipient_id"),
+        ("bob", "   ", "", "text"),
+        ("bob", "x" * 4_001, "", "text"),
+        ("bob", "hi", "c" * 129, "client_msg_id"),
+    ],
+)
+def test_bad_messages_name_the_field(
+    recipient: str, text: str, client_msg_id: str, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        domain.validate_message("alice", recipient, text, client_msg_id)
+    assert [v.field for v in caught.value.violations] == [field]
+
+
+# Configuration
+
+
+def config_env(**values: str) -> Env:
+    return Env({"JWT_SECRET": TEST_JWT_SECRET, **values})
+
+
+def test_limits_and_zone_come_from_the_environment() -> None:
+    config = MessagingConfig.from_env(
+        config_env(STRANGER_DAILY_LIMIT="7", UNANSWERED_LIMIT="2", QUOTA_TIMEZONE="Europe/Paris")
+    )
+    assert config.limits.stranger_daily_limit == 7
+    assert config.limits.unanswered_limit == 2
+    assert config.limits.quota_zone == ZoneInfo("Europe/Paris")
+    assert config.server.listen == "127.0.0.1:50053"
+    assert config.server.database == "messaging"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("QUOTA_TIMEZONE", "Mars/Olympus"), ("STRANGER_DAILY_LIMIT", "0"), ("UNANSWERED_LIMIT", "x")],
+)
+def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        MessagingConfig.from_env(config_env(**{name: value}))
