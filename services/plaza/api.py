@@ -1,0 +1,102 @@
+"""The plaza gRPC servicer: protobuf in, use case, protobuf out. No rules live here."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import grpc
+from groupchat.plaza.v1 import plaza_pb2 as pb
+from groupchat.plaza.v1 import plaza_pb2_grpc
+
+from services.kit.paging import decode_page_token, encode_page_token
+from services.kit.rpc import current_identity
+from services.plaza.app import CardPage, PlazaApp
+from services.plaza.mapping import (
+    card_to_proto,
+    category_name,
+    category_value,
+    insights_to_proto,
+    sort_from,
+)
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
+
+EDITOR_ROLE = "editor"
+
+
+def _next_token(page: CardPage) -> str:
+    return encode_page_token(page.next_position) if page.next_position else ""
+
+
+class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
+    def __init__(self, app: PlazaApp) -> None:
+        self._app = app
+
+    async def BrowsePlaza(
+        self, request: pb.BrowsePlazaRequest, context: Ctx
+    ) -> pb.BrowsePlazaResponse:
+        current_identity()
+        page = await self._app.browse(
+            category_name(request.category),
+            request.only_with_space,
+            sort_from(request.sort),
+            request.page_size,
+            decode_page_token(request.page_token),
+        )
+        return pb.BrowsePlazaResponse(
+            cards=[card_to_proto(c) for c in page.cards], next_page_token=_next_token(page)
+        )
+
+    async def SearchGroups(
+        self, request: pb.SearchGroupsRequest, context: Ctx
+    ) -> pb.SearchGroupsResponse:
+        current_identity()
+        page = await self._app.search(
+            request.query,
+            category_name(request.category),
+            request.only_with_space,
+            request.page_size,
+            decode_page_token(request.page_token),
+        )
+        return pb.SearchGroupsResponse(
+            cards=[card_to_proto(c) for c in page.cards], next_page_token=_next_token(page)
+        )
+
+    async def ListSelectedGroups(
+        self, request: pb.ListSelectedGroupsRequest, context: Ctx
+    ) -> pb.ListSelectedGroupsResponse:
+        current_identity()
+        cards = await self._app.selected_shelf(category_name(request.category), request.page_size)
+        return pb.ListSelectedGroupsResponse(cards=[card_to_proto(c) for c in cards])
+
+    async def SetGroupSelected(
+        self, request: pb.SetGroupSelectedRequest, context: Ctx
+    ) -> pb.SetGroupSelectedResponse:
+        caller = current_identity()
+        card = await self._app.set_selected(
+            caller.user_id, caller.has_role(EDITOR_ROLE), request.group_id, request.selected
+        )
+        return pb.SetGroupSelectedResponse(card=card_to_proto(card))
+
+    async def ListCategories(
+        self, request: pb.ListCategoriesRequest, context: Ctx
+    ) -> pb.ListCategoriesResponse:
+        current_identity()
+        return pb.ListCategoriesResponse(
+            categories=[
+                pb.CategoryInfo(
+                    category=category_value(c),  # type: ignore[arg-type]
+                    display_name=name,
+                    listed_groups=n,
+                )
+                for c, name, n in await self._app.categories()
+            ]
+        )
+
+    async def GetGroupInsights(
+        self, request: pb.GetGroupInsightsRequest, context: Ctx
+    ) -> pb.GetGroupInsightsResponse:
+        insights = await self._app.insights(
+            current_identity().user_id, request.group_id, request.days
+        )
+        return insights_to_proto(request.group_id, insights)

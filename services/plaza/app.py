@@ -1,0 +1,238 @@
+"""The plaza's use cases: one method per query or command, handed its store and outbox."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from services.kit.errors import FieldViolation, InvalidArgument
+from services.kit.events import new_event
+from services.kit.outbox import Outbox
+from services.plaza import domain
+from services.plaza.domain import (
+    BROWSE_PAGE_DEFAULT,
+    BROWSE_PAGE_MAX,
+    CATEGORY_DISPLAY_NAMES,
+    SHELF_DEFAULT,
+    SHELF_MAX,
+    Card,
+    GroupNotFound,
+    Insights,
+    PageTokenExpired,
+    Sort,
+)
+from services.plaza.projection import PlazaProjection
+from services.plaza.storage import PlazaStore
+
+log = structlog.get_logger("plaza")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class PlazaSettings:
+    hot_half_life_hours: float = 6.0
+    max_browse_depth: int = 1000
+    page_token_ttl_seconds: int = 1800
+    rank_interval_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class CardPage:
+    cards: list[Card]
+    # Where the next page starts; None on the last page.
+    next_position: dict[str, Any] | None
+
+
+class ImpressionCounter:
+    """Counts the cards the plaza returned, per group and UTC day, in memory; `flush` adds
+    them to the store in one bulk write (every second, and at shutdown).
+
+    The trade-off: a request never waits on a write per card, at the price of losing up to
+    a second of impressions if the process dies without a clean shutdown, and of insights
+    lagging up to a second behind. Impressions are a statistic, not a ledger."""
+
+    def __init__(self, store: PlazaStore, clock: Callable[[], int] = _now_ms) -> None:
+        self._store = store
+        self._clock = clock
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def count(self, cards: list[Card]) -> None:
+        date = domain.day_key(self._clock())
+        for card in cards:
+            key = (card.group_id, date)
+            self._pending[key] = self._pending.get(key, 0) + 1
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        try:
+            await self._store.add_impressions(pending)
+        except BaseException:
+            for key, n in pending.items():  # try again with the next flush
+                self._pending[key] = self._pending.get(key, 0) + n
+            raise
+
+
+class PlazaApp:
+    def __init__(
+        self,
+        store: PlazaStore,
+        projection: PlazaProjection,
+        outbox: Outbox,
+        impressions: ImpressionCounter,
+        settings: PlazaSettings,
+        clock: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._store = store
+        self._projection = projection
+        self._outbox = outbox
+        self._impressions = impressions
+        self._settings = settings
+        self._clock = clock
+
+    # The grid and search
+
+    async def browse(
+        self,
+        category: str | None,
+        only_with_space: bool,
+        sort: Sort,
+        page_size: int,
+        position: dict[str, Any] | None,
+    ) -> CardPage:
+        """A page of listed cards. The first page fixes the order of the whole walk."""
+
+        def ranked() -> Awaitable[list[str]]:
+            return self._store.ordered_ids(
+                sort,
+                self._settings.max_browse_depth,
+                category=category,
+                only_with_space=only_with_space,
+            )
+
+        return await self._walk("browse", ranked, page_size, position)
+
+    async def search(
+        self,
+        query: str,
+        category: str | None,
+        only_with_space: bool,
+        page_size: int,
+        position: dict[str, Any] | None,
+    ) -> CardPage:
+        """Cards whose name, description or linked post title hold every word, hottest first."""
+        keywords = domain.query_tokens(query)
+
+        def ranked() -> Awaitable[list[str]]:
+            return self._store.ordered_ids(
+                Sort.HOT,
+                self._settings.max_browse_depth,
+                category=category,
+                only_with_space=only_with_space,
+                keywords=keywords,
+            )
+
+        return await self._walk("search", ranked, page_size, position)
+
+    async def _walk(
+        self,
+        kind: str,
+        ranked: Callable[[], Awaitable[list[str]]],
+        page_size: int,
+        position: dict[str, Any] | None,
+    ) -> CardPage:
+        """Page through an order fixed on the first page: later pages show the current
+        state of the cards that order holds (leaving out those no longer listed)."""
+        size = domain.page_limit(page_size, BROWSE_PAGE_DEFAULT, BROWSE_PAGE_MAX)
+        now = self._clock()
+        if position is None:
+            ids, offset = await ranked(), 0
+            snapshot_id = None
+        else:
+            snapshot_id, offset = _snapshot_position(position)
+            stored = await self._store.snapshot(snapshot_id, kind, now)
+            if stored is None:
+                raise PageTokenExpired("the page token expired: start again from the first page")
+            ids = stored
+        page_ids = ids[offset : offset + size]
+        next_position = None
+        if offset + size < len(ids):
+            if snapshot_id is None:
+                expires = now + self._settings.page_token_ttl_seconds * 1000
+                snapshot_id = await self._store.save_snapshot(kind, ids, expires)
+            next_position = {"s": snapshot_id, "o": offset + size}
+        cards = await self._store.shown_cards(page_ids)
+        self._impressions.count(cards)
+        return CardPage(cards, next_position)
+
+    # The Selected shelf
+
+    async def selected_shelf(self, category: str | None, page_size: int) -> list[Card]:
+        """Editors' picks, hottest first, topped up with the hottest other groups."""
+        size = domain.page_limit(page_size, SHELF_DEFAULT, SHELF_MAX)
+        picks = await self._store.hottest(category, True, size)
+        if len(picks) < size:
+            fillers = await self._store.hottest(category, False, size - len(picks))
+            picks += [replace(card, filler=True) for card in fillers]
+        self._impressions.count(picks)
+        return picks
+
+    async def set_selected(
+        self, editor_id: str, is_editor: bool, group_id: str, selected: bool
+    ) -> Card:
+        """Put a group on (or take it off) the Selected shelf. The choice is an event, so a
+        rebuild keeps it; it is applied here at once as well, and its later consumption
+        changes nothing."""
+        domain.ensure_editor(is_editor)
+        if not group_id:
+            raise InvalidArgument([FieldViolation("group_id", "required")])
+        stored = await self._store.load(group_id)
+        if stored is None or not stored.state.known:
+            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
+        version = await self._store.next_selection_version(group_id)
+        event = new_event(
+            "plaza",
+            "group_selected",
+            aggregate_id=group_id,
+            aggregate_version=version,
+            user_id=editor_id,
+            group_selected={"group_id": group_id, "selected": selected, "editor_id": editor_id},
+        )
+        await self._outbox.publish([event])
+        await self._projection.handle(event.envelope)
+        log.info("group_selected", group_id=group_id, selected=selected, editor_id=editor_id)
+        card = await self._store.card(group_id)
+        if card is None:
+            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
+        return card
+
+    # Categories
+
+    async def categories(self) -> list[tuple[str, str, int]]:
+        """(category, display name, listed groups) for every category, in taxonomy order."""
+        counts = await self._store.shown_per_category()
+        return [(c, name, counts.get(c, 0)) for c, name in CATEGORY_DISPLAY_NAMES.items()]
+
+    # Insights
+
+    async def insights(self, user_id: str, group_id: str, days: int) -> Insights:
+        """A group's daily figures over the last `days` UTC days, for its owner and admins."""
+        window = domain.insight_window(days, self._clock())
+        stored = await self._store.load(group_id) if group_id else None
+        domain.ensure_can_see_insights(stored.state if stored else None, user_id)
+        counts = await self._store.days(group_id, window)
+        impressions = await self._store.impressions(group_id, window)
+        return domain.insights(window, counts, impressions)
+
+
+def _snapshot_position(position: dict[str, Any]) -> tuple[str, int]:
+    snapshot_id, offset = position.get("s"), position.get("o")
+    if not isinstance(snapshot_id, str) or not isinstance(offset, int) or offset < 0:
+        raise InvalidArgument([FieldViolation("page_token", "not a token this API returned")])
+    return snapshot_id, offset

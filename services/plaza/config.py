@@ -1,0 +1,29 @@
+"""The plaza service's configuration, read once from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.kit.config import Env, ServerConfig
+from services.plaza.app import PlazaSettings
+
+
+@dataclass(frozen=True)
+class PlazaConfig:
+    server: ServerConfig
+    settings: PlazaSettings
+    stream_replicas: int
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> PlazaConfig:
+        env = env or Env()
+        return cls(
+            server=ServerConfig.from_env(env, default_listen="127.0.0.1:50054", database="plaza"),
+            settings=PlazaSettings(
+                hot_half_life_hours=env.number("PLAZA_HOT_HALF_LIFE_HOURS", 6.0, minimum=0.01),
+                max_browse_depth=env.integer("PLAZA_MAX_BROWSE_DEPTH", 1000, minimum=1),
+                page_token_ttl_seconds=env.integer("PLAZA_PAGE_TOKEN_TTL_SECONDS", 1800, minimum=1),
+                rank_interval_seconds=env.integer("PLAZA_RANK_INTERVAL_SECONDS", 60, minimum=1),
+            ),
+            stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1, minimum=1),
+        )

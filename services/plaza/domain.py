@@ -1,0 +1,463 @@
+"""The plaza's rules in plain Python: what a card shows, how hot a group is, how search words
+are cut, what the insight window covers. No I/O; time comes in as milliseconds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from services.kit.errors import DomainError, ErrorKind, FieldViolation, InvalidArgument
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+# Activity is counted in buckets this long; "last hour" and "last day" are to a bucket.
+BUCKET_MS = 10 * 60_000
+# Buckets older than this no longer count towards the hot score (0.5^8 with the default
+# half-life of 6 hours: under half a percent) and expire from the store.
+ACTIVITY_WINDOW_MS = 48 * HOUR_MS
+# A join weighs as much as two messages, a distinct speaker as three: a room where many
+# people talk is livelier than one where one person talks a lot.
+SPEAKER_WEIGHT = 3.0
+JOIN_WEIGHT = 2.0
+
+BROWSE_PAGE_DEFAULT, BROWSE_PAGE_MAX = 20, 100
+SHELF_DEFAULT, SHELF_MAX = 10, 50
+INSIGHT_DAYS_DEFAULT, INSIGHT_DAYS_MAX = 7, 90
+QUERY_MAX = 200
+
+# Category taxonomy names (groups.v1.Category) in the order the plaza lists them.
+CATEGORY_DISPLAY_NAMES: dict[str, str] = {
+    "WORK": "Work",
+    "EDUCATION": "Education",
+    "FOOD": "Food",
+    "RELATIONSHIPS": "Relationships",
+    "MAKEUP_BEAUTY": "Makeup & beauty",
+    "FASHION": "Fashion",
+    "TRAVEL": "Travel",
+    "FITNESS": "Fitness",
+    "PARENTING": "Parenting",
+    "PETS": "Pets",
+    "HOME_LIVING": "Home & living",
+    "GAMING": "Gaming",
+    "MUSIC": "Music",
+    "MOVIES_TV": "Movies & TV",
+    "BOOKS": "Books",
+    "PHOTOGRAPHY": "Photography",
+    "TECH": "Tech",
+    "PERSONAL_FINANCE": "Personal finance",
+    "ARTS_CRAFTS": "Arts & crafts",
+    "OUTDOORS": "Outdoors",
+    "WELLNESS": "Wellness",
+}
+
+# Join sources (groups.v1.JoinSource names) that count as traffic the plaza sent.
+PLAZA_SOURCES = frozenset({"PLAZA", "SELECTED_SHELF", "SEARCH"})
+OWNER, ADMIN = 3, 2  # groups.v1.Role values
+
+
+class GroupNotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "GROUP_NOT_FOUND"
+
+
+class EditorOnly(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "EDITOR_ONLY"
+
+
+class NotGroupAdmin(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "NOT_GROUP_ADMIN"
+
+
+class PageTokenExpired(DomainError):
+    reason = "PAGE_TOKEN_EXPIRED"
+
+
+class Sort(enum.Enum):
+    HOT = "hot_score"
+    NEW = "created_at_ms"
+    MEMBERS = "member_count"
+
+
+# Cards
+
+
+@dataclass(frozen=True)
+class GroupFacts:
+    """What a group_created/group_updated event says about the group."""
+
+    name: str
+    description: str
+    category: str | None
+    cover_url: str
+    capacity: int
+    listed: bool
+    linked_post_id: str
+    owner_id: str
+    member_count: int
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class Post:
+    """The platform's post as the plaza projects it."""
+
+    post_id: str
+    author_id: str
+    title: str
+    cover_url: str
+    published: bool
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """A group as the groups events describe it. Settings and the member count are each
+    versioned by the group version that last set them, so events applied in any order end
+    in the same state; `dissolved` is final."""
+
+    group_id: str
+    facts: GroupFacts | None = None
+    settings_version: int = 0
+    member_count: int = 0
+    count_version: int = 0
+    dissolved: bool = False
+    # user id -> (role, group version of the change); 0 once the member left.
+    roles: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        """Whether the group exists for the plaza (created and not dissolved)."""
+        return self.facts is not None and not self.dissolved
+
+    @property
+    def shown(self) -> bool:
+        return self.known and self.facts is not None and self.facts.listed
+
+    @property
+    def full(self) -> bool:
+        return self.facts is not None and self.member_count >= self.facts.capacity
+
+    def is_admin(self, user_id: str) -> bool:
+        """The owner or an admin of the group."""
+        if self.facts is not None and self.facts.owner_id == user_id:
+            return True
+        return self.roles.get(user_id, (0, 0))[0] in (ADMIN, OWNER)
+
+
+def apply_group_facts(state: GroupState, facts: GroupFacts, version: int) -> GroupState | None:
+    """A group_created/group_updated at `version`; None when it is not newer than the state."""
+    if state.dissolved or version <= state.settings_version:
+        return None
+    newer_count = version > state.count_version
+    return replace(
+        state,
+        facts=facts,
+        settings_version=version,
+        member_count=facts.member_count if newer_count else state.member_count,
+        count_version=version if newer_count else state.count_version,
+    )
+
+
+def apply_member_count(
+    state: GroupState, count: int, version: int, member: tuple[str, int] | None = None
+) -> GroupState | None:
+    """A join, leave or removal at `version`; `member` is (user id, role afterwards)."""
+    changed = state
+    if version > state.count_version:
+        changed = replace(changed, member_count=count, count_version=version)
+    if member is not None:
+        changed = apply_role(changed, member[0], member[1], version) or changed
+    return None if changed is state else changed
+
+
+def apply_role(state: GroupState, user_id: str, role: int, version: int) -> GroupState | None:
+    """A member's role at `version` (0: no longer a member)."""
+    if version <= state.roles.get(user_id, (0, 0))[1]:
+        return None
+    return replace(state, roles={**state.roles, user_id: (role, version)})
+
+
+def apply_dissolved(state: GroupState, version: int) -> GroupState | None:
+    if state.dissolved:
+        return None
+    return replace(state, dissolved=True, settings_version=max(version, state.settings_version))
+
+
+def shown_post(state: GroupState, post: Post | None) -> Post | None:
+    """The post a card shows: the linked one, while published and written by the owner."""
+    facts = state.facts
+    if facts is None or post is None or not facts.linked_post_id:
+        return None
+    if post.post_id != facts.linked_post_id or not post.published:
+        return None
+    return post if post.author_id == facts.owner_id else None
+
+
+@dataclass(frozen=True)
+class LinkedPost:
+    post_id: str
+    title: str
+    cover_url: str
+    author_id: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What the read model derives from a group's state and its linked post."""
+
+    shown: bool
+    full: bool
+    keywords: tuple[str, ...]
+    linked_post: LinkedPost | None
+
+
+def listing(state: GroupState, post: Post | None) -> Listing:
+    """Whether and how the group is listed: shown while listed and alive, searchable by the
+    words of its name, description and shown post's title."""
+    shown = shown_post(state, post)
+    linked = (
+        LinkedPost(shown.post_id, shown.title, shown.cover_url, shown.author_id) if shown else None
+    )
+    keywords: set[str] = set()
+    if state.facts is not None:
+        for text in (state.facts.name, state.facts.description, shown.title if shown else ""):
+            keywords |= index_tokens(text)
+    return Listing(state.shown, state.full, tuple(sorted(keywords)), linked)
+
+
+@dataclass(frozen=True)
+class Card:
+    """A group card as the plaza shows it."""
+
+    group_id: str
+    name: str
+    description: str
+    category: str | None
+    cover_url: str
+    member_count: int
+    capacity: int
+    owner_id: str
+    created_at_ms: int
+    selected: bool
+    linked_post: LinkedPost | None
+    hot_score: float
+    messages_last_hour: int
+    messages_last_day: int
+    active_members: int
+    last_active_at_ms: int | None
+    filler: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.member_count >= self.capacity
+
+
+# Activity and the hot score
+
+
+@dataclass(frozen=True)
+class ActivityBucket:
+    """What happened in one group during [start_ms, start_ms + BUCKET_MS)."""
+
+    start_ms: int
+    messages: int = 0
+    joins: int = 0
+    speakers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Activity:
+    hot_score: float
+    messages_last_hour: int
+    messages_last_day: int
+    active_members: int
+
+
+def bucket_start(at_ms: int) -> int:
+    return at_ms - at_ms % BUCKET_MS
+
+
+def counts_as_recent(at_ms: int, now_ms: int) -> bool:
+    """Whether activity at `at_ms` still counts (and is worth storing) at `now_ms`."""
+    return bucket_start(at_ms) + BUCKET_MS > now_ms - ACTIVITY_WINDOW_MS
+
+
+def activity(buckets: Iterable[ActivityBucket], now_ms: int, half_life_hours: float) -> Activity:
+    """How lively a group is at `now_ms`: score = sum over buckets of
+    (messages + 3 * distinct speakers + 2 * joins) * 0.5 ** (age in hours / half-life),
+    the age taken from the middle of the bucket. Buckets from the future count as new."""
+    score = 0.0
+    hour = day = 0
+    speakers: set[str] = set()
+    for b in buckets:
+        end = b.start_ms + BUCKET_MS
+        if end <= now_ms - ACTIVITY_WINDOW_MS:
+            continue
+        age_hours = max(now_ms - (b.start_ms + BUCKET_MS // 2), 0) / HOUR_MS
+        weight = b.messages + SPEAKER_WEIGHT * len(b.speakers) + JOIN_WEIGHT * b.joins
+        score += weight * 0.5 ** (age_hours / half_life_hours)
+        if end > now_ms - HOUR_MS:
+            hour += b.messages
+        if end > now_ms - DAY_MS:
+            day += b.messages
+            speakers |= b.speakers
+    return Activity(round(score, 6), hour, day, len(speakers))
+
+
+# Search
+
+# Scripts written without spaces between words: indexed as characters and pairs of them.
+_CJK = (
+    r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+    r"\U00020000-\U0002fa1f"
+)
+_RUNS = re.compile(rf"([{_CJK}]+)|([^\W{_CJK}]+)")
+
+
+def _normalized(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def index_tokens(text: str) -> set[str]:
+    """Tokens stored for `text`: each word (lowercase), and for CJK runs each character and
+    each pair of neighbouring characters."""
+    tokens: set[str] = set()
+    for cjk, word in _RUNS.findall(_normalized(text)):
+        if word:
+            tokens.add(word)
+        else:
+            tokens.update(cjk)
+            tokens.update(cjk[i : i + 2] for i in range(len(cjk) - 1))
+    return tokens
+
+
+def query_tokens(query: str) -> list[str]:
+    """Tokens a card must all carry to match `query`: each word; a CJK run of two or more
+    characters becomes its character pairs (so 抹茶拿铁 matches only text holding it
+    whole or in overlapping pieces). INVALID_ARGUMENT when the query has no word."""
+    if len(query) > QUERY_MAX:
+        raise InvalidArgument([FieldViolation("query", f"at most {QUERY_MAX} characters")])
+    tokens: set[str] = set()
+    for cjk, word in _RUNS.findall(_normalized(query)):
+        if word:
+            tokens.add(word)
+        elif len(cjk) == 1:
+            tokens.add(cjk)
+        else:
+            tokens.update(cjk[i : i + 2] for i in range(len(cjk) - 1))
+    if not tokens:
+        raise InvalidArgument([FieldViolation("query", "one or more words")])
+    return sorted(tokens)
+
+
+# Paging and authorisation
+
+
+def page_limit(requested: int, default: int, maximum: int) -> int:
+    """A page size: 0 means `default`, at most `maximum`, negative is refused."""
+    if requested < 0:
+        raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+    return min(requested or default, maximum)
+
+
+def ensure_editor(is_editor: bool) -> None:
+    if not is_editor:
+        raise EditorOnly("only editors choose the Selected shelf")
+
+
+def ensure_can_see_insights(state: GroupState | None, user_id: str) -> GroupState:
+    if state is None or not state.known:
+        raise GroupNotFound("no such group", group_id=state.group_id if state else "")
+    if not state.is_admin(user_id):
+        raise NotGroupAdmin("only the group's owner and admins see its insights")
+    return state
+
+
+# Insights
+
+
+def day_key(at_ms: int) -> str:
+    """The UTC day of `at_ms`, as YYYY-MM-DD."""
+    return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC).date().isoformat()
+
+
+def insight_window(days: int, now_ms: int) -> list[str]:
+    """The UTC days of an insights window ending today, oldest first (0 means 7, 1-90)."""
+    if days == 0:
+        days = INSIGHT_DAYS_DEFAULT
+    if not 1 <= days <= INSIGHT_DAYS_MAX:
+        raise InvalidArgument([FieldViolation("days", f"between 1 and {INSIGHT_DAYS_MAX}")])
+    today = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).date()
+    return [(today - dt.timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
+
+
+@dataclass(frozen=True)
+class DayCounts:
+    """What the events of one group said about one UTC day."""
+
+    joins_by_source: dict[str, int] = field(default_factory=dict)
+    leaves: int = 0
+    messages: int = 0
+    speakers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class DayInsights:
+    date: str
+    joins_by_source: dict[str, int]
+    joins: int
+    leaves: int
+    messages: int
+    active_members: int
+    plaza_impressions: int
+    plaza_joins: int
+
+
+@dataclass(frozen=True)
+class Insights:
+    days: list[DayInsights]
+    total: DayInsights
+    plaza_conversion: float
+
+
+def _day(date: str, counts: DayCounts, impressions: int) -> DayInsights:
+    by_source = {s: n for s, n in sorted(counts.joins_by_source.items()) if n}
+    return DayInsights(
+        date=date,
+        joins_by_source=by_source,
+        joins=sum(by_source.values()),
+        leaves=counts.leaves,
+        messages=counts.messages,
+        active_members=len(counts.speakers),
+        plaza_impressions=impressions,
+        plaza_joins=sum(n for s, n in by_source.items() if s in PLAZA_SOURCES),
+    )
+
+
+def insights(
+    window: list[str], counts: dict[str, DayCounts], impressions: dict[str, int]
+) -> Insights:
+    """Per-day rows, a total row (distinct speakers over the whole window) and the share of
+    plaza impressions that turned into plaza joins."""
+    days = [_day(d, counts.get(d, DayCounts()), impressions.get(d, 0)) for d in window]
+    by_source: dict[str, int] = {}
+    speakers: set[str] = set()
+    for d in window:
+        c = counts.get(d, DayCounts())
+        for source, n in c.joins_by_source.items():
+            by_source[source] = by_source.get(source, 0) + n
+        speakers |= c.speakers
+    whole = DayCounts(
+        joins_by_source=by_source,
+        leaves=sum(d.leaves for d in days),
+        messages=sum(d.messages for d in days),
+        speakers=frozenset(speakers),
+    )
+    total = _day("", whole, sum(d.plaza_impressions for d in days))
+    conversion = total.plaza_joins / total.plaza_impressions if total.plaza_impressions else 0.0
+    return Insights(days=days, total=total, plaza_conversion=conversion)

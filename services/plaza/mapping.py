@@ -1,0 +1,117 @@
+"""The plaza's domain values as protobuf messages and back: the one place the two meet."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from groupchat.events.v1 import events_pb2
+from groupchat.groups.v1 import groups_pb2
+from groupchat.plaza.v1 import plaza_pb2 as pb
+
+from services.kit.timestamps import timestamp_from_ms
+from services.plaza.domain import Card, DayInsights, GroupFacts, Insights, Sort
+
+_SORTS: dict[int, Sort] = {pb.HOT: Sort.HOT, pb.NEW: Sort.NEW, pb.MEMBERS: Sort.MEMBERS}
+
+
+def timestamp_ms(ts: Timestamp) -> int:
+    return int(ts.ToMilliseconds())
+
+
+def category_name(value: int) -> str | None:
+    """The taxonomy name of a Category value; None for unspecified or unknown values."""
+    if value == groups_pb2.CATEGORY_UNSPECIFIED or value not in groups_pb2.Category.values():
+        return None
+    return groups_pb2.Category.Name(value)
+
+
+def category_value(name: str | None) -> int:
+    if name is None or name not in groups_pb2.Category.keys():
+        return groups_pb2.CATEGORY_UNSPECIFIED
+    return groups_pb2.Category.Value(name)
+
+
+def source_name(value: int) -> str:
+    """A JoinSource value as its name (unknown values count as unspecified)."""
+    if value not in groups_pb2.JoinSource.values():
+        value = groups_pb2.JOIN_SOURCE_UNSPECIFIED
+    return groups_pb2.JoinSource.Name(value)
+
+
+def sort_from(value: int) -> Sort:
+    """HOT unless NEW or MEMBERS is asked for."""
+    return _SORTS.get(value, Sort.HOT)
+
+
+def group_facts(group: groups_pb2.Group) -> GroupFacts:
+    return GroupFacts(
+        name=group.name,
+        description=group.description,
+        category=category_name(group.category),
+        cover_url=group.cover_url,
+        capacity=group.capacity,
+        listed=group.listed,
+        linked_post_id=group.linked_post_id,
+        owner_id=group.owner_id,
+        member_count=group.member_count,
+        created_at_ms=timestamp_ms(group.created_at),
+    )
+
+
+def post_fields(post: events_pb2.Post) -> dict[str, object]:
+    return {"author_id": post.author_id, "title": post.title, "cover_url": post.cover_url}
+
+
+def card_to_proto(card: Card) -> pb.GroupCard:
+    proto = pb.GroupCard(
+        group_id=card.group_id,
+        name=card.name,
+        description=card.description,
+        category=category_value(card.category),  # type: ignore[arg-type]
+        cover_url=card.cover_url,
+        member_count=card.member_count,
+        capacity=card.capacity,
+        full=card.full,
+        messages_last_hour=card.messages_last_hour,
+        messages_last_day=card.messages_last_day,
+        active_members=card.active_members,
+        owner_id=card.owner_id,
+        selected=card.selected,
+        filler=card.filler,
+        created_at=timestamp_from_ms(card.created_at_ms),
+        hot_score=card.hot_score,
+    )
+    if card.last_active_at_ms is not None:
+        proto.last_active_at.FromMilliseconds(card.last_active_at_ms)
+    if card.linked_post is not None:
+        p = card.linked_post
+        proto.linked_post.CopyFrom(
+            pb.LinkedPost(
+                post_id=p.post_id, title=p.title, cover_url=p.cover_url, author_id=p.author_id
+            )
+        )
+    return proto
+
+
+def _day_to_proto(day: DayInsights) -> pb.DayInsights:
+    return pb.DayInsights(
+        date=day.date,
+        joins_by_source=[
+            pb.SourceCount(source=groups_pb2.JoinSource.Value(s), joins=n)  # type: ignore[arg-type]
+            for s, n in day.joins_by_source.items()
+        ],
+        joins=day.joins,
+        leaves=day.leaves,
+        messages=day.messages,
+        active_members=day.active_members,
+        plaza_impressions=day.plaza_impressions,
+        plaza_joins=day.plaza_joins,
+    )
+
+
+def insights_to_proto(group_id: str, insights: Insights) -> pb.GetGroupInsightsResponse:
+    return pb.GetGroupInsightsResponse(
+        group_id=group_id,
+        days=[_day_to_proto(d) for d in insights.days],
+        total=_day_to_proto(insights.total),
+        plaza_conversion=insights.plaza_conversion,
+    )

@@ -1,0 +1,83 @@
+"""Rebuild the plaza's read model from the event streams.
+
+`python -m services.plaza.rebuild` (`make plaza-rebuild`) asks the running plaza, over NATS
+(NATS_URL), to drop everything derived from events (cards, posts, activity, daily counters,
+processed event ids, page snapshots) and replay every stream it is fed from, oldest first,
+up to each stream's last sequence at the start, through the same projection its live
+consumers use; then it prints what was replayed. Impressions (the plaza's own observations,
+not events) and selection versions are kept; Selected flags come back because they live in
+the stream as `group_selected` events.
+
+The running service does the work, so this is the same wherever its store lives (MongoDB, or
+the in-process store of `make run`); one replica answers. The live consumers go on meanwhile:
+an event published during the replay is applied once, by whichever gets there first
+(processed ids). An event being applied at the very moment of the drop may be counted twice
+in the activity figures; scale the plaza to one replica to rule that out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from services.kit.events import EventBus
+from services.plaza.projection import FEEDS, PlazaProjection
+from services.plaza.storage import PlazaStore
+
+# Core NATS, outside every JetStream stream (a stream would capture the request).
+REBUILD_SUBJECT = "admin.groupchat.plaza.rebuild"
+
+
+async def rebuild(store: PlazaStore, projection: PlazaProjection, bus: EventBus) -> dict[str, int]:
+    """Drop the read model and replay the plaza's streams into it; returns the number of
+    events replayed per stream."""
+    await store.drop_read_model()
+    replayed = {stream: await bus.replay(stream, projection.handle) for _, _, stream in FEEDS}
+    await projection.refresh_rankings()
+    return replayed
+
+
+async def answer_rebuild(store: PlazaStore, projection: PlazaProjection, bus: EventBus) -> bytes:
+    """Run a requested rebuild; the reply is JSON: {"replayed": {...}} or {"error": ...}."""
+    try:
+        replayed = await rebuild(store, projection, bus)
+    except Exception as exc:  # the requester must hear of it, not time out
+        return json.dumps({"error": repr(exc)}).encode()
+    return json.dumps({"replayed": replayed}).encode()
+
+
+async def request_rebuild(nats_url: str, wait_seconds: float) -> dict[str, int]:
+    """Ask the running plaza to rebuild; returns the events replayed per stream."""
+    bus = await EventBus.connect(nats_url, "plaza-rebuild")
+    try:
+        reply = json.loads(await bus.request(REBUILD_SUBJECT, b"", wait_seconds))
+    finally:
+        await bus.close()
+    if "error" in reply:
+        raise RuntimeError(f"the plaza could not rebuild: {reply['error']}")
+    return {stream: int(count) for stream, count in reply["replayed"].items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the plaza's read model from events.")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    args = parser.parse_args()
+    nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    started = time.perf_counter()
+    try:
+        replayed = asyncio.run(request_rebuild(nats_url, args.timeout))
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"plaza rebuild: {exc} (is the suite running? `make run`)", file=sys.stderr)
+        raise SystemExit(1) from None
+    for stream, count in replayed.items():
+        print(f"{stream}: {count} events replayed")
+    seconds = time.perf_counter() - started
+    print(f"plaza read model rebuilt in {seconds:.1f}s ({sum(replayed.values())} events)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The composition root of the plaza service: adapters wired into the use cases."""
+
+from __future__ import annotations
+
+from groupchat.plaza.v1 import plaza_pb2, plaza_pb2_grpc
+
+from services.kit.infrastructure import open_infrastructure
+from services.kit.server import ServiceContext, ServiceHost
+from services.kit.tasks import every, run_in_background
+from services.plaza.api import PlazaServicer
+from services.plaza.app import ImpressionCounter, PlazaApp
+from services.plaza.config import PlazaConfig
+from services.plaza.projection import FEEDS, PlazaProjection
+from services.plaza.rebuild import REBUILD_SUBJECT, answer_rebuild
+from services.plaza.storage import PlazaStore
+
+IMPRESSIONS_FLUSH_SECONDS = 1.0
+
+
+def build(config: PlazaConfig) -> ServiceHost:
+    async def setup(context: ServiceContext) -> list[str]:
+        stack = context.stack
+        settings = config.settings
+        infra = await open_infrastructure(context, config.server, "plaza", config.stream_replicas)
+        bus, outbox = infra.bus, infra.outbox
+        store = PlazaStore(infra.db)
+        await store.create_indexes()
+
+        projection = PlazaProjection(store, half_life_hours=settings.hot_half_life_hours)
+        # Closing the bus (drain) lets handlers in flight finish before the store closes.
+        for durable, subject, _ in FEEDS:
+            await bus.consume(durable, subject, projection.handle)
+
+        async def rebuild_requested(_: bytes) -> bytes:
+            return await answer_rebuild(store, projection, bus)
+
+        await bus.respond(REBUILD_SUBJECT, "plaza-rebuild", rebuild_requested)
+        run_in_background(
+            stack,
+            every(settings.rank_interval_seconds, projection.refresh_rankings, "rankings"),
+            "plaza-rankings",
+        )
+
+        impressions = ImpressionCounter(store)
+        # The last flush runs after the flusher stops and the server has drained its calls.
+        stack.push_async_callback(impressions.flush)
+        run_in_background(
+            stack, every(IMPRESSIONS_FLUSH_SECONDS, impressions.flush, "impressions"), "impressions"
+        )
+
+        app = PlazaApp(store, projection, outbox, impressions, settings)
+        plaza_pb2_grpc.add_PlazaServicer_to_server(PlazaServicer(app), context.server)
+        return [plaza_pb2.DESCRIPTOR.services_by_name["Plaza"].full_name]
+
+    return ServiceHost("plaza", config.server, setup)

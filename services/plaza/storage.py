@@ -1,0 +1,501 @@
+"""The plaza's MongoDB documents: the read model (cards, posts, activity buckets, daily
+counters, processed event ids, page snapshots) and the plaza's own records (impressions and
+selection versions), which a rebuild keeps.
+
+A card's group state is written with a compare-and-set on its `rev`, so two consumers (or
+two replicas) never overwrite each other's change; counters are single `$inc` upserts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
+from pymongo.errors import DuplicateKeyError
+
+from services.kit.mongo import ProcessedEvents
+from services.plaza.domain import (
+    DAY_MS,
+    Activity,
+    ActivityBucket,
+    Card,
+    DayCounts,
+    GroupFacts,
+    GroupState,
+    LinkedPost,
+    Listing,
+    Post,
+    Sort,
+)
+
+# Collections a rebuild drops and refills from the streams.
+READ_MODEL = ("cards", "posts", "activity", "daily", "processed_events", "snapshots")
+# Daily counters outlive the longest insights window.
+DAILY_KEEP_MS = 100 * DAY_MS
+
+T = TypeVar("T")
+
+
+def _expires(at_ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC)
+
+
+async def _upsert(write: Callable[[], Awaitable[T]]) -> T:
+    """Run an upsert, once more if a concurrent upsert of the same key won the insert."""
+    try:
+        return await write()
+    except DuplicateKeyError:
+        return await write()
+
+
+class StoredCard:
+    """A card document's group state, its compare-and-set revision and what it lists."""
+
+    def __init__(self, state: GroupState, rev: int, listing: Listing) -> None:
+        self.state = state
+        self.rev = rev
+        self.listing = listing
+
+
+class PlazaStore:
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self._cards = db["cards"]
+        self._posts = db["posts"]
+        self._activity = db["activity"]
+        self._daily = db["daily"]
+        self._snapshots = db["snapshots"]
+        self._impressions = db["impressions"]
+        self._selection_versions = db["selection_versions"]
+        self.processed = ProcessedEvents(db["processed_events"])
+
+    async def create_indexes(self) -> None:
+        await self.processed.create_indexes()
+        for sort in Sort:
+            for scope in ([("shown", ASCENDING)], [("shown", ASCENDING), ("category", ASCENDING)]):
+                await self._cards.create_index(
+                    [*scope, (sort.value, DESCENDING), ("_id", ASCENDING)]
+                )
+        await self._cards.create_index(
+            [("keywords", ASCENDING), ("shown", ASCENDING), ("hot_score", DESCENDING)]
+        )
+        await self._cards.create_index(
+            [("shown", ASCENDING), ("selected", ASCENDING), ("hot_score", DESCENDING)]
+        )
+        await self._cards.create_index("linked_post_id")
+        await self._cards.create_index([("messages_last_day", DESCENDING)])
+        await self._activity.create_index([("group_id", ASCENDING), ("start_ms", ASCENDING)])
+        await self._activity.create_index("start_ms")
+        await self._activity.create_index("expires_at", expireAfterSeconds=0)
+        await self._daily.create_index("expires_at", expireAfterSeconds=0)
+        await self._impressions.create_index("expires_at", expireAfterSeconds=0)
+        await self._snapshots.create_index("expires_at", expireAfterSeconds=0)
+
+    async def drop_read_model(self) -> None:
+        """Drop everything derived from events (not impressions nor selection versions)."""
+        for name in READ_MODEL:
+            await self._db.drop_collection(name)
+        await self.create_indexes()
+
+    # Cards: group state
+
+    async def load(self, group_id: str) -> StoredCard | None:
+        doc = await self._cards.find_one({"_id": group_id})
+        return _stored(doc) if doc else None
+
+    async def save(self, state: GroupState, listing: Listing, rev: int | None) -> bool:
+        """Write the group state and listing if the card is still at `rev` (None: not stored
+        yet); False when someone else changed it first."""
+        fields = {**_state_doc(state), **_listing_doc(listing)}
+        if rev is None:
+            try:
+                await self._cards.insert_one({**_blank_card(state.group_id), **fields, "rev": 1})
+            except DuplicateKeyError:
+                return False
+            return True
+        result = await self._cards.update_one(
+            {"_id": state.group_id, "rev": rev}, {"$set": {**fields, "rev": rev + 1}}
+        )
+        return bool(result.matched_count)
+
+    async def cards_linking(self, post_id: str) -> list[str]:
+        docs = await self._cards.find({"linked_post_id": post_id}, {"_id": 1}).to_list(None)
+        return [d["_id"] for d in docs]
+
+    async def set_selected(self, group_id: str, selected: bool, version: int) -> bool:
+        """Apply an editor's choice if newer than the card's; False when stale."""
+        fields = {"selected": selected, "selection_version": version}
+        try:
+            await _upsert(
+                lambda: self._cards.update_one(
+                    {"_id": group_id, "selection_version": {"$lt": version}},
+                    {"$set": fields, "$setOnInsert": _blank_card(group_id, but=fields)},
+                    upsert=True,
+                )
+            )
+        except DuplicateKeyError:
+            return False
+        await self._selection_versions.update_one(
+            {"_id": group_id}, {"$max": {"version": version}}, upsert=True
+        )
+        return True
+
+    async def next_selection_version(self, group_id: str) -> int:
+        doc = await _upsert(
+            lambda: self._selection_versions.find_one_and_update(
+                {"_id": group_id},
+                {"$inc": {"version": 1}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        )
+        return int(doc["version"])
+
+    # Cards: activity figures
+
+    async def set_activity(self, figures: dict[str, Activity]) -> None:
+        if figures:
+            await self._cards.bulk_write(
+                [UpdateOne({"_id": g}, {"$set": asdict(a)}) for g, a in figures.items()],
+                ordered=False,
+            )
+
+    async def touch(self, group_id: str, at_ms: int) -> None:
+        """Record that something happened in the group at `at_ms`."""
+        await self._cards.update_one({"_id": group_id}, {"$max": {"last_active_at_ms": at_ms}})
+
+    async def groups_with_figures(self) -> list[str]:
+        """Cards whose activity figures are not all zero (they decay towards zero)."""
+        docs = await self._cards.find(
+            {"$or": [{"hot_score": {"$gt": 0}}, {"messages_last_day": {"$gt": 0}}]}, {"_id": 1}
+        ).to_list(None)
+        return [d["_id"] for d in docs]
+
+    # Cards: queries
+
+    async def ordered_ids(
+        self,
+        sort: Sort,
+        limit: int,
+        *,
+        category: str | None = None,
+        only_with_space: bool = False,
+        keywords: list[str] | None = None,
+    ) -> list[str]:
+        query = _card_filter(category, only_with_space, keywords)
+        docs = (
+            await self._cards.find(query, {"_id": 1})
+            .sort([(sort.value, DESCENDING), ("_id", ASCENDING)])
+            .limit(limit)
+            .to_list(None)
+        )
+        return [d["_id"] for d in docs]
+
+    async def shown_cards(self, group_ids: list[str]) -> list[Card]:
+        """The cards of `group_ids` still shown, in the order given."""
+        docs = await self._cards.find({"_id": {"$in": group_ids}, "shown": True}).to_list(None)
+        by_id = {d["_id"]: d for d in docs}
+        return [_card(by_id[g]) for g in group_ids if g in by_id]
+
+    async def card(self, group_id: str) -> Card | None:
+        doc = await self._cards.find_one({"_id": group_id})
+        return _card(doc) if doc and doc.get("name") is not None else None
+
+    async def hottest(self, category: str | None, selected: bool | None, limit: int) -> list[Card]:
+        query = _card_filter(category, False, None)
+        if selected is not None:
+            query["selected"] = selected
+        docs = (
+            await self._cards.find(query)
+            .sort([("hot_score", DESCENDING), ("_id", ASCENDING)])
+            .limit(limit)
+            .to_list(None)
+        )
+        return [_card(d) for d in docs]
+
+    async def shown_per_category(self) -> dict[str, int]:
+        rows = await self._cards.aggregate(
+            [{"$match": {"shown": True}}, {"$group": {"_id": "$category", "n": {"$sum": 1}}}]
+        ).to_list(None)
+        return {r["_id"]: int(r["n"]) for r in rows if r["_id"]}
+
+    # Page snapshots
+
+    async def save_snapshot(self, kind: str, ids: list[str], expires_ms: int) -> str:
+        snapshot_id = uuid.uuid4().hex
+        await self._snapshots.insert_one(
+            {
+                "_id": snapshot_id,
+                "kind": kind,
+                "ids": ids,
+                "expires_ms": expires_ms,
+                "expires_at": _expires(expires_ms),
+            }
+        )
+        return snapshot_id
+
+    async def snapshot(self, snapshot_id: str, kind: str, now_ms: int) -> list[str] | None:
+        """The ids of a live snapshot; None once expired (the TTL monitor deletes late)."""
+        doc = await self._snapshots.find_one({"_id": snapshot_id, "kind": kind})
+        if doc is None or doc["expires_ms"] <= now_ms:
+            return None
+        return list(doc["ids"])
+
+    # Posts
+
+    async def post(self, post_id: str) -> Post | None:
+        doc = await self._posts.find_one({"_id": post_id})
+        if doc is None:
+            return None
+        return Post(doc["_id"], doc["author_id"], doc["title"], doc["cover_url"], doc["published"])
+
+    async def save_post(self, post_id: str, version: int, **fields: Any) -> bool:
+        """Apply a post event if newer than what is held; False when stale."""
+        blank = {"author_id": "", "title": "", "cover_url": "", "published": False}
+        insert_only = {k: v for k, v in blank.items() if k not in fields}
+        update: dict[str, Any] = {"$set": {**fields, "version": version}}
+        if insert_only:
+            update["$setOnInsert"] = insert_only
+        try:
+            await _upsert(
+                lambda: self._posts.update_one(
+                    {"_id": post_id, "version": {"$lt": version}}, update, upsert=True
+                )
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    # Activity buckets
+
+    async def add_activity(
+        self, group_id: str, start_ms: int, expires_ms: int, *, joins: int, speaker: str | None
+    ) -> None:
+        update: dict[str, Any] = {
+            "$inc": {"joins": joins, "messages": 1 if speaker else 0},
+            "$setOnInsert": {
+                "group_id": group_id,
+                "start_ms": start_ms,
+                "expires_at": _expires(expires_ms),
+            },
+        }
+        if speaker:
+            update["$addToSet"] = {"speakers": speaker}
+        await _upsert(
+            lambda: self._activity.update_one(
+                {"_id": f"{group_id}:{start_ms}"}, update, upsert=True
+            )
+        )
+
+    async def buckets(
+        self, since_ms: int, group_id: str | None = None
+    ) -> dict[str, list[ActivityBucket]]:
+        """Activity buckets starting after `since_ms`, per group (one group, or all)."""
+        query: dict[str, Any] = {"start_ms": {"$gt": since_ms}}
+        if group_id is not None:
+            query["group_id"] = group_id
+        found: dict[str, list[ActivityBucket]] = {}
+        async for d in self._activity.find(query):
+            found.setdefault(d["group_id"], []).append(
+                ActivityBucket(
+                    d["start_ms"], d["messages"], d["joins"], frozenset(d.get("speakers", ()))
+                )
+            )
+        return found
+
+    # Daily counters and impressions
+
+    async def count_day(
+        self,
+        group_id: str,
+        date: str,
+        day_start_ms: int,
+        *,
+        inc: dict[str, int],
+        speaker: str | None = None,
+    ) -> None:
+        update: dict[str, Any] = {
+            "$inc": inc,
+            "$setOnInsert": {
+                "group_id": group_id,
+                "date": date,
+                "expires_at": _expires(day_start_ms + DAILY_KEEP_MS),
+            },
+        }
+        if speaker:
+            update["$addToSet"] = {"speakers": speaker}
+        await _upsert(
+            lambda: self._daily.update_one({"_id": f"{group_id}:{date}"}, update, upsert=True)
+        )
+
+    async def days(self, group_id: str, dates: list[str]) -> dict[str, DayCounts]:
+        docs = await self._daily.find({"_id": {"$in": [f"{group_id}:{d}" for d in dates]}}).to_list(
+            None
+        )
+        return {
+            d["date"]: DayCounts(
+                joins_by_source=dict(d.get("joins", {})),
+                leaves=d.get("leaves", 0),
+                messages=d.get("messages", 0),
+                speakers=frozenset(d.get("speakers", ())),
+            )
+            for d in docs
+        }
+
+    async def add_impressions(self, counts: dict[tuple[str, str], int]) -> None:
+        """Add `counts` per (group, date) in one bulk write."""
+        if not counts:
+            return
+        await self._impressions.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": f"{group_id}:{date}"},
+                    {
+                        "$inc": {"count": n},
+                        "$setOnInsert": {
+                            "group_id": group_id,
+                            "date": date,
+                            "expires_at": _expires(_day_start_ms(date) + DAILY_KEEP_MS),
+                        },
+                    },
+                    upsert=True,
+                )
+                for (group_id, date), n in counts.items()
+            ],
+            ordered=False,
+        )
+
+    async def impressions(self, group_id: str, dates: list[str]) -> dict[str, int]:
+        docs = await self._impressions.find(
+            {"_id": {"$in": [f"{group_id}:{d}" for d in dates]}}
+        ).to_list(None)
+        return {d["date"]: int(d["count"]) for d in docs}
+
+
+def _day_start_ms(date: str) -> int:
+    day = dt.datetime.fromisoformat(date).replace(tzinfo=dt.UTC)
+    return int(day.timestamp() * 1000)
+
+
+def _card_filter(
+    category: str | None, only_with_space: bool, keywords: list[str] | None
+) -> dict[str, Any]:
+    query: dict[str, Any] = {"shown": True}
+    if category:
+        query["category"] = category
+    if only_with_space:
+        query["full"] = False
+    if keywords:
+        query["keywords"] = {"$all": keywords}
+    return query
+
+
+def _blank_card(group_id: str, but: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every field of a card document, at its value before any event."""
+    blank: dict[str, Any] = {
+        "_id": group_id,
+        "rev": 0,
+        "settings_version": 0,
+        "count_version": 0,
+        "member_count": 0,
+        "dissolved": False,
+        "roles": {},
+        "shown": False,
+        "full": False,
+        "keywords": [],
+        "linked_post": None,
+        "selected": False,
+        "selection_version": 0,
+        "hot_score": 0.0,
+        "messages_last_hour": 0,
+        "messages_last_day": 0,
+        "active_members": 0,
+        "last_active_at_ms": 0,  # 0 until something happens
+    }
+    if but is not None:
+        blank = {k: v for k, v in blank.items() if k not in but and k != "_id"}
+    return blank
+
+
+def _state_doc(s: GroupState) -> dict[str, Any]:
+    facts = asdict(s.facts) if s.facts else {}
+    # member_count is kept from the member events, whatever the settings event said.
+    facts.pop("member_count", None)
+    return {
+        **facts,
+        "settings_version": s.settings_version,
+        "member_count": s.member_count,
+        "count_version": s.count_version,
+        "dissolved": s.dissolved,
+        "roles": {user: list(rv) for user, rv in s.roles.items()},
+    }
+
+
+def _listing_doc(listing: Listing) -> dict[str, Any]:
+    return {
+        "shown": listing.shown,
+        "full": listing.full,
+        "keywords": list(listing.keywords),
+        "linked_post": asdict(listing.linked_post) if listing.linked_post else None,
+    }
+
+
+def _stored(doc: dict[str, Any]) -> StoredCard:
+    facts = None
+    if doc.get("name") is not None:
+        facts = GroupFacts(
+            name=doc["name"],
+            description=doc["description"],
+            category=doc["category"],
+            cover_url=doc["cover_url"],
+            capacity=doc["capacity"],
+            listed=doc["listed"],
+            linked_post_id=doc["linked_post_id"],
+            owner_id=doc["owner_id"],
+            member_count=doc["member_count"],
+            created_at_ms=doc["created_at_ms"],
+        )
+    state = GroupState(
+        group_id=doc["_id"],
+        facts=facts,
+        settings_version=doc["settings_version"],
+        member_count=doc["member_count"],
+        count_version=doc["count_version"],
+        dissolved=doc["dissolved"],
+        roles={user: (rv[0], rv[1]) for user, rv in doc["roles"].items()},
+    )
+    linked = doc.get("linked_post")
+    listing = Listing(
+        shown=doc["shown"],
+        full=doc["full"],
+        keywords=tuple(doc["keywords"]),
+        linked_post=LinkedPost(**linked) if linked else None,
+    )
+    return StoredCard(state, doc["rev"], listing)
+
+
+def _card(doc: dict[str, Any], filler: bool = False) -> Card:
+    linked = doc.get("linked_post")
+    return Card(
+        group_id=doc["_id"],
+        name=doc.get("name") or "",
+        description=doc.get("description") or "",
+        category=doc.get("category"),
+        cover_url=doc.get("cover_url") or "",
+        member_count=doc["member_count"],
+        capacity=doc.get("capacity") or 0,
+        owner_id=doc.get("owner_id") or "",
+        created_at_ms=doc.get("created_at_ms") or 0,
+        selected=doc["selected"],
+        linked_post=LinkedPost(**linked) if linked else None,
+        hot_score=doc["hot_score"],
+        messages_last_hour=doc["messages_last_hour"],
+        messages_last_day=doc["messages_last_day"],
+        active_members=doc["active_members"],
+        last_active_at_ms=doc.get("last_active_at_ms") or None,
+        filler=filler,
+    )

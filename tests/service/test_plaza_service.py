@@ -1,0 +1,598 @@
+"""The plaza service over real gRPC, fed by real events on its own nats-server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from groupchat.events.v1 import events_pb2
+from groupchat.groups.v1 import groups_pb2 as gpb
+from groupchat.plaza.v1 import plaza_pb2 as pb
+from groupchat.plaza.v1 import plaza_pb2_grpc
+
+from services.kit.events import EventBus, OutgoingEvent, new_event
+from services.kit.mongo import open_database
+from services.kit.paging import encode_page_token
+from services.kit.rpc_status import error_info
+from services.plaza.config import PlazaConfig
+from services.plaza.projection import PlazaProjection
+from services.plaza.rebuild import rebuild
+from services.plaza.service import build
+from services.plaza.storage import PlazaStore
+from tests.conftest import eventually
+from tests.service.conftest import GroupsCaller, service_env, serving
+from tools.platform import post_event, publish
+from tools.suite import free_port, nats_server_command, wait_port
+
+PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
+
+
+@pytest.fixture(scope="module")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """This module's own nats-server: the plaza's durable consumers then see only the
+    events this module publishes (other modules fill the shared streams)."""
+    port = free_port()
+    store: Path = tmp_path_factory.mktemp("plaza-jetstream")
+    process = subprocess.Popen(
+        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_port(port)
+    yield f"nats://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+async def plaza(nats_url: str, token: Callable[..., str]) -> AsyncIterator[PlazaCaller]:
+    host = build(PlazaConfig.from_env(service_env(nats_url)))
+    async with serving(host, plaza_pb2_grpc.PlazaStub, token) as as_user:
+        yield as_user
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[EventBus]:
+    bus = await EventBus.connect(nats_url, "test-groups", stream_replicas=1)
+    yield bus
+    await bus.close()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+class FakeGroup:
+    """A group as the groups service would describe it in its events, one version at a time."""
+
+    def __init__(self, owner: str = "alice", **fields: Any) -> None:
+        fields.setdefault("name", "Tea lovers")
+        fields.setdefault("category", gpb.FOOD)
+        fields.setdefault("capacity", 50)
+        fields.setdefault("listed", True)
+        created_ms = fields.pop("created_ms", int(time.time() * 1000))
+        self.group = gpb.Group(group_id=unique("g"), owner_id=owner, member_count=1, **fields)
+        self.group.created_at.FromMilliseconds(created_ms)
+        self.seq = 0
+
+    @property
+    def id(self) -> str:
+        return self.group.group_id
+
+    def _event(self, event_type: str, user: str, **payload: Any) -> OutgoingEvent:
+        self.group.version += 1
+        return new_event(
+            "groups",
+            event_type,
+            aggregate_id=self.id,
+            aggregate_version=self.group.version,
+            user_id=user,
+            **payload,
+        )
+
+    def created(self) -> OutgoingEvent:
+        group = gpb.Group()
+        group.CopyFrom(self.group)
+        group.version = self.group.version + 1
+        return self._event("group_created", self.group.owner_id, group_created={"group": group})
+
+    def updated(self, **fields: Any) -> OutgoingEvent:
+        for name, value in fields.items():
+            setattr(self.group, name, value)
+        group = gpb.Group()
+        group.CopyFrom(self.group)
+        group.version = self.group.version + 1
+        return self._event(
+            "group_updated",
+            self.group.owner_id,
+            group_updated={"group": group, "changed_fields": sorted(fields)},
+        )
+
+    def joined(self, user: str, source: int = gpb.PLAZA) -> OutgoingEvent:
+        self.group.member_count += 1
+        member = gpb.Member(group_id=self.id, user_id=user, role=gpb.MEMBER)
+        return self._event(
+            "member_joined",
+            user,
+            member_joined={
+                "member": member,
+                "member_count": self.group.member_count,
+                "source": source,
+            },
+        )
+
+    def dissolved(self) -> OutgoingEvent:
+        return self._event(
+            "group_dissolved", self.group.owner_id, group_dissolved={"group_id": self.id}
+        )
+
+    def message(self, sender: str) -> OutgoingEvent:
+        self.seq += 1
+        message = gpb.GroupMessage(group_id=self.id, seq=self.seq, sender_id=sender, text="hi")
+        return new_event(
+            "groups",
+            "group_message_posted",
+            aggregate_id=self.id,
+            aggregate_version=self.seq,
+            user_id=sender,
+            group_message_posted={"message": message},
+        )
+
+
+async def send(bus: EventBus, *events: OutgoingEvent) -> None:
+    for event in events:
+        await bus.publish(event)
+
+
+async def browse(plaza: PlazaCaller, **fields: Any) -> pb.BrowsePlazaResponse:
+    stub, md = plaza("browser")
+    return await stub.BrowsePlaza(pb.BrowsePlazaRequest(**fields), metadata=md)
+
+
+async def search(plaza: PlazaCaller, query: str, **fields: Any) -> list[str]:
+    stub, md = plaza("browser")
+    reply = await stub.SearchGroups(pb.SearchGroupsRequest(query=query, **fields), metadata=md)
+    return [c.group_id for c in reply.cards]
+
+
+async def shown(plaza: PlazaCaller, ids: set[str], **fields: Any) -> list[str]:
+    """The ids among `ids` on the first page of a browse (page of 100)."""
+    reply = await browse(plaza, page_size=100, **fields)
+    return [c.group_id for c in reply.cards if c.group_id in ids]
+
+
+async def card(plaza: PlazaCaller, group_id: str) -> pb.GroupCard | None:
+    reply = await browse(plaza, page_size=100)
+    return next((c for c in reply.cards if c.group_id == group_id), None)
+
+
+async def refused(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    info = error_info(caught.value)
+    return caught.value.code(), info.reason if info else ""
+
+
+async def until_shown(plaza: PlazaCaller, ids: set[str], **fields: Any) -> None:
+    async def all_there() -> bool:
+        return set(await shown(plaza, ids, **fields)) == ids
+
+    await eventually(all_there)
+
+
+# Cards and linked posts
+
+
+async def test_a_linked_post_shows_on_the_card_and_a_deleted_one_leaves_it(
+    plaza: PlazaCaller, groups: GroupsCaller, nats_url: str
+) -> None:
+    owner, post_id = unique("creator"), unique("post")
+    await publish(nats_url, [post_event("publish", post_id, owner, title="Matcha at home")])
+    stub, md = groups(owner)
+    request = gpb.CreateGroupRequest(
+        name="Matcha club", category=gpb.FOOD, listed=True, linked_post_id=post_id
+    )
+    created: list[str] = []
+
+    async def create() -> bool:
+        try:
+            created.append((await stub.CreateGroup(request, metadata=md)).group.group_id)
+        except grpc.aio.AioRpcError:  # the groups service has not seen the post yet
+            return False
+        return True
+
+    await eventually(create)
+    group_id = created[0]
+
+    async def linked() -> bool:
+        c = await card(plaza, group_id)
+        return c is not None and c.linked_post.title == "Matcha at home"
+
+    await eventually(linked)
+    c = await card(plaza, group_id)
+    assert c is not None
+    assert (c.linked_post.post_id, c.linked_post.author_id) == (post_id, owner)
+    assert group_id in await search(plaza, "home")
+
+    await publish(nats_url, [post_event("delete", post_id, owner)])
+
+    async def unlinked() -> bool:
+        c = await card(plaza, group_id)
+        return c is not None and not c.HasField("linked_post")
+
+    await eventually(unlinked)
+    assert group_id not in await search(plaza, "home")
+
+
+# Filters and sorts
+
+
+async def test_category_filter_and_each_sort(plaza: PlazaCaller, bus: EventBus) -> None:
+    base = int(time.time() * 1000)
+    old = FakeGroup(category=gpb.FOOD, created_ms=base - 3000)
+    big = FakeGroup(category=gpb.FOOD, created_ms=base - 2000)
+    new = FakeGroup(category=gpb.FOOD, created_ms=base - 1000)
+    other = FakeGroup(category=gpb.TRAVEL, created_ms=base)
+    await send(bus, *(g.created() for g in (old, big, new, other)))
+    await send(bus, big.joined("u1"), big.joined("u2"), old.message("alice"), old.message("bob"))
+    ids = {g.id for g in (old, big, new, other)}
+    await until_shown(plaza, ids)
+
+    async def hot_first() -> bool:
+        return (await shown(plaza, ids))[0] == old.id
+
+    await eventually(hot_first)
+    assert await shown(plaza, ids, category=gpb.FOOD, sort=pb.NEW) == [new.id, big.id, old.id]
+    assert (await shown(plaza, ids, sort=pb.MEMBERS))[0] == big.id
+    hot = await shown(plaza, ids, category=gpb.FOOD, sort=pb.HOT)
+    assert hot[:2] == [old.id, big.id]  # messages and speakers beat two joins, joins beat none
+    assert await shown(plaza, ids, category=gpb.TRAVEL) == [other.id]
+
+
+async def test_full_groups_show_full_and_only_with_space_hides_them(
+    plaza: PlazaCaller, bus: EventBus
+) -> None:
+    full, roomy = FakeGroup(capacity=2), FakeGroup(capacity=3)
+    await send(bus, full.created(), roomy.created(), full.joined("bob"))
+    ids = {full.id, roomy.id}
+    await until_shown(plaza, ids)
+
+    async def filled() -> bool:
+        c = await card(plaza, full.id)
+        return c is not None and c.full
+
+    await eventually(filled)
+    assert await shown(plaza, ids, only_with_space=True) == [roomy.id]
+
+
+async def test_unlisted_and_dissolved_groups_do_not_show(plaza: PlazaCaller, bus: EventBus) -> None:
+    hidden, gone, stays = FakeGroup(listed=False), FakeGroup(), FakeGroup()
+    await send(bus, hidden.created(), gone.created(), stays.created(), gone.dissolved())
+    ids = {hidden.id, gone.id, stays.id}
+    await until_shown(plaza, {stays.id})
+    assert await shown(plaza, ids) == [stays.id]
+
+    await send(bus, hidden.updated(listed=True), stays.updated(listed=False))
+    await until_shown(plaza, {hidden.id})
+    assert await shown(plaza, ids) == [hidden.id]
+
+
+# Paging
+
+
+async def walk(plaza: PlazaCaller, ids: set[str], between: Any, **fields: Any) -> list[str]:
+    """Page through the plaza 4 cards at a time, calling `between()` after each page."""
+    seen: list[str] = []
+    token = ""
+    while True:
+        reply = await browse(plaza, page_size=4, page_token=token, **fields)
+        seen += [c.group_id for c in reply.cards if c.group_id in ids]
+        token = reply.next_page_token
+        if not token:
+            return seen
+        await between()
+
+
+async def test_paging_never_repeats_nor_skips_while_messages_reorder_hot(
+    plaza: PlazaCaller, bus: EventBus
+) -> None:
+    groups = [FakeGroup(category=gpb.BOOKS) for _ in range(10)]
+    await send(bus, *(g.created() for g in groups))
+    ids = {g.id for g in groups}
+    await until_shown(plaza, ids, category=gpb.BOOKS)
+    first = await shown(plaza, ids, category=gpb.BOOKS)
+    # The coldest become the hottest, each hotter than the one before, page after page.
+    movers = enumerate(reversed(first), start=2)
+
+    async def heat_up() -> None:
+        speakers, mover = next(movers)
+        group = next(g for g in groups if g.id == mover)
+        await send(bus, *(group.message(f"u{i}") for i in range(speakers)))
+
+        async def on_top() -> bool:
+            return (await shown(plaza, ids, category=gpb.BOOKS))[0] == mover
+
+        await eventually(on_top)
+
+    seen = await walk(plaza, ids, heat_up, category=gpb.BOOKS)
+    assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
+    assert seen == first
+
+
+async def test_paging_never_repeats_nor_skips_while_joins_reorder_members(
+    plaza: PlazaCaller, bus: EventBus
+) -> None:
+    groups = [FakeGroup(category=gpb.PETS) for _ in range(10)]
+    await send(bus, *(g.created() for g in groups))
+    ids = {g.id for g in groups}
+    await until_shown(plaza, ids, category=gpb.PETS)
+    first = await shown(plaza, ids, category=gpb.PETS, sort=pb.MEMBERS)
+    movers = enumerate(reversed(first), start=1)
+
+    async def grow() -> None:
+        joins, mover = next(movers)
+        group = next(g for g in groups if g.id == mover)
+        await send(bus, *(group.joined(unique("u")) for _ in range(5 * joins)))
+
+        async def on_top() -> bool:
+            top = await shown(plaza, ids, category=gpb.PETS, sort=pb.MEMBERS)
+            return top[0] == group.id
+
+        await eventually(on_top)
+
+    seen = await walk(plaza, ids, grow, category=gpb.PETS, sort=pb.MEMBERS)
+    assert seen == first
+
+
+async def test_an_unknown_page_token_has_expired_and_a_negative_page_size_is_invalid(
+    plaza: PlazaCaller,
+) -> None:
+    stub, md = plaza("browser")
+    token = encode_page_token({"s": "no-such-snapshot", "o": 20})
+    code, reason = await refused(
+        stub.BrowsePlaza(pb.BrowsePlazaRequest(page_token=token), metadata=md)
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PAGE_TOKEN_EXPIRED")
+    code, _ = await refused(stub.BrowsePlaza(pb.BrowsePlazaRequest(page_size=-1), metadata=md))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# The Selected shelf and categories
+
+
+async def test_only_editors_select_and_hot_groups_fill_the_shelf(
+    plaza: PlazaCaller, bus: EventBus
+) -> None:
+    pick, hot, cold = (FakeGroup(category=gpb.PHOTOGRAPHY) for _ in range(3))
+    await send(bus, pick.created(), hot.created(), cold.created(), hot.message("bob"))
+    ids = {pick.id, hot.id, cold.id}
+    await until_shown(plaza, ids, category=gpb.PHOTOGRAPHY)
+    stub, md = plaza("visitor")
+    code, reason = await refused(
+        stub.SetGroupSelected(
+            pb.SetGroupSelectedRequest(group_id=pick.id, selected=True), metadata=md
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "EDITOR_ONLY")
+
+    editor, editor_md = plaza("editor1", ["editor"])
+    reply = await editor.SetGroupSelected(
+        pb.SetGroupSelectedRequest(group_id=pick.id, selected=True), metadata=editor_md
+    )
+    assert reply.card.selected
+    code, reason = await refused(
+        editor.SetGroupSelected(pb.SetGroupSelectedRequest(group_id="g_none"), metadata=editor_md)
+    )
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "GROUP_NOT_FOUND")
+
+    async def hot_ranked() -> bool:
+        return (await shown(plaza, ids, category=gpb.PHOTOGRAPHY))[0] == hot.id
+
+    await eventually(hot_ranked)
+    shelf = await stub.ListSelectedGroups(
+        pb.ListSelectedGroupsRequest(category=gpb.PHOTOGRAPHY, page_size=2), metadata=md
+    )
+    assert [(c.group_id, c.selected, c.filler) for c in shelf.cards] == [
+        (pick.id, True, False),
+        (hot.id, False, True),
+    ]
+
+
+async def test_categories_count_listed_groups(plaza: PlazaCaller, bus: EventBus) -> None:
+    listed = [FakeGroup(category=gpb.GAMING) for _ in range(2)]
+    hidden, gone = FakeGroup(category=gpb.GAMING, listed=False), FakeGroup(category=gpb.GAMING)
+    await send(bus, *(g.created() for g in [*listed, hidden, gone]), gone.dissolved())
+    await until_shown(plaza, {g.id for g in listed})
+    stub, md = plaza("browser")
+    reply = await stub.ListCategories(pb.ListCategoriesRequest(), metadata=md)
+    assert len(reply.categories) == len(gpb.Category.values()) - 1
+    by_category = {c.category: c for c in reply.categories}
+    assert by_category[gpb.MAKEUP_BEAUTY].display_name == "Makeup & beauty"
+    assert by_category[gpb.MOVIES_TV].display_name == "Movies & TV"
+    assert by_category[gpb.GAMING].listed_groups == 2
+
+
+# Search
+
+
+async def test_search_matches_every_word_of_names_descriptions_and_cjk(
+    plaza: PlazaCaller, bus: EventBus
+) -> None:
+    word = unique("kw")
+    matcha = FakeGroup(name=f"Matcha {word}", description="Whisk together")
+    latte = FakeGroup(name=f"Latte art {word}", description="")
+    chinese = FakeGroup(name="抹茶控的聚会", description=word)
+    await send(bus, matcha.created(), latte.created(), chinese.created())
+    await until_shown(plaza, {matcha.id, latte.id, chinese.id})
+    assert sorted(await search(plaza, word.upper())) == sorted([matcha.id, latte.id, chinese.id])
+    assert await search(plaza, f"whisk {word}") == [matcha.id]
+    assert await search(plaza, f"{word} whis") == []  # whole words, not prefixes
+    assert await search(plaza, f"抹茶 {word}") == [chinese.id]
+    assert await search(plaza, "抹茶控") == [chinese.id]
+    stub, md = plaza("browser")
+    code, _ = await refused(stub.SearchGroups(pb.SearchGroupsRequest(query=" "), metadata=md))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# Insights
+
+
+async def test_insights_count_joins_by_source_leaves_messages_and_impressions(
+    plaza: PlazaCaller, groups: GroupsCaller
+) -> None:
+    owner, admin = unique("owner"), unique("admin")
+    stub, md = groups(owner)
+    group = (
+        await stub.CreateGroup(
+            gpb.CreateGroupRequest(name="Insightful", category=gpb.WORK, listed=True), metadata=md
+        )
+    ).group
+    for user, source in [(admin, gpb.PLAZA), (unique("s"), gpb.SEARCH), (unique("p"), gpb.POST)]:
+        member_stub, member_md = groups(user)
+        await member_stub.JoinGroup(
+            gpb.JoinGroupRequest(group_id=group.group_id, source=source), metadata=member_md
+        )
+    await stub.SetMemberRole(
+        gpb.SetMemberRoleRequest(group_id=group.group_id, user_id=admin, role=gpb.ADMIN),
+        metadata=md,
+    )
+    leaver_stub, leaver_md = groups(unique("l"))
+    await leaver_stub.JoinGroup(gpb.JoinGroupRequest(group_id=group.group_id), metadata=leaver_md)
+    await leaver_stub.LeaveGroup(gpb.LeaveGroupRequest(group_id=group.group_id), metadata=leaver_md)
+    for user, text in [(owner, "hi"), (admin, "hello"), (owner, "again")]:
+        sender, sender_md = groups(user)
+        await sender.SendGroupMessage(
+            gpb.SendGroupMessageRequest(group_id=group.group_id, text=text), metadata=sender_md
+        )
+    await until_shown(plaza, {group.group_id})  # one impression
+    await browse(plaza, category=gpb.WORK)  # and another
+    insights_stub, admin_md = plaza(admin)
+
+    async def report() -> pb.GetGroupInsightsResponse:
+        return await insights_stub.GetGroupInsights(
+            pb.GetGroupInsightsRequest(group_id=group.group_id, days=3), metadata=admin_md
+        )
+
+    async def counted() -> bool:
+        try:
+            total = (await report()).total
+        except grpc.aio.AioRpcError:  # the plaza has not seen the admin's role yet
+            return False
+        return total.messages == 3 and total.leaves == 1 and total.plaza_impressions >= 2
+
+    await eventually(counted)
+    result = await report()
+    assert len(result.days) == 3 and result.days[-1].joins == 4
+    total = result.total
+    assert {(s.source, s.joins) for s in total.joins_by_source} == {
+        (gpb.PLAZA, 1),
+        (gpb.SEARCH, 1),
+        (gpb.POST, 1),
+        (gpb.JOIN_SOURCE_UNSPECIFIED, 1),
+    }
+    assert (total.joins, total.leaves, total.active_members, total.plaza_joins) == (4, 1, 2, 2)
+    assert result.plaza_conversion == pytest.approx(2 / total.plaza_impressions)
+
+    visitor, visitor_md = plaza(unique("visitor"))
+    code, reason = await refused(
+        visitor.GetGroupInsights(
+            pb.GetGroupInsightsRequest(group_id=group.group_id), metadata=visitor_md
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "NOT_GROUP_ADMIN")
+    code, _ = await refused(
+        visitor.GetGroupInsights(pb.GetGroupInsightsRequest(group_id="g_none"), metadata=visitor_md)
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+# The projection itself: redelivery, reordering, rebuild
+
+FIXED_NOW = int(time.time() * 1000)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[PlazaStore]:
+    client, db = open_database(os.environ.get("MONGODB_URI"), f"test_{uuid.uuid4().hex[:12]}")
+    store = PlazaStore(db)
+    await store.create_indexes()
+    yield store
+    if os.environ.get("MONGODB_URI"):
+        await client.drop_database(db.name)
+    client.close()
+
+
+def projection_of(store: PlazaStore) -> PlazaProjection:
+    return PlazaProjection(store, half_life_hours=6, clock=lambda: FIXED_NOW)
+
+
+async def test_a_redelivered_or_older_event_changes_nothing(store: PlazaStore) -> None:
+    projection = projection_of(store)
+    group = FakeGroup()
+    created, message = group.created(), group.message("bob")
+    renamed = group.updated(name="Renamed")
+    stale = events_pb2.Envelope()
+    stale.CopyFrom(renamed.envelope)
+    stale.event_id = uuid.uuid4().hex
+    stale.aggregate_version = created.envelope.aggregate_version
+    stale.group_updated.group.name = "Stale"
+    for envelope in (
+        created.envelope,
+        renamed.envelope,
+        message.envelope,
+        message.envelope,
+        created.envelope,
+        stale,
+    ):
+        await projection.handle(envelope)
+    card = await store.card(group.id)
+    assert card is not None
+    assert (card.name, card.messages_last_hour) == ("Renamed", 1)
+
+
+async def test_a_rebuild_gives_identical_cards(store: PlazaStore, bus: EventBus) -> None:
+    projection = projection_of(store)
+    owner, post_id = unique("creator"), unique("post")
+    linked = FakeGroup(owner, linked_post_id=post_id)
+    busy, gone = FakeGroup(), FakeGroup()
+    events = [
+        post_event("publish", post_id, owner, title="Weekend hikes"),
+        linked.created(),
+        busy.created(),
+        gone.created(),
+        busy.joined("bob", gpb.SEARCH),
+        busy.message("bob"),
+        busy.message("carol"),
+        linked.updated(description="Trails"),
+        gone.dissolved(),
+        new_event(
+            "plaza",
+            "group_selected",
+            aggregate_id=busy.id,
+            aggregate_version=1,
+            user_id="editor1",
+            group_selected={"group_id": busy.id, "selected": True, "editor_id": "editor1"},
+        ),
+    ]
+    for event in events:
+        await bus.publish(event)
+        await projection.handle(event.envelope)
+    await projection.refresh_rankings()
+    ids = [linked.id, busy.id, gone.id]
+    before = [await store.load(g) for g in ids], [await store.card(g) for g in ids]
+
+    replayed = await rebuild(store, projection, bus)
+
+    after = [await store.load(g) for g in ids], [await store.card(g) for g in ids]
+    assert sum(replayed.values()) >= len(events)
+    assert [s.state if s else None for s in after[0]] == [s.state if s else None for s in before[0]]
+    assert after[1] == before[1]
+    busy_card = after[1][1]
+    linked_card = after[1][0]
+    assert busy_card is not None and busy_card.selected and busy_card.messages_last_day == 2
+    assert linked_card is not None and linked_card.linked_post is not None

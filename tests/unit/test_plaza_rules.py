@@ -1,0 +1,178 @@
+"""The plaza's rules: hot score, search tokens, insight windows, what a card shows."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.kit.errors import InvalidArgument
+from services.plaza import domain
+from services.plaza.domain import (
+    BUCKET_MS,
+    HOUR_MS,
+    ActivityBucket,
+    DayCounts,
+    GroupFacts,
+    GroupState,
+    Post,
+)
+
+NOW = 1_750_000_000_000 - 1_750_000_000_000 % BUCKET_MS
+
+
+def bucket(
+    hours_ago: float, messages: int = 0, joins: int = 0, speakers: int = 0
+) -> ActivityBucket:
+    start = domain.bucket_start(NOW - int(hours_ago * HOUR_MS))
+    return ActivityBucket(start, messages, joins, frozenset(f"u{i}" for i in range(speakers)))
+
+
+def facts(**changes: object) -> GroupFacts:
+    values: dict[str, object] = {
+        "name": "Matcha lovers",
+        "description": "Whisk and chat",
+        "category": "FOOD",
+        "cover_url": "",
+        "capacity": 3,
+        "listed": True,
+        "linked_post_id": "",
+        "owner_id": "alice",
+        "member_count": 1,
+        "created_at_ms": NOW,
+    }
+    values.update(changes)
+    return GroupFacts(**values)  # type: ignore[arg-type]
+
+
+# Hot score
+
+
+def test_hot_score_halves_every_half_life() -> None:
+    fresh = domain.activity([bucket(0, messages=10)], NOW + BUCKET_MS // 2, 6)
+    aged = domain.activity([bucket(0, messages=10)], NOW + BUCKET_MS // 2 + 6 * HOUR_MS, 6)
+    assert fresh.hot_score == pytest.approx(10)
+    assert aged.hot_score == pytest.approx(5)
+
+
+def test_speakers_and_joins_weigh_more_than_messages() -> None:
+    chatty = domain.activity([bucket(0, messages=6, speakers=1)], NOW, 6)
+    lively = domain.activity([bucket(0, messages=3, speakers=3)], NOW, 6)
+    joined = domain.activity([bucket(0, joins=2)], NOW, 6)
+    assert lively.hot_score > chatty.hot_score > joined.hot_score > 0
+
+
+def test_recent_activity_outranks_more_but_older_activity() -> None:
+    recent = domain.activity([bucket(0.5, messages=10)], NOW, 6)
+    older = domain.activity([bucket(20, messages=50)], NOW, 6)
+    assert recent.hot_score > older.hot_score
+
+
+def test_activity_figures_count_the_last_hour_and_day() -> None:
+    figures = domain.activity(
+        [
+            bucket(0.2, messages=2, speakers=1),
+            bucket(5, messages=3, speakers=2),
+            bucket(30, messages=7),
+        ],
+        NOW,
+        6,
+    )
+    assert (figures.messages_last_hour, figures.messages_last_day, figures.active_members) == (
+        2,
+        5,
+        2,
+    )
+
+
+def test_activity_beyond_the_window_counts_for_nothing() -> None:
+    assert domain.activity([bucket(49, messages=100)], NOW, 6).hot_score == 0
+    assert not domain.counts_as_recent(NOW - 49 * HOUR_MS, NOW)
+
+
+# Search tokens
+
+
+def test_words_are_lowercased_and_whole() -> None:
+    assert domain.index_tokens("Matcha LOVERS, whisk-and-chat!") == {
+        "matcha",
+        "lovers",
+        "whisk",
+        "and",
+        "chat",
+    }
+    assert "mat" not in domain.index_tokens("Matcha")
+
+
+def test_cjk_text_is_indexed_as_characters_and_pairs() -> None:
+    assert domain.index_tokens("抹茶控") == {"抹", "茶", "控", "抹茶", "茶控"}
+
+
+def test_a_cjk_query_needs_every_pair_and_a_latin_query_every_word() -> None:
+    assert domain.query_tokens("抹茶拿铁") == ["抹茶", "拿铁", "茶拿"]
+    assert domain.query_tokens("茶") == ["茶"]
+    assert domain.query_tokens("Matcha  Latte") == ["latte", "matcha"]
+
+
+@pytest.mark.parametrize("query", ["", "   ", "!!"])
+def test_a_query_without_words_is_refused(query: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        domain.query_tokens(query)
+    assert refused.value.violations[0].field == "query"
+
+
+# Cards
+
+
+def test_a_card_shows_the_owners_published_linked_post_only() -> None:
+    state = GroupState("g1", facts(linked_post_id="p1"), settings_version=1)
+    own = Post("p1", "alice", "My matcha routine", "", True)
+    assert domain.listing(state, own).linked_post is not None
+    assert "routine" in domain.listing(state, own).keywords
+    assert domain.listing(state, Post("p1", "bob", "t", "", True)).linked_post is None
+    assert domain.listing(state, Post("p1", "alice", "t", "", False)).linked_post is None
+
+
+def test_an_older_settings_event_changes_nothing_and_dissolution_is_final() -> None:
+    state = domain.apply_group_facts(GroupState("g1"), facts(name="New"), 5)
+    assert state is not None
+    assert domain.apply_group_facts(state, facts(name="Old"), 3) is None
+    gone = domain.apply_dissolved(state, 6)
+    assert gone is not None and not gone.shown
+    assert domain.apply_group_facts(gone, facts(), 7) is None
+
+
+def test_member_count_from_a_newer_join_survives_an_older_settings_event() -> None:
+    joined = domain.apply_member_count(GroupState("g1"), 3, 4, ("bob", 1))
+    assert joined is not None
+    created = domain.apply_group_facts(joined, facts(member_count=1), 1)
+    assert created is not None
+    assert (created.member_count, created.full, created.shown) == (3, True, True)
+
+
+# Insights
+
+
+def test_the_insight_window_ends_today_oldest_first() -> None:
+    window = domain.insight_window(3, NOW)
+    assert window[-1] == domain.day_key(NOW)
+    assert len(window) == 3 and window == sorted(window)
+    assert len(domain.insight_window(0, NOW)) == 7
+
+
+@pytest.mark.parametrize("days", [-1, 91])
+def test_an_insight_window_outside_1_to_90_days_is_refused(days: int) -> None:
+    with pytest.raises(InvalidArgument):
+        domain.insight_window(days, NOW)
+
+
+def test_insights_total_the_window_and_convert_plaza_impressions() -> None:
+    d1, d2 = domain.insight_window(2, NOW)
+    counts = {
+        d1: DayCounts({"PLAZA": 1, "POST": 1}, leaves=1, messages=2, speakers=frozenset({"a"})),
+        d2: DayCounts({"SEARCH": 1}, messages=1, speakers=frozenset({"a", "b"})),
+    }
+    report = domain.insights([d1, d2], counts, {d1: 4, d2: 6})
+    assert [d.joins for d in report.days] == [2, 1]
+    assert report.total.joins_by_source == {"PLAZA": 1, "POST": 1, "SEARCH": 1}
+    assert (report.total.plaza_joins, report.total.active_members) == (2, 2)
+    assert report.plaza_conversion == pytest.approx(2 / 10)
+    assert domain.insights([d1], {}, {}).plaza_conversion == 0
