@@ -16,14 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.server import LIVENESS
 from tests.conftest import TEST_JWT_SECRET
-from tests.deploy.test_manifests import manifests_for
+from tests.deploy.test_manifests import INTERNAL_SERVICES, SERVICE_NAMES, manifests_for
 from tools.suite import ROOT, free_port, wait_healthy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture(params=["gateway", "groups"])
+@pytest.fixture(params=SERVICE_NAMES)
 def started(
     request: pytest.FixtureRequest, nats_url: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
@@ -39,7 +39,7 @@ def started(
         "GRPC_LISTEN": listen,
         "METRICS_PORT": str(free_port()),
         "NATS_URL": nats_url,
-        "GROUPS_ADDRESS": f"127.0.0.1:{free_port()}",
+        **{f"{name.upper()}_ADDRESS": f"127.0.0.1:{free_port()}" for name in INTERNAL_SERVICES},
         "JWT_SECRET": TEST_JWT_SECRET,
     }
     env.pop("MONGODB_URI", None)

@@ -45,16 +45,26 @@ TARGETS = [BASE, *OVERLAYS]
 GRPC_PORT = 50051
 METRICS_PORT = 9464
 GATEWAY = "gateway"
+# Every groupchat service (a package under services/ with a __main__), and those behind the
+# gateway: each stores in its own MongoDB database and keeps a JetStream stream.
+SERVICE_NAMES = ("gateway", "groups", "messaging", "plaza")
+INTERNAL_SERVICES = ("groups", "messaging", "plaza")
 # Values that must only ever come from a Secret.
 SECRET_VARIABLES = {"JWT_SECRET", "MONGODB_URI"}
 # The connections the NetworkPolicies must allow inside the namespace, and nothing else:
 # (from, to, port) by app.kubernetes.io/name.
 ALLOWED_IN_NAMESPACE = {
     ("gateway", "groups", GRPC_PORT),
+    ("gateway", "messaging", GRPC_PORT),
+    ("gateway", "plaza", GRPC_PORT),
     ("gateway", "nats", 4222),
     ("groups", "nats", 4222),
+    ("messaging", "nats", 4222),
+    ("plaza", "nats", 4222),
     ("nats", "nats", 6222),
     ("groups", "mongodb", 27017),
+    ("messaging", "mongodb", 27017),
+    ("plaza", "mongodb", 27017),
     ("mongodb-init", "mongodb", 27017),
     ("mongodb", "mongodb", 27017),
 }
@@ -300,8 +310,14 @@ def test_the_variable_scan_finds_what_the_services_read() -> None:
     kit = variables_read("kit")
     assert {"JWT_SECRET", "GRPC_LISTEN", "NATS_URL", "METRICS_PORT"} <= kit.names
     assert kit.required == {"JWT_SECRET"}
-    assert "GROUPS_ADDRESS" in variables_read("gateway").names
-    assert "NATS_STREAM_REPLICAS" in variables_read("groups").names
+    gateway = variables_read("gateway").names
+    assert {"GROUPS_ADDRESS", "MESSAGING_ADDRESS", "PLAZA_ADDRESS"} <= gateway
+    for service in INTERNAL_SERVICES:
+        assert {"NATS_STREAM_REPLICAS", "MONGODB_DATABASE"} <= variables_of_service(
+            service
+        ).names, service
+    assert "STRANGER_DAILY_LIMIT" in variables_read("messaging").names
+    assert "PLAZA_HOT_HALF_LIFE_HOURS" in variables_read("plaza").names
 
 
 # --- schema, namespace, labels ---------------------------------------------------------
@@ -349,7 +365,7 @@ def test_every_service_with_an_entry_point_is_deployed() -> None:
         path.parent.name for path in SERVICES.glob("*/__main__.py") if path.parent.name != "kit"
     }
     deployed = manifests_for(BASE).service_deployments()
-    assert set(deployed) == packages
+    assert set(deployed) == packages == set(SERVICE_NAMES)
     for package, workload in deployed.items():
         assert workload.name == package
         assert workload.app == package
@@ -499,7 +515,8 @@ def test_addresses_in_the_configuration_name_rendered_services(target: str) -> N
         env = manifests.environment(container)
         addresses = {k: v for k, v in env.items() if k.endswith("_ADDRESS")}
         if name == GATEWAY:
-            assert "GROUPS_ADDRESS" in addresses
+            wanted = {f"{service.upper()}_ADDRESS" for service in INTERNAL_SERVICES}
+            assert wanted <= set(addresses), f"gateway: {sorted(wanted - set(addresses))}"
         if target != BASE:  # NATS is a component the overlays add
             addresses["NATS_URL"] = (env.get("NATS_URL") or "").removeprefix("nats://")
         for variable, address in addresses.items():
@@ -809,7 +826,8 @@ def test_network_policies_allow_exactly_the_intended_connections_in_the_namespac
     assert not wrong, "\n".join(wrong)
     # The expectations are not vacuous: the intended connections exist in this render.
     present = {(a, b, p) for a, b, p in ALLOWED_IN_NAMESPACE if a in peers and b in peers}
-    assert ("gateway", "groups", GRPC_PORT) in present
+    for service in INTERNAL_SERVICES:
+        assert ("gateway", service, GRPC_PORT) in present
     if target != BASE:
         assert present == ALLOWED_IN_NAMESPACE
 
@@ -851,7 +869,7 @@ def test_every_pod_resolves_names_and_nothing_leaves_the_cluster(target: str) ->
 
 
 @every_target
-def test_gateway_and_groups_autoscale_and_own_their_replica_count(target: str) -> None:
+def test_every_service_autoscales_and_owns_its_replica_count(target: str) -> None:
     manifests = manifests_for(target)
     hpas = {
         hpa["spec"]["scaleTargetRef"]["name"]: hpa
@@ -859,7 +877,7 @@ def test_gateway_and_groups_autoscale_and_own_their_replica_count(target: str) -
         if hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
     }
     services = manifests.service_deployments()
-    assert {"gateway", "groups"} <= set(services)
+    assert set(services) == set(SERVICE_NAMES)
     for name, workload in services.items():
         hpa = hpas.get(workload.name)
         assert hpa is not None, f"no HorizontalPodAutoscaler for {name}"
@@ -932,11 +950,12 @@ def test_nats_is_a_routed_cluster_of_as_many_nodes_as_the_stream_has_replicas_at
     assert headless is not None and headless["spec"].get("clusterIP") == "None"
     routes = re.findall(r"nats://([\w.-]+):(\d+)", _block(_nats_conf(manifests), "cluster"))
     assert sorted(routes) == [(f"nats-{i}.{service}", "6222") for i in range(nodes)]
-    groups = manifests.service_deployments()["groups"]
-    (container,) = groups.containers(init=False)
-    replicas = int(manifests.environment(container)["NATS_STREAM_REPLICAS"] or 0)
-    assert 1 <= replicas <= nodes
-    assert replicas == {"overlays/dev": 1, "overlays/prod": 3}[target]
+    services = manifests.service_deployments()
+    for name in INTERNAL_SERVICES:
+        (container,) = services[name].containers(init=False)
+        replicas = int(manifests.environment(container)["NATS_STREAM_REPLICAS"] or 0)
+        assert 1 <= replicas <= nodes, name
+        assert replicas == {"overlays/dev": 1, "overlays/prod": 3}[target], name
     (nats_container,) = nats.containers(init=False)
     for name in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = nats_container[name]["httpGet"]
@@ -946,8 +965,36 @@ def test_nats_is_a_routed_cluster_of_as_many_nodes_as_the_stream_has_replicas_at
 
 def test_the_prod_overlay_replicates_events_three_times() -> None:
     manifests = manifests_for("overlays/prod")
-    (container,) = manifests.service_deployments()["groups"].containers(init=False)
-    assert manifests.environment(container)["NATS_STREAM_REPLICAS"] == "3"
+    services = manifests.service_deployments()
+    for name in INTERNAL_SERVICES:
+        (container,) = services[name].containers(init=False)
+        assert manifests.environment(container)["NATS_STREAM_REPLICAS"] == "3", name
+
+
+@every_target
+def test_every_internal_service_has_its_own_database_and_credentials(target: str) -> None:
+    manifests = manifests_for(target)
+    services = manifests.service_deployments()
+    for name in INTERNAL_SERVICES:
+        (container,) = services[name].containers(init=False)
+        env = manifests.environment(container)
+        # No service reads another's collections (DESIGN.md, "Services").
+        assert env.get("MONGODB_DATABASE") == name, name
+        assert "MONGODB_URI" in env and env["MONGODB_URI"] is None, f"{name}: URI not secret"
+        secrets = {s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s}
+        assert f"{name}-mongodb" in secrets, name
+        assert services[name].labels.get("groupchat/mongodb-client") == "true", name
+
+
+@every_target
+def test_the_stranger_quota_is_the_products(target: str) -> None:
+    manifests = manifests_for(target)
+    (container,) = manifests.service_deployments()["messaging"].containers(init=False)
+    env = manifests.environment(container)
+    # DESIGN.md: at most 5 new strangers a day, the day ending at midnight in Shanghai.
+    assert env.get("STRANGER_DAILY_LIMIT") == "5"
+    assert env.get("QUOTA_TIMEZONE") == "Asia/Shanghai"
+    assert int(env.get("UNANSWERED_LIMIT") or 0) >= 1
 
 
 @every_overlay
@@ -974,8 +1021,9 @@ def test_mongodb_is_a_replica_set_the_init_job_initiates_once(target: str) -> No
     assert script.index("rs.status()") < script.index("rs.initiate(")
     # The URI form the Secret placeholder documents matches this set.
     uri = ",".join(sorted(hosts))
-    documented = (K8S / "base" / "groups" / "secret.yaml").read_text()
-    assert f"mongodb://{uri}/?replicaSet={replica_set}" in documented
+    for service in INTERNAL_SERVICES:
+        documented = (K8S / "base" / service / "secret.yaml").read_text()
+        assert f"mongodb://{uri}/?replicaSet={replica_set}" in documented, service
 
 
 # --- deploy/Dockerfile ----------------------------------------------------------------------
