@@ -10,7 +10,7 @@ IMAGE ?= groupchat
 VERSION ?= dev
 CONTAINER ?= docker
 
-.PHONY: run test bench token gen lint image clean
+.PHONY: run test bench token follow unfollow seed plaza-rebuild gen lint image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -20,9 +20,23 @@ test: lint
 
 bench: $(VENV)/.installed gen/.stamp
 	$(PY) -m bench.fanout
+	$(PY) -m bench.direct
+	$(PY) -m bench.plaza
 
 token: $(VENV)/.installed
 	@$(PY) -m tools.token $(USER) $(if $(ROLES),--roles $(ROLES))
+
+# The platform's follow graph, for demos: `make follow A=alice B=bob` (alice follows bob).
+follow unfollow: $(VENV)/.installed gen/.stamp
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make $@ A=<follower> B=<followee>"; exit 2; }
+	$(PY) -m tools.platform $@ $(A) $(B)
+
+# A living plaza in a running suite (`make run` first).
+seed: $(VENV)/.installed gen/.stamp
+	$(PY) -m tools.seed
+
+plaza-rebuild: $(VENV)/.installed gen/.stamp
+	$(PY) -m services.plaza.rebuild
 
 gen: gen/.stamp
 

@@ -384,10 +384,31 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 # gRPC subscribers (gateway and bare server)
 
 
-class GrpcSubscribers:
-    """N server-streaming calls spread over a few channels, each read by its own task."""
+def pushed_text(event: events_pb2.Envelope) -> str | None:
+    """The text of a pushed group or direct message; None for any other event."""
+    if event.HasField("group_message_posted"):
+        return event.group_message_posted.message.text
+    if event.HasField("direct_message_sent"):
+        return event.direct_message_sent.message.text
+    return None
 
-    def __init__(self, address: str, method: str, channels: int, collector: Collector) -> None:
+
+class GrpcSubscribers:
+    """N server-streaming calls spread over a few channels, each read by its own task.
+
+    Each stream counts as its own subscriber, unless `one_subscriber`: then every stream
+    counts as subscriber 0 (each message is for one of them, as a direct message is)."""
+
+    def __init__(
+        self,
+        address: str,
+        method: str,
+        channels: int,
+        collector: Collector,
+        *,
+        one_subscriber: bool = False,
+    ) -> None:
+        self._one_subscriber = one_subscriber
         self._channels = [
             grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
             for _ in range(channels)
@@ -419,6 +440,9 @@ class GrpcSubscribers:
         async with asyncio.timeout(time_limit):
             await asyncio.gather(*ready)
 
+    def _subscriber(self, stream_index: int) -> int:
+        return 0 if self._one_subscriber else stream_index
+
     async def _read(self, index: int, call: Any, ready: asyncio.Future[None]) -> None:
         collector = self._collector
         try:
@@ -431,11 +455,11 @@ class GrpcSubscribers:
                 now_ns = time.perf_counter_ns()
                 if response is grpc.aio.EOF:
                     raise RuntimeError(f"stream {index} ended by the server")
-                event = response.event
-                if event.HasField("group_message_posted"):
+                text = pushed_text(response.event)
+                if text is not None:
                     if not collector.payload_bytes:
                         collector.payload_bytes = response.ByteSize()
-                    collector.deliver(index, event.group_message_posted.message.text, now_ns)
+                    collector.deliver(self._subscriber(index), text, now_ns)
                 else:
                     collector.other_events += 1
         except asyncio.CancelledError:
@@ -534,7 +558,7 @@ async def bench_suite(suite: Suite, secret: str, args: argparse.Namespace) -> Re
 # 2. Bare gRPC
 
 
-def _identity(data: bytes) -> bytes:
+def raw_bytes(data: bytes) -> bytes:
     return data
 
 
@@ -561,10 +585,10 @@ async def serve_bare_grpc() -> None:
 
     handlers = {
         "Subscribe": grpc.unary_stream_rpc_method_handler(
-            subscribe, request_deserializer=_identity, response_serializer=_identity
+            subscribe, request_deserializer=raw_bytes, response_serializer=raw_bytes
         ),
         "Publish": grpc.unary_unary_rpc_method_handler(
-            publish, request_deserializer=_identity, response_serializer=_identity
+            publish, request_deserializer=raw_bytes, response_serializer=raw_bytes
         ),
     }
     # The same server options as the services (services/kit/server.py), without interceptors.
@@ -626,7 +650,7 @@ async def bench_bare_grpc(args: argparse.Namespace) -> Result:
         subscribers = GrpcSubscribers(address, BARE_SUBSCRIBE, args.channels, collector)
         channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
         publish = channel.unary_unary(
-            BARE_PUBLISH, request_serializer=_identity, response_deserializer=_identity
+            BARE_PUBLISH, request_serializer=raw_bytes, response_deserializer=raw_bytes
         )
         try:
             opening = time.perf_counter()
@@ -694,6 +718,16 @@ async def bench_bare_nats(nats_url: str, nats_pid: int | None, args: argparse.Na
 
 
 def machine_header(args: argparse.Namespace) -> str:
+    return machine_lines(
+        "groupchat fan-out benchmark",
+        f"{args.subscribers} subscribers, {args.messages} messages "
+        f"(+{args.warmup} warm-up, +{args.probes} one-by-one probes), {args.senders} sends "
+        f"in flight, {args.channels} client connections, {args.text_bytes}-byte text",
+    )
+
+
+def machine_lines(title: str, parameters: str) -> str:
+    """What a benchmark ran on: machine, versions, and the run's parameters."""
     try:
         nats_server = subprocess.run(
             [nats_server_binary(), "--version"],
@@ -705,7 +739,7 @@ def machine_header(args: argparse.Namespace) -> str:
     except (OSError, SystemExit, subprocess.TimeoutExpired):
         nats_server = "unknown"
     lines = [
-        "groupchat fan-out benchmark",
+        title,
         f"  date:        {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
         f"  machine:     {platform.platform()}, {os.cpu_count()} CPUs",
         f"  python:      {platform.python_implementation()} {platform.python_version()}",
@@ -713,9 +747,7 @@ def machine_header(args: argparse.Namespace) -> str:
         f"  nats-py:     {importlib.metadata.version('nats-py')}",
         f"  protobuf:    {importlib.metadata.version('protobuf')}",
         f"  nats-server: {nats_server}",
-        f"  parameters:  {args.subscribers} subscribers, {args.messages} messages "
-        f"(+{args.warmup} warm-up, +{args.probes} one-by-one probes), {args.senders} sends "
-        f"in flight, {args.channels} client connections, {args.text_bytes}-byte text",
+        f"  parameters:  {parameters}",
     ]
     return "\n".join(lines)
 

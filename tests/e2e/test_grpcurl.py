@@ -9,9 +9,11 @@ on stderr.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from services.kit.auth import mint_token
+from tools.platform import post_event, publish
 from tools.suite import Suite, installed_binary
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +43,19 @@ GATEWAY_METHODS = (
     "SendGroupMessage",
     "ListGroupMessages",
     "MarkGroupRead",
+    "SendDirectMessage",
+    "ListDirectMessages",
+    "MarkDirectRead",
+    "GetStrangerQuota",
+    "BlockUser",
+    "UnblockUser",
+    "ListConversations",
+    "BrowsePlaza",
+    "ListSelectedGroups",
+    "SetGroupSelected",
+    "ListCategories",
+    "SearchGroups",
+    "GetGroupInsights",
     "Subscribe",
 )
 _DETAIL_LINE = re.compile(r"^\s*\d+\)\s+(\{.*\})\s*$")
@@ -136,7 +152,6 @@ def valid_group(**overrides: Any) -> dict[str, Any]:
         "cover_url": "https://cdn.example.com/covers/bread.png",
         "capacity": 50,
         "listed": True,
-        "linked_post_id": "post_123-abc",
     }
     request.update(overrides)
     return request
@@ -248,7 +263,7 @@ def test_create_join_send_and_list_messages(call: Callable[..., Outcome]) -> Non
     assert group["cover_url"] == "https://cdn.example.com/covers/bread.png"
     assert group["capacity"] == 50  # int32 prints as a number
     assert group["listed"] is True
-    assert group["linked_post_id"] == "post_123-abc"
+    assert "linked_post_id" not in group  # empty: omitted
     assert group["owner_id"] == owner
     assert group["member_count"] == 1
     assert group["version"] == "1"  # int64 prints as a string
@@ -415,7 +430,6 @@ def test_create_group_names_every_bad_field_at_once(call: Callable[..., Outcome]
         pytest.param({"capacity": 500}, id="capacity-500"),
         pytest.param({"capacity": 0}, id="capacity-default"),
         pytest.param({"cover_url": "", "linked_post_id": ""}, id="optional-fields-empty"),
-        pytest.param({"linked_post_id": "p" * 64}, id="linked-post-id-64"),
     ],
 )
 def test_create_group_accepts_boundary_values(
@@ -552,3 +566,89 @@ def test_owner_cannot_leave_while_others_remain(call: Callable[..., Outcome]) ->
 
     assert refused.code == "FailedPrecondition", refused.stderr
     assert refused.reason == "OWNER_MUST_TRANSFER"
+
+
+# Direct messages and the stranger quota
+
+
+def test_the_sixth_stranger_shows_quota_failure_details(call: Callable[..., Outcome]) -> None:
+    sender = new_user("sender")
+    for n in range(5):
+        first = {"recipient_id": new_user(f"stranger{n}"), "text": "hi!"}
+        assert call("SendDirectMessage", first, user=sender).ok
+
+    refused = call(
+        "SendDirectMessage", {"recipient_id": new_user("stranger5"), "text": "hi!"}, user=sender
+    )
+
+    assert refused.code == "ResourceExhausted", refused.stderr
+    assert refused.reason == "STRANGER_QUOTA_EXCEEDED"
+    info = refused.detail("google.rpc.ErrorInfo")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*", info["metadata"]["resets_at"])
+    (violation,) = refused.detail("google.rpc.QuotaFailure")["violations"]
+    assert violation["subject"] == f"user:{sender}"
+    left = call("GetStrangerQuota", {}, user=sender).json()
+    assert (left["limit"], left["used"], left.get("remaining", 0)) == (5, 5, 0)
+    assert "resets_at" in left
+
+
+def test_messaging_yourself_names_the_field(call: Callable[..., Outcome]) -> None:
+    me = new_user("me")
+
+    refused = call("SendDirectMessage", {"recipient_id": me, "text": "note to self"}, user=me)
+
+    assert refused.code == "InvalidArgument", refused.stderr
+    assert refused.violated_fields == ["recipient_id"]
+
+
+def test_a_stranger_waits_for_an_answer(call: Callable[..., Outcome]) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    for n in range(3):
+        sent = call("SendDirectMessage", {"recipient_id": bob, "text": f"#{n}"}, user=alice)
+        assert sent.json()["message"]["seq"] == str(n + 1)
+
+    refused = call("SendDirectMessage", {"recipient_id": bob, "text": "hello?"}, user=alice)
+
+    assert refused.code == "FailedPrecondition", refused.stderr
+    assert refused.reason == "AWAITING_REPLY"
+    inbox = call("ListConversations", {}, user=bob).json()["conversations"]
+    assert [(c["title"], c["is_request"], c["unread_count"]) for c in inbox] == [(alice, True, "3")]
+
+
+# Linked posts and the plaza
+
+
+def test_a_well_formed_post_id_the_platform_never_published_is_not_found(
+    call: Callable[..., Outcome],
+) -> None:
+    refused = call("CreateGroup", valid_group(linked_post_id="p" * 64), user=new_user("creator"))
+
+    assert refused.code == "NotFound", refused.stderr
+    assert refused.reason == "POST_NOT_FOUND"
+
+
+def test_linking_someone_elses_post_is_refused(call: Callable[..., Outcome], suite: Suite) -> None:
+    author, other = new_user("author"), new_user("other")
+    post_id = f"post_{uuid.uuid4().hex[:10]}"
+    asyncio.run(publish(suite.nats_url, [post_event("publish", post_id, author, title="Mine")]))
+
+    deadline = time.monotonic() + 10
+    while True:  # the groups service learns of the post over NATS
+        refused = call("CreateGroup", valid_group(linked_post_id=post_id), user=other)
+        if refused.reason != "POST_NOT_FOUND" or time.monotonic() > deadline:
+            break
+
+    assert refused.code == "PermissionDenied", refused.stderr
+    assert refused.reason == "POST_NOT_OWNED"
+
+
+def test_only_editors_pick_the_selected_shelf(call: Callable[..., Outcome]) -> None:
+    owner = new_user("owner")
+    group = create_group(call, owner)
+
+    refused = call(
+        "SetGroupSelected", {"group_id": group["group_id"], "selected": True}, user=owner
+    )
+
+    assert refused.code == "PermissionDenied", refused.stderr
+    assert refused.reason == "EDITOR_ONLY"

@@ -1,0 +1,221 @@
+"""Direct-message benchmark: from SendDirectMessage to the recipient's open Subscribe stream.
+
+`make bench` runs it after the fan-out benchmark, with the same measuring code
+(bench.fanout: rounds, latency on one clock, every message must arrive exactly once):
+
+1. suite: nats-server and every service as separate processes. P sender -> recipient pairs
+   whose conversations are established (each recipient answered once, so neither the
+   stranger quota nor the unanswered limit is in play); each recipient holds a Subscribe
+   stream; M messages are spread over the pairs, a few in flight. A message is delivered
+   when its recipient's stream has it.
+2. bare gRPC: the fan-out benchmark's bare `grpc.aio` server with one stream: a unary
+   Publish pushes the bytes it got (a SubscribeResponse shaped like a pushed direct message)
+   to that stream. The floor for "one Python gRPC call in, one push out".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from groupchat.events.v1 import events_pb2
+from groupchat.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from groupchat.messaging.v1 import messaging_pb2
+
+from bench.fanout import (
+    BARE_PUBLISH,
+    BARE_SUBSCRIBE,
+    CLIENT_CHANNEL_OPTIONS,
+    GATEWAY_SUBSCRIBE,
+    SETUP_CONCURRENCY,
+    Collector,
+    GrpcSubscribers,
+    Result,
+    bare_grpc_server,
+    bearer,
+    bounded,
+    machine_lines,
+    raw_bytes,
+    run_system,
+    table,
+)
+from services.kit.auth import mint_token
+from tools.suite import Suite
+
+
+def sample_direct_payload(text: str, index: int) -> bytes:
+    """A SubscribeResponse shaped like the one the gateway pushes for a direct message."""
+    now_ns = time.time_ns()
+    message = messaging_pb2.DirectMessage(
+        conversation_id="bench-r0000:bench-s0000",
+        seq=index + 2,
+        sender_id="bench-s0000",
+        recipient_id="bench-r0000",
+        text=text,
+        client_msg_id=f"bench-{index}",
+    )
+    message.sent_at.FromNanoseconds(now_ns)
+    envelope = events_pb2.Envelope(
+        event_id=uuid.uuid4().hex,
+        type="messaging.direct_message_sent",
+        aggregate_id=message.conversation_id,
+        aggregate_version=message.seq,
+        direct_message_sent=events_pb2.DirectMessageSent(message=message),
+    )
+    envelope.occurred_at.FromNanoseconds(now_ns)
+    return gateway_pb2.SubscribeResponse(event=envelope).SerializeToString()
+
+
+async def bench_suite(suite: Suite, secret: str, args: argparse.Namespace) -> Result:
+    print(f"\n[suite] gateway {suite.gateway_address}, {args.pairs} pairs", flush=True)
+    senders = [bearer(mint_token(secret, f"bench-s{i:04d}")) for i in range(args.pairs)]
+    recipients = [f"bench-r{i:04d}" for i in range(args.pairs)]
+    recipient_metadata = [bearer(mint_token(secret, r)) for r in recipients]
+    channel = grpc.aio.insecure_channel(suite.gateway_address, options=CLIENT_CHANNEL_OPTIONS)
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    collector = Collector()
+    streams = GrpcSubscribers(
+        suite.gateway_address, GATEWAY_SUBSCRIBE, args.channels, collector, one_subscriber=True
+    )
+    try:
+        started = time.perf_counter()
+
+        async def establish(pair: int) -> None:
+            sender_id = f"bench-s{pair:04d}"
+            await stub.SendDirectMessage(
+                messaging_pb2.SendDirectMessageRequest(recipient_id=recipients[pair], text="hi"),
+                metadata=senders[pair],
+                timeout=30,
+            )
+            await stub.SendDirectMessage(
+                messaging_pb2.SendDirectMessageRequest(recipient_id=sender_id, text="hello!"),
+                metadata=recipient_metadata[pair],
+                timeout=30,
+            )
+
+        await bounded(SETUP_CONCURRENCY, (establish(pair) for pair in range(args.pairs)))
+        print(
+            f"  {args.pairs} conversations established in {time.perf_counter() - started:.2f}s",
+            flush=True,
+        )
+        opening = time.perf_counter()
+        await streams.open(recipient_metadata, time_limit=args.timeout)
+        setup_s = time.perf_counter() - opening
+        print(f"  {args.pairs} recipient streams ready in {setup_s:.2f}s", flush=True)
+
+        async def send(tag: str, index: int, text: str) -> None:
+            pair = index % args.pairs
+            await stub.SendDirectMessage(
+                messaging_pb2.SendDirectMessageRequest(
+                    recipient_id=recipients[pair], text=text, client_msg_id=f"{tag}-{index}"
+                ),
+                metadata=senders[pair],
+                timeout=10,
+            )
+
+        pids = {name: p.pid for name, p in suite.processes.items()}
+        return await run_system("suite (gateway)", collector, args, send, setup_s, pids)
+    finally:
+        await streams.close()
+        await channel.close()
+
+
+async def bench_bare_grpc(args: argparse.Namespace) -> Result:
+    print("\n[bare gRPC] one grpc.aio server process, one stream, bytes in, bytes out")
+    collector = Collector()
+    async with bare_grpc_server(args.timeout) as (address, pid):
+        stream = GrpcSubscribers(address, BARE_SUBSCRIBE, 1, collector, one_subscriber=True)
+        channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+        publish = channel.unary_unary(
+            BARE_PUBLISH, request_serializer=raw_bytes, response_deserializer=raw_bytes
+        )
+        try:
+            opening = time.perf_counter()
+            await stream.open([None], time_limit=args.timeout)
+            setup_s = time.perf_counter() - opening
+
+            async def send(tag: str, index: int, text: str) -> None:
+                await publish(sample_direct_payload(text, index), timeout=10)
+
+            return await run_system("bare gRPC", collector, args, send, setup_s, {"server": pid})
+        finally:
+            await stream.close()
+            await channel.close()
+
+
+async def run_all(suite: Suite, secret: str, args: argparse.Namespace) -> list[Result]:
+    results = [await bench_suite(suite, secret, args)]
+    if not args.skip_baselines:
+        results.append(await bench_bare_grpc(args))
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.direct", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--pairs", type=int, default=50, help="sender -> recipient pairs")
+    parser.add_argument("--messages", type=int, default=500, help="messages in the measured round")
+    parser.add_argument("--senders", type=int, default=4, help="sends in flight at once")
+    parser.add_argument("--warmup", type=int, default=20, help="messages in the warm-up round")
+    parser.add_argument(
+        "--probes", type=int, default=50, help="messages sent one at a time for unloaded latency"
+    )
+    parser.add_argument("--channels", type=int, default=4, help="client connections for streams")
+    parser.add_argument("--text-bytes", type=int, default=100, help="length of each message text")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per step and round")
+    parser.add_argument("--skip-baselines", action="store_true", help="measure the suite only")
+    args = parser.parse_args(argv)
+    if args.pairs < 1 or args.messages < 1 or args.senders < 1 or args.channels < 1:
+        parser.error("need at least 1 pair, 1 message, 1 sender and 1 channel")
+    if args.warmup < 0 or args.probes < 0 or args.text_bytes < 16:
+        parser.error("--warmup and --probes must not be negative, --text-bytes at least 16")
+    args.subscribers = 1  # each message is for one recipient
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(
+        machine_lines(
+            "groupchat direct-message benchmark",
+            f"{args.pairs} established pairs, {args.messages} messages (+{args.warmup} "
+            f"warm-up, +{args.probes} one-by-one probes), {args.senders} sends in flight, "
+            f"{args.text_bytes}-byte text",
+        ),
+        flush=True,
+    )
+    secret = secrets.token_hex(20)
+    work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
+    suite = Suite.isolated(work_dir, secret, SUBSCRIBE_BUFFER="100000")
+    ok = False
+    try:
+        suite.start()
+        results = asyncio.run(run_all(suite, secret, args))
+        print("\n" + table(results), flush=True)
+        ok = all(
+            r.missing == 0 and r.other_missing == 0 and not r.failures and not r.send_errors
+            for r in results
+        )
+    finally:
+        suite.stop()
+        if ok:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            print(f"suite data and logs kept in {work_dir}", flush=True)
+    if not ok:
+        print("FAILED: some deliveries are missing (see above)", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
