@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,17 +17,25 @@ from tools.suite import free_port, nats_server_command, wait_port
 TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
 
 
-@pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def running_nats_server(store: Path) -> Iterator[str]:
+    """A nats-server with JetStream on a free port, storing under `store`; yields its URL."""
     port = free_port()
-    store: Path = tmp_path_factory.mktemp("jetstream")
     process = subprocess.Popen(
         nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_port(port)
-    yield f"nats://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    try:
+        wait_port(port)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_nats_server(tmp_path_factory.mktemp("jetstream")) as url:
+        yield url
 
 
 @pytest.fixture

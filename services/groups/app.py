@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from services.groups.mapping import group_to_proto, member_to_proto, message_to_
 from services.groups.storage import GroupsStore
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.outbox import Outbox
+from services.kit.timestamps import now_ms
 
 log = structlog.get_logger("groups")
 
@@ -62,17 +62,13 @@ class GroupConversation:
     activity_ms: int
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class GroupsApp:
     def __init__(
         self,
         store: GroupsStore,
         outbox: Outbox,
         limits: GroupsLimits,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self._outbox = outbox

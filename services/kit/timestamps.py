@@ -1,8 +1,16 @@
-"""Milliseconds since the epoch as protobuf Timestamps, the same for every service's mapping."""
+"""Time as the services keep it: milliseconds since the Unix epoch (the clock use cases are
+handed, so tests can inject another), and as protobuf Timestamps at the edge."""
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def now_ms() -> int:
+    """The wall clock, in milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
 
 
 def timestamp_from_ms(ms: int) -> Timestamp:

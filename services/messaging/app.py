@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -12,6 +11,7 @@ import structlog
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import new_event
 from services.kit.outbox import Outbox
+from services.kit.timestamps import now_ms
 from services.messaging import domain
 from services.messaging.domain import (
     Admission,
@@ -51,17 +51,13 @@ class SendResult:
     used_stranger_slot: bool
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class MessagingApp:
     def __init__(
         self,
         store: MessagingStore,
         outbox: Outbox,
         limits: MessagingLimits,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self._outbox = outbox

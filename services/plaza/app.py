@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -12,6 +11,7 @@ import structlog
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import new_event
 from services.kit.outbox import Outbox
+from services.kit.timestamps import now_ms
 from services.plaza import domain
 from services.plaza.domain import (
     BROWSE_PAGE_DEFAULT,
@@ -29,10 +29,6 @@ from services.plaza.projection import PlazaProjection
 from services.plaza.storage import PlazaStore
 
 log = structlog.get_logger("plaza")
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ class ImpressionCounter:
     a second of impressions if the process dies without a clean shutdown, and of insights
     lagging up to a second behind. Impressions are a statistic, not a ledger."""
 
-    def __init__(self, store: PlazaStore, clock: Callable[[], int] = _now_ms) -> None:
+    def __init__(self, store: PlazaStore, clock: Callable[[], int] = now_ms) -> None:
         self._store = store
         self._clock = clock
         self._pending: dict[tuple[str, str], int] = {}
@@ -87,7 +83,7 @@ class PlazaApp:
         outbox: Outbox,
         impressions: ImpressionCounter,
         settings: PlazaSettings,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self._projection = projection

@@ -8,12 +8,12 @@ aggregate's version); messages and joins are activity, counted once per event id
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import structlog
 from groupchat.events.v1 import events_pb2
 
+from services.kit.timestamps import now_ms
 from services.plaza import domain, mapping
 from services.plaza.domain import GroupState
 from services.plaza.storage import PlazaStore
@@ -30,10 +30,6 @@ FEEDS = (
 SAVE_ATTEMPTS = 20
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class CardChangedMeanwhile(Exception):
     """A card kept changing under one event; the event is redelivered later."""
 
@@ -44,7 +40,7 @@ class PlazaProjection:
         store: PlazaStore,
         *,
         half_life_hours: float,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self._half_life = half_life_hours

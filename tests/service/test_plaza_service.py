@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,10 +24,9 @@ from services.plaza.projection import PlazaProjection
 from services.plaza.rebuild import rebuild
 from services.plaza.service import build
 from services.plaza.storage import PlazaStore
-from tests.conftest import eventually
+from tests.conftest import eventually, running_nats_server
 from tests.service.conftest import GroupsCaller, service_env, serving
 from tools.platform import post_event, publish
-from tools.suite import free_port, nats_server_command, wait_port
 
 PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
 
@@ -38,15 +35,8 @@ PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """This module's own nats-server: the plaza's durable consumers then see only the
     events this module publishes (other modules fill the shared streams)."""
-    port = free_port()
-    store: Path = tmp_path_factory.mktemp("plaza-jetstream")
-    process = subprocess.Popen(
-        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_port(port)
-    yield f"nats://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    with running_nats_server(tmp_path_factory.mktemp("plaza-jetstream")) as url:
+        yield url
 
 
 @pytest.fixture
