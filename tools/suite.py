@@ -211,6 +211,7 @@ def main() -> None:
             f"\ngroupchat is up: gateway on {suite.gateway_address}, NATS on {suite.nats_url}\n"
             f"  metrics: {metrics}\n"
             f"  token:  make token USER=alice\n"
+            f"  demo:   make seed   (a living plaza: groups, posts, members, messages)\n"
             f'  try:    grpcurl -plaintext -H "authorization: Bearer $(make -s token USER=alice)" '
             f"{suite.gateway_address} list\n"
             "Ctrl-C stops everything.\n",

@@ -86,7 +86,8 @@ class EventBus:
         started with another replica count never flips a stream's."""
 
         async def on_disconnect() -> None:
-            log.warning("nats_disconnected", url=url)
+            if not (nc.is_draining or nc.is_closed):  # not our own close
+                log.warning("nats_disconnected", url=url)
 
         async def on_reconnect() -> None:
             log.info("nats_reconnected", url=url)
