@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mongo")
 
 PROCESSED_EVENTS_KEPT_SECONDS = 7 * 86_400
+# How often MongoDB's TTL monitor removes expired documents (and so the stand-in's).
+TTL_MONITOR_SECONDS = 60.0
 
 
 def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
@@ -31,6 +33,7 @@ def open_database(uri: str | None, name: str) -> tuple[Any, Any]:
 
         _look_up_ids_directly()
         _accept_bulk_updates()
+        _expire_documents_now_and_then()
         client = AsyncMongoMockClient(_store=_embedded_server())
         log.warning(
             "mongodb",
@@ -80,6 +83,32 @@ def _look_up_ids_directly() -> None:
 
     Collection._iter_documents = iter_documents  # type: ignore[method-assign]
     Collection._groupchat_id_lookup = True  # type: ignore[attr-defined]
+
+
+def _expire_documents_now_and_then() -> None:
+    """Let the stand-in remove TTL-expired documents once a minute per collection, as
+    MongoDB's TTL monitor does, instead of scanning the whole collection on every read and
+    write (which makes every collection with a TTL index quadratic). Code never relies on
+    expiry being prompt: MongoDB gives no such promise either."""
+    import time
+
+    from mongomock.store import CollectionStore
+
+    if getattr(CollectionStore, "_groupchat_ttl_monitor", False):
+        return
+    remove_expired = CollectionStore._remove_expired_documents
+
+    def remove_expired_now_and_then(self: Any) -> None:
+        now = time.monotonic()
+        if (
+            now - getattr(self, "_groupchat_expired_at", -TTL_MONITOR_SECONDS)
+            >= TTL_MONITOR_SECONDS
+        ):
+            self._groupchat_expired_at = now
+            remove_expired(self)
+
+    CollectionStore._remove_expired_documents = remove_expired_now_and_then  # type: ignore[method-assign]
+    CollectionStore._groupchat_ttl_monitor = True  # type: ignore[attr-defined]
 
 
 def _accept_bulk_updates() -> None:
