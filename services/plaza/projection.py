@@ -130,7 +130,7 @@ class PlazaProjection:
                 return
             post = await self._linked_post(changed)
             listing = domain.listing(changed, post)
-            if await self._store.save(changed, listing, stored.rev if stored else None):
+            if await self._store.save(changed, listing, stored):
                 if changed.facts and changed.facts.linked_post_id:
                     # The post may have changed while this was written; whichever of the two
                     # writers comes second sees both changes.
@@ -149,9 +149,7 @@ class PlazaProjection:
             if stored is None:
                 return
             listing = domain.listing(stored.state, await self._linked_post(stored.state))
-            if listing == stored.listing or await self._store.save(
-                stored.state, listing, stored.rev
-            ):
+            if listing == stored.listing or await self._store.save(stored.state, listing, stored):
                 return
         raise CardChangedMeanwhile(group_id)
 

@@ -33,11 +33,24 @@ from services.plaza.domain import (
 )
 
 # Collections a rebuild drops and refills from the streams.
-READ_MODEL = ("cards", "posts", "activity", "daily", "processed_events", "snapshots")
+READ_MODEL = (
+    "cards",
+    "category_counts",
+    "posts",
+    "activity",
+    "daily",
+    "processed_events",
+    "snapshots",
+)
 # Daily counters outlive the longest insights window.
 DAILY_KEEP_MS = 100 * DAY_MS
 
 T = TypeVar("T")
+
+
+def _shown_category(state: GroupState, listing: Listing) -> str | None:
+    """The category a card counts in: None while it is not shown."""
+    return state.facts.category if listing.shown and state.facts else None
 
 
 def _expires(at_ms: int) -> dt.datetime:
@@ -65,6 +78,7 @@ class PlazaStore:
     def __init__(self, db: Any) -> None:
         self._db = db
         self._cards = db["cards"]
+        self._category_counts = db["category_counts"]
         self._posts = db["posts"]
         self._activity = db["activity"]
         self._daily = db["daily"]
@@ -107,20 +121,38 @@ class PlazaStore:
         doc = await self._cards.find_one({"_id": group_id})
         return _stored(doc) if doc else None
 
-    async def save(self, state: GroupState, listing: Listing, rev: int | None) -> bool:
-        """Write the group state and listing if the card is still at `rev` (None: not stored
-        yet); False when someone else changed it first."""
+    async def save(self, state: GroupState, listing: Listing, previous: StoredCard | None) -> bool:
+        """Write the group state and listing if the card is still as `previous` (None: not
+        stored yet); False when someone else changed it first. The count of shown cards per
+        category follows the card (ListCategories reads those counts, not the cards)."""
         fields = {**_state_doc(state), **_listing_doc(listing)}
-        if rev is None:
+        if previous is None:
             try:
                 await self._cards.insert_one({**_blank_card(state.group_id), **fields, "rev": 1})
             except DuplicateKeyError:
                 return False
-            return True
-        result = await self._cards.update_one(
-            {"_id": state.group_id, "rev": rev}, {"$set": {**fields, "rev": rev + 1}}
-        )
-        return bool(result.matched_count)
+        else:
+            result = await self._cards.update_one(
+                {"_id": state.group_id, "rev": previous.rev},
+                {"$set": {**fields, "rev": previous.rev + 1}},
+            )
+            if not result.matched_count:
+                return False
+        was = _shown_category(previous.state, previous.listing) if previous else None
+        await self._move_category_count(was, _shown_category(state, listing))
+        return True
+
+    async def _move_category_count(self, was: str | None, now: str | None) -> None:
+        if was == now:
+            return
+        if was is not None:
+            await self._category_counts.update_one({"_id": was}, {"$inc": {"shown": -1}})
+        if now is not None:
+            await _upsert(
+                lambda: self._category_counts.update_one(
+                    {"_id": now}, {"$inc": {"shown": 1}}, upsert=True
+                )
+            )
 
     async def cards_linking(self, post_id: str) -> list[str]:
         docs = await self._cards.find({"linked_post_id": post_id}, {"_id": 1}).to_list(None)
@@ -218,10 +250,8 @@ class PlazaStore:
         return [_card(d) for d in docs]
 
     async def shown_per_category(self) -> dict[str, int]:
-        rows = await self._cards.aggregate(
-            [{"$match": {"shown": True}}, {"$group": {"_id": "$category", "n": {"$sum": 1}}}]
-        ).to_list(None)
-        return {r["_id"]: int(r["n"]) for r in rows if r["_id"]}
+        rows = await self._category_counts.find().to_list(None)
+        return {r["_id"]: int(r["shown"]) for r in rows}
 
     # Page snapshots
 

@@ -396,15 +396,28 @@ async def test_only_editors_select_and_hot_groups_fill_the_shelf(
 async def test_categories_count_listed_groups(plaza: PlazaCaller, bus: EventBus) -> None:
     listed = [FakeGroup(category=gpb.GAMING) for _ in range(2)]
     hidden, gone = FakeGroup(category=gpb.GAMING, listed=False), FakeGroup(category=gpb.GAMING)
+    stub, md = plaza("browser")
+
+    async def counts() -> dict[int, int]:
+        reply = await stub.ListCategories(pb.ListCategoriesRequest(), metadata=md)
+        return {c.category: c.listed_groups for c in reply.categories}
+
+    async def counted(expected: dict[int, int]) -> bool:
+        now = await counts()
+        return all(now[category] == n for category, n in expected.items())
+
     await send(bus, *(g.created() for g in [*listed, hidden, gone]), gone.dissolved())
     await until_shown(plaza, {g.id for g in listed})
-    stub, md = plaza("browser")
+    await eventually(lambda: counted({gpb.GAMING: 2}))
     reply = await stub.ListCategories(pb.ListCategoriesRequest(), metadata=md)
     assert len(reply.categories) == len(gpb.Category.values()) - 1
     by_category = {c.category: c for c in reply.categories}
     assert by_category[gpb.MAKEUP_BEAUTY].display_name == "Makeup & beauty"
     assert by_category[gpb.MOVIES_TV].display_name == "Movies & TV"
-    assert by_category[gpb.GAMING].listed_groups == 2
+
+    # A card moving to another category, or leaving the plaza, moves its count.
+    await send(bus, listed[0].updated(category=gpb.PETS), listed[1].updated(listed=False))
+    await eventually(lambda: counted({gpb.GAMING: 0, gpb.PETS: 1}))
 
 
 # Search
