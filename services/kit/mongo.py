@@ -61,9 +61,11 @@ async def reachable(db: Any) -> bool:
 
 
 def _look_up_ids_directly() -> None:
-    """Let the stand-in answer `{"_id": value, ...}` filters from its id map, as MongoDB
-    answers them from the _id index, instead of scanning every document (which makes a
-    thousand joins quadratic). Results are unchanged: the whole filter is still applied."""
+    """Let the stand-in answer `{"_id": value, ...}` and `{"_id": {"$in": [...]}, ...}`
+    filters from its id map, as MongoDB answers them from the _id index, instead of scanning
+    every document (which makes a thousand joins quadratic, and loading a page of cards by id
+    as slow as the whole collection). Results are unchanged: the whole filter is still
+    applied (in no particular order, as with MongoDB when no sort is asked for)."""
     from mongomock import filtering
     from mongomock.collection import Collection
 
@@ -72,17 +74,32 @@ def _look_up_ids_directly() -> None:
     scan = Collection._iter_documents
 
     def iter_documents(self: Any, filter: Any) -> Any:
-        key = filter.get("_id") if isinstance(filter, dict) else None
-        if isinstance(key, str | int) and not isinstance(key, bool):
-            store = self._store
-            store._remove_expired_documents()
-            document = store._documents.get(key)
-            found = document is not None and filtering.filter_applies(filter, document)
-            return iter([document] if found else [])
-        return scan(self, filter)
+        keys = _ids_named(filter.get("_id")) if isinstance(filter, dict) else None
+        if keys is None:
+            return scan(self, filter)
+        store = self._store
+        store._remove_expired_documents()
+        documents = store._documents
+        found = (documents[k] for k in keys if k in documents)
+        return iter([d for d in found if filtering.filter_applies(filter, d)])
 
     Collection._iter_documents = iter_documents  # type: ignore[method-assign]
     Collection._groupchat_id_lookup = True  # type: ignore[attr-defined]
+
+
+def _ids_named(condition: Any) -> list[Any] | None:
+    """The _id values an `_id` condition can match, when it names them (a value or $in)."""
+
+    def plain(value: Any) -> bool:
+        return isinstance(value, str | int) and not isinstance(value, bool)
+
+    if plain(condition):
+        return [condition]
+    if isinstance(condition, dict) and condition.keys() == {"$in"}:
+        values = condition["$in"]
+        if isinstance(values, list | tuple) and all(plain(v) for v in values):
+            return list(dict.fromkeys(values))
+    return None
 
 
 def _expire_documents_now_and_then() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,6 +38,36 @@ class PlazaSettings:
     max_browse_depth: int = 1000
     page_token_ttl_seconds: int = 1800
     rank_interval_seconds: int = 60
+    ranking_cache_seconds: float = 1.0
+
+
+Ranking = tuple[list[str], str | None]  # the ordered ids of a walk, and its snapshot id
+
+
+class RankingCache:
+    """First pages of the same query within `seconds` share one ranking and its snapshot:
+    however many people open the grid at once, its order is computed once per query and
+    interval, not once per request. Concurrent misses wait for the one computation."""
+
+    def __init__(self, seconds: float, clock: Callable[[], int] = now_ms) -> None:
+        self._ttl_ms = seconds * 1000
+        self._clock = clock
+        self._entries: dict[tuple[Any, ...], tuple[int, asyncio.Future[Ranking]]] = {}
+
+    async def get(self, key: tuple[Any, ...], compute: Callable[[], Awaitable[Ranking]]) -> Ranking:
+        now = self._clock()
+        cached = self._entries.get(key)
+        if cached is not None and now - cached[0] < self._ttl_ms:
+            return await asyncio.shield(cached[1])
+        self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self._ttl_ms}
+        ranking = asyncio.ensure_future(compute())
+        if self._ttl_ms > 0:
+            self._entries[key] = (now, ranking)
+        try:
+            return await asyncio.shield(ranking)
+        except Exception:
+            self._entries.pop(key, None)
+            raise
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,7 @@ class PlazaApp:
         self._impressions = impressions
         self._settings = settings
         self._clock = clock
+        self._rankings = RankingCache(settings.ranking_cache_seconds, clock)
 
     # The grid and search
 
@@ -112,7 +144,8 @@ class PlazaApp:
                 only_with_space=only_with_space,
             )
 
-        return await self._walk("browse", ranked, page_size, position)
+        walk = ("browse", sort, category, only_with_space)
+        return await self._walk(walk, ranked, page_size, position)
 
     async def search(
         self,
@@ -134,38 +167,45 @@ class PlazaApp:
                 keywords=keywords,
             )
 
-        return await self._walk("search", ranked, page_size, position)
+        walk = ("search", category, only_with_space, tuple(keywords))
+        return await self._walk(walk, ranked, page_size, position)
 
     async def _walk(
         self,
-        kind: str,
+        walk: tuple[Any, ...],
         ranked: Callable[[], Awaitable[list[str]]],
         page_size: int,
         position: dict[str, Any] | None,
     ) -> CardPage:
-        """Page through an order fixed on the first page: later pages show the current
-        state of the cards that order holds (leaving out those no longer listed)."""
+        """Page through an order fixed on the first page (`walk` names the query, its first
+        item says browse or search): later pages show the current state of the cards that
+        order holds (leaving out those no longer listed)."""
+        kind = walk[0]
         size = domain.page_limit(page_size, BROWSE_PAGE_DEFAULT, BROWSE_PAGE_MAX)
-        now = self._clock()
         if position is None:
-            ids, offset = await ranked(), 0
-            snapshot_id = None
+            ids, snapshot_id = await self._rankings.get(walk, lambda: self._rank(kind, ranked))
+            offset = 0
         else:
             snapshot_id, offset = _snapshot_position(position)
-            stored = await self._store.snapshot(snapshot_id, kind, now)
+            stored = await self._store.snapshot(snapshot_id, kind, self._clock())
             if stored is None:
                 raise PageTokenExpired("the page token expired: start again from the first page")
             ids = stored
         page_ids = ids[offset : offset + size]
         next_position = None
         if offset + size < len(ids):
-            if snapshot_id is None:
-                expires = now + self._settings.page_token_ttl_seconds * 1000
-                snapshot_id = await self._store.save_snapshot(kind, ids, expires)
             next_position = {"s": snapshot_id, "o": offset + size}
         cards = await self._store.shown_cards(page_ids)
         self._impressions.count(cards)
         return CardPage(cards, next_position)
+
+    async def _rank(self, kind: str, ranked: Callable[[], Awaitable[list[str]]]) -> Ranking:
+        """The order of a new walk, kept as a snapshot when it could take more than a page."""
+        ids = await ranked()
+        if len(ids) < 2:
+            return ids, None
+        expires = self._clock() + self._settings.page_token_ttl_seconds * 1000
+        return ids, await self._store.save_snapshot(kind, ids, expires)
 
     # The Selected shelf
 

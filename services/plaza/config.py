@@ -24,6 +24,7 @@ class PlazaConfig:
                 max_browse_depth=env.integer("PLAZA_MAX_BROWSE_DEPTH", 1000, minimum=1),
                 page_token_ttl_seconds=env.integer("PLAZA_PAGE_TOKEN_TTL_SECONDS", 1800, minimum=1),
                 rank_interval_seconds=env.integer("PLAZA_RANK_INTERVAL_SECONDS", 60, minimum=1),
+                ranking_cache_seconds=env.number("PLAZA_RANKING_CACHE_SECONDS", 1.0),
             ),
             stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1, minimum=1),
         )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.kit.errors import InvalidArgument
 from services.plaza import domain
+from services.plaza.app import RankingCache
 from services.plaza.domain import (
     BUCKET_MS,
     HOUR_MS,
@@ -176,3 +179,43 @@ def test_insights_total_the_window_and_convert_plaza_impressions() -> None:
     assert (report.total.plaza_joins, report.total.active_members) == (2, 2)
     assert report.plaza_conversion == pytest.approx(2 / 10)
     assert domain.insights([d1], {}, {}).plaza_conversion == 0
+
+
+# The ranking cache
+
+
+async def test_first_pages_of_one_query_share_one_ranking_within_the_interval() -> None:
+    now = [0]
+    cache = RankingCache(1.0, clock=lambda: now[0])
+    computed: list[int] = []
+
+    async def rank() -> tuple[list[str], str | None]:
+        computed.append(now[0])
+        await asyncio.sleep(0)  # others ask while this one computes
+        return ["g1", "g2"], f"snapshot-{len(computed)}"
+
+    together = await asyncio.gather(*(cache.get(("browse", "HOT"), rank) for _ in range(5)))
+    now[0] = 999
+    within = await cache.get(("browse", "HOT"), rank)
+    other_query = await cache.get(("browse", "NEW"), rank)
+    now[0] = 1000
+    after = await cache.get(("browse", "HOT"), rank)
+
+    assert {snapshot for _, snapshot in together} == {"snapshot-1"}
+    assert within[1] == "snapshot-1"
+    assert (other_query[1], after[1]) == ("snapshot-2", "snapshot-3")
+
+
+async def test_a_failed_ranking_is_not_kept() -> None:
+    cache = RankingCache(60.0, clock=lambda: 0)
+    attempts: list[int] = []
+
+    async def rank() -> tuple[list[str], str | None]:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("store unreachable")
+        return ["g1"], None
+
+    with pytest.raises(ConnectionError):
+        await cache.get(("search", "tea"), rank)
+    assert await cache.get(("search", "tea"), rank) == (["g1"], None)
