@@ -56,18 +56,26 @@ class RankingCache:
 
     async def get(self, key: tuple[Any, ...], compute: Callable[[], Awaitable[Ranking]]) -> Ranking:
         now = self._clock()
+
+        def usable(entry: tuple[int, asyncio.Future[Ranking]]) -> bool:
+            being_computed = not entry[1].done()
+            return being_computed or now - entry[0] < self._ttl_ms
+
         cached = self._entries.get(key)
-        if cached is not None and now - cached[0] < self._ttl_ms:
+        if cached is not None and usable(cached):
             return await asyncio.shield(cached[1])
-        self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self._ttl_ms}
+        self._entries = {k: e for k, e in self._entries.items() if usable(e)}
         ranking = asyncio.ensure_future(compute())
         if self._ttl_ms > 0:
             self._entries[key] = (now, ranking)
         try:
-            return await asyncio.shield(ranking)
+            result = await asyncio.shield(ranking)
         except Exception:
             self._entries.pop(key, None)
             raise
+        if self._ttl_ms > 0:  # fresh for the interval from when it is ready
+            self._entries[key] = (self._clock(), ranking)
+        return result
 
 
 @dataclass(frozen=True)
