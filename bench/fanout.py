@@ -65,6 +65,10 @@ GATEWAY_SUBSCRIBE = "/groupchat.gateway.v1.Gateway/Subscribe"
 BARE_SERVICE = "bench.BareFanout"
 BARE_SUBSCRIBE = f"/{BARE_SERVICE}/Subscribe"
 BARE_PUBLISH = f"/{BARE_SERVICE}/Publish"
+# Unary request/response on the same server (bench.plaza): SetReply stores the bytes it got,
+# Fetch answers any request with them.
+BARE_SET_REPLY = f"/{BARE_SERVICE}/SetReply"
+BARE_FETCH = f"/{BARE_SERVICE}/Fetch"
 # Every Subscribe channel gets its own connection (gRPC shares connections between channels
 # with the same target and arguments unless told otherwise).
 CLIENT_CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
@@ -563,7 +567,8 @@ def raw_bytes(data: bytes) -> bytes:
 
 
 async def serve_bare_grpc() -> None:
-    """The baseline server (run in its own process): Publish pushes its bytes to every stream.
+    """The baseline server (run in its own process): Publish pushes its bytes to every stream;
+    SetReply keeps its bytes and Fetch returns them (a unary call of a given response size).
     Prints the bound port on stdout once serving; stops on SIGTERM."""
     streams: set[asyncio.Queue[bytes]] = set()
     ready = gateway_pb2.SubscribeResponse(ready=gateway_pb2.Ready()).SerializeToString()
@@ -583,12 +588,27 @@ async def serve_bare_grpc() -> None:
             queue.put_nowait(request)
         return b""
 
+    reply = [b""]
+
+    async def set_reply(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        reply[0] = request
+        return b""
+
+    async def fetch(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return reply[0]
+
     handlers = {
         "Subscribe": grpc.unary_stream_rpc_method_handler(
             subscribe, request_deserializer=raw_bytes, response_serializer=raw_bytes
         ),
         "Publish": grpc.unary_unary_rpc_method_handler(
             publish, request_deserializer=raw_bytes, response_serializer=raw_bytes
+        ),
+        "SetReply": grpc.unary_unary_rpc_method_handler(
+            set_reply, request_deserializer=raw_bytes, response_serializer=raw_bytes
+        ),
+        "Fetch": grpc.unary_unary_rpc_method_handler(
+            fetch, request_deserializer=raw_bytes, response_serializer=raw_bytes
         ),
     }
     # The same server options as the services (services/kit/server.py), without interceptors.
