@@ -5,17 +5,16 @@ from __future__ import annotations
 from groupchat.events.v1 import events_pb2
 
 from services.kit.events import EventHandler
-from services.kit.mongo import ProcessedEvents
 from services.messaging.storage import MessagingStore
 
 SOCIAL_DURABLE = "messaging-social"
 SOCIAL_SUBJECT = "social.>"
 
 
-def follows_handler(store: MessagingStore, processed: ProcessedEvents) -> EventHandler:
+def follows_handler(store: MessagingStore) -> EventHandler:
     """Platform follow events: keep one edge per (follower, followee). An event changes its
     edge only if its version is newer than the stored one, so a redelivered or reordered
-    event changes nothing; handled event ids are skipped altogether."""
+    event changes nothing."""
 
     async def handle(envelope: events_pb2.Envelope) -> None:
         kind = envelope.WhichOneof("payload")
@@ -29,4 +28,4 @@ def follows_handler(store: MessagingStore, processed: ProcessedEvents) -> EventH
             *edge, following=kind == "user_followed", version=envelope.aggregate_version
         )
 
-    return processed.once(handle)
+    return handle

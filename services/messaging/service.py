@@ -21,7 +21,9 @@ def build(config: MessagingConfig) -> ServiceHost:
         store = MessagingStore(infra.db)
         await store.create_indexes()
         processed = await infra.processed_events()
-        await infra.bus.consume(SOCIAL_DURABLE, SOCIAL_SUBJECT, follows_handler(store, processed))
+        await infra.bus.consume(
+            SOCIAL_DURABLE, SOCIAL_SUBJECT, processed.once(follows_handler(store))
+        )
         app = MessagingApp(store, infra.outbox, config.limits)
         messaging_pb2_grpc.add_MessagingServicer_to_server(MessagingServicer(app), context.server)
         return [messaging_pb2.DESCRIPTOR.services_by_name["Messaging"].full_name]

@@ -35,7 +35,6 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
     async def BrowsePlaza(
         self, request: pb.BrowsePlazaRequest, context: Ctx
     ) -> pb.BrowsePlazaResponse:
-        current_identity()
         page = await self._app.browse(
             category_name(request.category),
             request.only_with_space,
@@ -50,7 +49,6 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
     async def SearchGroups(
         self, request: pb.SearchGroupsRequest, context: Ctx
     ) -> pb.SearchGroupsResponse:
-        current_identity()
         page = await self._app.search(
             request.query,
             category_name(request.category),
@@ -65,7 +63,6 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
     async def ListSelectedGroups(
         self, request: pb.ListSelectedGroupsRequest, context: Ctx
     ) -> pb.ListSelectedGroupsResponse:
-        current_identity()
         cards = await self._app.selected_shelf(category_name(request.category), request.page_size)
         return pb.ListSelectedGroupsResponse(cards=[card_to_proto(c) for c in cards])
 
@@ -81,7 +78,6 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
     async def ListCategories(
         self, request: pb.ListCategoriesRequest, context: Ctx
     ) -> pb.ListCategoriesResponse:
-        current_identity()
         return pb.ListCategoriesResponse(
             categories=[
                 pb.CategoryInfo(
