@@ -35,13 +35,11 @@ class GroupsStore:
     async def create_indexes(self) -> None:
         await self._groups.create_index("create_key", unique=True, sparse=True)
         await self._groups.create_index("linked_post_id")
-        await self._members.create_index(
-            [("group_id", ASCENDING), ("user_id", ASCENDING)], unique=True
-        )
+        # A membership's _id is "<group>:<user>" and a message's "<group>:<seq>": the _id
+        # index already keeps both unique, so these only serve queries.
+        await self._members.create_index([("group_id", ASCENDING), ("user_id", ASCENDING)])
         await self._members.create_index([("user_id", ASCENDING), ("group_id", ASCENDING)])
-        await self._messages.create_index(
-            [("group_id", ASCENDING), ("seq", ASCENDING)], unique=True
-        )
+        await self._messages.create_index([("group_id", ASCENDING), ("seq", ASCENDING)])
         await self._messages.create_index("dedup_key", unique=True, sparse=True)
         await self._join_windows.create_index("expires_at", expireAfterSeconds=0)
 

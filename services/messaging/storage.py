@@ -5,7 +5,7 @@ into insert-or-fail, a unique index), never a read followed by a write.
 Collections:
   conversations   one per pair of users; who started, whether answered, the starter's
                   unanswered count, the last message, per-user read positions
-  messages        one per message; unique (conversation_id, seq) and unique dedup_key
+  messages        one per message, _id "<conversation>:<seq>"; unique dedup_key
   stranger_days   one per (sender, local day): strangers charged that day (TTL)
   blocks          one per (blocker, blocked)
   follows         the follow projection: one per edge follower -> followee, versioned
@@ -44,9 +44,8 @@ class MessagingStore:
         await self._conversations.create_index(
             [("participants", ASCENDING), ("last_activity_ms", DESCENDING), ("_id", DESCENDING)]
         )
-        await self._messages.create_index(
-            [("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True
-        )
+        # A message's _id is "<conversation>:<seq>": the _id index keeps seqs unique.
+        await self._messages.create_index([("conversation_id", ASCENDING), ("seq", ASCENDING)])
         await self._messages.create_index("dedup_key", unique=True, sparse=True)
         await self._stranger_days.create_index("expires_at", expireAfterSeconds=0)
 
