@@ -40,9 +40,11 @@ from bench.fanout import (
     Collector,
     GrpcSubscribers,
     Result,
+    add_round_arguments,
     bare_grpc_server,
     bearer,
     bounded,
+    check_round_arguments,
     machine_lines,
     raw_bytes,
     run_system,
@@ -164,21 +166,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.direct", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     parser.add_argument("--pairs", type=int, default=50, help="sender -> recipient pairs")
-    parser.add_argument("--messages", type=int, default=500, help="messages in the measured round")
-    parser.add_argument("--senders", type=int, default=4, help="sends in flight at once")
-    parser.add_argument("--warmup", type=int, default=20, help="messages in the warm-up round")
-    parser.add_argument(
-        "--probes", type=int, default=50, help="messages sent one at a time for unloaded latency"
-    )
-    parser.add_argument("--channels", type=int, default=4, help="client connections for streams")
-    parser.add_argument("--text-bytes", type=int, default=100, help="length of each message text")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per step and round")
-    parser.add_argument("--skip-baselines", action="store_true", help="measure the suite only")
+    add_round_arguments(parser, messages=500, warmup=20, probes=50)
     args = parser.parse_args(argv)
-    if args.pairs < 1 or args.messages < 1 or args.senders < 1 or args.channels < 1:
-        parser.error("need at least 1 pair, 1 message, 1 sender and 1 channel")
-    if args.warmup < 0 or args.probes < 0 or args.text_bytes < 16:
-        parser.error("--warmup and --probes must not be negative, --text-bytes at least 16")
+    if args.pairs < 1:
+        parser.error("need at least 1 pair")
+    check_round_arguments(parser, args)
     args.subscribers = 1  # each message is for one recipient
     return args
 

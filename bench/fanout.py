@@ -827,16 +827,20 @@ async def run_all(suite: Suite, secret: str, args: argparse.Namespace) -> list[R
     return results
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.fanout", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument("--subscribers", type=int, default=500, help="members, one stream each")
-    parser.add_argument("--messages", type=int, default=200, help="messages in the measured round")
-    parser.add_argument("--senders", type=int, default=4, help="sends in flight at once")
-    parser.add_argument("--warmup", type=int, default=5, help="messages in the warm-up round")
+def add_round_arguments(
+    parser: argparse.ArgumentParser, *, messages: int, warmup: int, probes: int
+) -> None:
+    """The options of the rounds every message benchmark runs (see `run_system`)."""
     parser.add_argument(
-        "--probes", type=int, default=20, help="messages sent one at a time for unloaded latency"
+        "--messages", type=int, default=messages, help="messages in the measured round"
+    )
+    parser.add_argument("--senders", type=int, default=4, help="sends in flight at once")
+    parser.add_argument("--warmup", type=int, default=warmup, help="messages in the warm-up round")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=probes,
+        help="messages sent one at a time for unloaded latency",
     )
     parser.add_argument(
         "--channels",
@@ -852,13 +856,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds each setup step and each round may take",
     )
     parser.add_argument("--skip-baselines", action="store_true", help="measure the suite only")
+
+
+def check_round_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.messages < 1 or args.senders < 1 or args.channels < 1:
+        parser.error("need at least 1 message, 1 sender and 1 channel")
+    if args.warmup < 0 or args.probes < 0 or args.text_bytes < 16:
+        parser.error("--warmup and --probes must not be negative, --text-bytes at least 16")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fanout", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--subscribers", type=int, default=500, help="members, one stream each")
+    add_round_arguments(parser, messages=200, warmup=5, probes=20)
     parser.add_argument("--keep-logs", action="store_true", help="keep the suite's data and logs")
     parser.add_argument("--serve-bare-grpc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.subscribers < 2 or args.messages < 1 or args.senders < 1 or args.channels < 1:
-        parser.error("need at least 2 subscribers, 1 message, 1 sender and 1 channel")
-    if args.warmup < 0 or args.probes < 0 or args.text_bytes < 16:
-        parser.error("--warmup and --probes must not be negative, --text-bytes at least 16")
+    if args.subscribers < 2:
+        parser.error("need at least 2 subscribers")
+    check_round_arguments(parser, args)
     return args
 
 
