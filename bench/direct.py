@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 from groupchat.events.v1 import events_pb2
@@ -41,12 +37,14 @@ from bench.fanout import (
     GrpcSubscribers,
     Result,
     add_round_arguments,
+    all_delivered,
     bare_grpc_server,
     bearer,
     bounded,
     check_round_arguments,
     machine_lines,
     raw_bytes,
+    run_against_suite,
     run_system,
     table,
 )
@@ -186,27 +184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         flush=True,
     )
-    secret = secrets.token_hex(20)
-    work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
-    suite = Suite.isolated(work_dir, secret, SUBSCRIBE_BUFFER="100000")
-    ok = False
-    try:
-        suite.start()
+
+    def measure(suite: Suite, secret: str) -> bool:
         results = asyncio.run(run_all(suite, secret, args))
         print("\n" + table(results), flush=True)
-        ok = all(
-            r.missing == 0 and r.other_missing == 0 and not r.failures and not r.send_errors
-            for r in results
-        )
-    finally:
-        suite.stop()
-        if ok:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            print(f"suite data and logs kept in {work_dir}", flush=True)
-    if not ok:
-        print("FAILED: some deliveries are missing (see above)", flush=True)
-    return 0 if ok else 1
+        return all_delivered(results)
+
+    return run_against_suite(
+        {"SUBSCRIBE_BUFFER": "100000"}, measure, failure="some deliveries are missing (see above)"
+    )
 
 
 if __name__ == "__main__":

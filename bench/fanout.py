@@ -880,38 +880,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def all_delivered(results: list[Result]) -> bool:
+    return all(
+        r.missing == 0 and r.other_missing == 0 and not r.failures and not r.send_errors
+        for r in results
+    )
+
+
+def run_against_suite(
+    extra_env: dict[str, str],
+    measure: Callable[[Suite, str], bool],
+    *,
+    failure: str,
+    keep_logs: bool = False,
+) -> int:
+    """Start an isolated suite, run `measure(suite, jwt_secret)` (True: all went well), stop
+    the suite; its data and logs are kept when something failed. Returns the exit code."""
+    secret = secrets.token_hex(20)  # 40 characters
+    work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
+    suite = Suite.isolated(work_dir, secret, **extra_env)
+    ok = False
+    try:
+        suite.start()
+        ok = measure(suite, secret)
+    finally:
+        codes = suite.stop()
+        if any(code not in (0, None) for code in codes.values()):
+            print(f"suite exit codes: {codes}", flush=True)
+        if ok and not keep_logs:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            print(f"suite data and logs kept in {work_dir}", flush=True)
+    if not ok:
+        print(f"FAILED: {failure}", flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare_grpc:
         asyncio.run(serve_bare_grpc())
         return 0
     print(machine_header(args), flush=True)
-    secret = secrets.token_hex(20)  # 40 characters
-    work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
     extra_env = {"JOIN_RATE_LIMIT": "100000", "SUBSCRIBE_BUFFER": "100000"}
     if args.subscribers > 500:
         extra_env["GROUP_MAX_CAPACITY"] = str(args.subscribers)
-    suite = Suite.isolated(work_dir, secret, **extra_env)
-    ok = False
-    try:
-        suite.start()
+
+    def measure(suite: Suite, secret: str) -> bool:
         results = asyncio.run(run_all(suite, secret, args))
         print("\n" + table(results), flush=True)
-        ok = all(
-            r.missing == 0 and r.other_missing == 0 and not r.failures and not r.send_errors
-            for r in results
-        )
-    finally:
-        codes = suite.stop()
-        if any(code not in (0, None) for code in codes.values()):
-            print(f"suite exit codes: {codes}", flush=True)
-        if ok and not args.keep_logs:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            print(f"suite data and logs kept in {work_dir}", flush=True)
-    if not ok:
-        print("FAILED: some deliveries are missing (see above)", flush=True)
-    return 0 if ok else 1
+        return all_delivered(results)
+
+    return run_against_suite(
+        extra_env,
+        measure,
+        failure="some deliveries are missing (see above)",
+        keep_logs=args.keep_logs,
+    )
 
 
 if __name__ == "__main__":

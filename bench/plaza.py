@@ -42,13 +42,10 @@ import contextlib
 import itertools
 import random
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -73,6 +70,7 @@ from bench.fanout import (
     machine_lines,
     percentile,
     raw_bytes,
+    run_against_suite,
 )
 from services.kit.auth import mint_token
 from services.kit.events import OutgoingEvent, new_event
@@ -727,36 +725,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         flush=True,
     )
-    secret = secrets.token_hex(20)
-    work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
-    suite = Suite.isolated(
-        work_dir, secret, LOG_LEVEL="warning", PLAZA_RANK_INTERVAL_SECONDS=str(args.rank_interval)
-    )
-    ok = False
-    try:
-        suite.start()
+
+    def measure(suite: Suite, secret: str) -> bool:
         absorption, loads = asyncio.run(run_all(suite, secret, args))
         print("\n" + table(absorption, loads), flush=True)
-        ok = (
+        return (
             absorption.complete
             and absorption.listed == absorption.groups
             and not absorption.publish_errors
             and all(not load.errors for load in loads)
         )
-    finally:
-        codes = suite.stop()
-        if any(code not in (0, None) for code in codes.values()):
-            print(f"suite exit codes: {codes}", flush=True)
-        if ok and not args.keep_logs:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            print(f"suite data and logs kept in {work_dir}", flush=True)
-    if not ok:
-        print(
-            "FAILED: absorption incomplete, groups missing or requests failed (see above)",
-            flush=True,
-        )
-    return 0 if ok else 1
+
+    return run_against_suite(
+        {"PLAZA_RANK_INTERVAL_SECONDS": str(args.rank_interval)},
+        measure,
+        failure="absorption incomplete, groups missing or requests failed (see above)",
+        keep_logs=args.keep_logs,
+    )
 
 
 if __name__ == "__main__":
