@@ -26,6 +26,10 @@ import uuid
 from groupchat.events.v1 import events_pb2
 
 from services.kit.events import EventBus, OutgoingEvent
+from services.kit.logging import configure_logging
+
+# How long a command waits for NATS before it gives up.
+CONNECT_SECONDS = 10.0
 
 
 def _version() -> int:
@@ -94,8 +98,9 @@ def post_event(
 
 
 async def publish(nats_url: str, events: list[OutgoingEvent]) -> None:
-    """Publish into JetStream (creating the suite's streams if nothing has yet)."""
-    bus = await EventBus.connect(nats_url, "platform")
+    """Publish into the suite's JetStream streams; TimeoutError when NATS cannot be reached."""
+    async with asyncio.timeout(CONNECT_SECONDS):
+        bus = await EventBus.connect(nats_url, "platform")
     try:
         for event in events:
             await bus.publish(event)
@@ -117,13 +122,20 @@ def main() -> None:
     post.add_argument("--title", default="")
     post.add_argument("--cover", default="")
     args = parser.parse_args()
+    configure_logging("platform", level="warning", fmt="console")  # a command: only trouble
     if args.command in ("follow", "unfollow"):
         event = follow_event(args.follower, args.followee, following=args.command == "follow")
     else:
         event = post_event(
             args.action, args.post_id, args.author, title=args.title, cover_url=args.cover
         )
-    asyncio.run(publish(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), [event]))
+    nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    try:
+        asyncio.run(publish(nats_url, [event]))
+    except TimeoutError:
+        raise SystemExit(
+            f"could not reach NATS at {nats_url}: is the suite running (make run)?"
+        ) from None
     print(f"published {event.envelope.type} on {event.subject}")
 
 

@@ -37,6 +37,7 @@ from groupchat.plaza.v1 import plaza_pb2 as plaza_pb
 
 from services.kit.auth import mint_token
 from services.kit.events import OutgoingEvent
+from services.kit.logging import configure_logging
 from services.kit.rpc_status import error_info
 from tools.platform import post_event, publish
 from tools.suite import DEV_JWT_SECRET
@@ -469,6 +470,7 @@ def main() -> None:
     parser.add_argument("--picks", type=int, default=12, help="editors' picks (12)")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight (16)")
     args = parser.parse_args()
+    configure_logging("seed", level="warning", fmt="console")  # a command: only trouble
     gateway = os.environ.get("GATEWAY_ADDRESS", "127.0.0.1:50051")
     started = time.monotonic()
     tally = asyncio.run(

@@ -25,6 +25,7 @@ import sys
 import time
 
 from services.kit.events import EventBus
+from services.kit.logging import configure_logging
 from services.plaza.projection import FEEDS, PlazaProjection
 from services.plaza.storage import PlazaStore
 
@@ -52,7 +53,8 @@ async def answer_rebuild(store: PlazaStore, projection: PlazaProjection, bus: Ev
 
 async def request_rebuild(nats_url: str, wait_seconds: float) -> dict[str, int]:
     """Ask the running plaza to rebuild; returns the events replayed per stream."""
-    bus = await EventBus.connect(nats_url, "plaza-rebuild")
+    async with asyncio.timeout(wait_seconds):
+        bus = await EventBus.connect(nats_url, "plaza-rebuild")
     try:
         reply = json.loads(await bus.request(REBUILD_SUBJECT, b"", wait_seconds))
     finally:
@@ -66,12 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Rebuild the plaza's read model from events.")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     args = parser.parse_args()
+    configure_logging("plaza-rebuild", level="warning", fmt="console")  # a command: only trouble
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     started = time.perf_counter()
     try:
         replayed = asyncio.run(request_rebuild(nats_url, args.timeout))
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"plaza rebuild: {exc} (is the suite running? `make run`)", file=sys.stderr)
+    except TimeoutError:
+        print(
+            f"plaza rebuild: no answer from the plaza over {nats_url} within {args.timeout}s "
+            "(is the suite running? `make run`)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+    except RuntimeError as exc:
+        print(f"plaza rebuild: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     for stream, count in replayed.items():
         print(f"{stream}: {count} events replayed")
