@@ -80,13 +80,13 @@ class MessagingApp:
             return await self._retried(first, recipient_id)
         await self._check_blocks(sender_id, recipient_id)
         conversation_id = domain.conversation_id(sender_id, recipient_id)
-        admission = await self._admit(conversation_id, sender_id, recipient_id)
+        admission, last_seq = await self._admit(conversation_id, sender_id, recipient_id)
         try:
             used_slot = admission is Admission.STRANGER and await self._charge_stranger_slot(
                 sender_id, recipient_id
             )
             message, stored = await self._append(
-                conversation_id, sender_id, recipient_id, text, client_msg_id
+                conversation_id, sender_id, recipient_id, text, client_msg_id, last_seq
             )
         except BaseException:
             if admission is Admission.STRANGER:
@@ -98,9 +98,12 @@ class MessagingApp:
             return await self._retried(message, recipient_id)
         return await self._sent(message, admission, used_slot)
 
-    async def _admit(self, conversation_id: str, sender_id: str, recipient_id: str) -> Admission:
+    async def _admit(
+        self, conversation_id: str, sender_id: str, recipient_id: str
+    ) -> tuple[Admission, int]:
         """Decide how the message enters the conversation and enforce that atomically;
-        decide again when the conversation changed in between."""
+        decide again when the conversation changed in between. Returns the admission and the
+        conversation's last seq as it was read (a guess at the next seq: it may lag)."""
         participants = (min(sender_id, recipient_id), max(sender_id, recipient_id))
         mutual = await self._store.follow_each_other(sender_id, recipient_id)
         for _ in range(ADMISSION_ATTEMPTS):
@@ -128,7 +131,7 @@ class MessagingApp:
             else:
                 admitted = True
             if admitted:
-                return admission
+                return admission, conversation.last_seq if conversation else 0
         raise ConcurrentUpdate("the conversation kept changing; try again")
 
     async def _charge_stranger_slot(self, sender_id: str, recipient_id: str) -> bool:
@@ -158,14 +161,16 @@ class MessagingApp:
         recipient_id: str,
         text: str,
         client_msg_id: str,
+        last_seq: int,
     ) -> tuple[DirectMessage, bool]:
-        """Store the message as the conversation's next seq. A seq exists only once its
-        message does, so seqs have no gaps and none is used twice. Returns (message, True),
-        or (the first message, False) when a concurrent retry with the same client_msg_id
-        stored it first."""
+        """Store the message as the conversation's next seq, first trying the one after
+        `last_seq` (read with the conversation; it never runs ahead of the stored messages,
+        only behind). A seq exists only once its message does, so seqs have no gaps and none
+        is used twice. Returns (message, True), or (the first message, False) when a
+        concurrent retry with the same client_msg_id stored it first."""
         key = domain.dedup_key(sender_id, client_msg_id)
         for _ in range(SEQ_ATTEMPTS):
-            seq = await self._store.last_message_seq(conversation_id) + 1
+            seq = last_seq + 1
             message = DirectMessage(
                 conversation_id, seq, sender_id, recipient_id, text, client_msg_id, self._clock()
             )
@@ -173,6 +178,7 @@ class MessagingApp:
                 return message, True
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return first, False
+            last_seq = await self._store.last_message_seq(conversation_id)
         raise ConcurrentUpdate("the conversation kept changing; try again")
 
     async def _sent(

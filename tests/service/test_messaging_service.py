@@ -200,6 +200,24 @@ async def test_parallel_messages_into_an_unanswered_conversation_stop_at_the_lim
     assert (await quota(second, "alice")).used == 1
 
 
+async def test_both_sides_writing_at_once_on_two_instances_get_every_seq_once(
+    two_messaging: list[MessagingCaller],
+) -> None:
+    first, second = two_messaging
+    await send(first, "alice", "bob", "hi")
+    await send(second, "bob", "alice", "hello!")
+    calls = [
+        send(
+            first if n % 2 else second, *(("alice", "bob") if n % 3 else ("bob", "alice")), f"#{n}"
+        )
+        for n in range(20)
+    ]
+
+    await asyncio.gather(*calls)
+
+    assert await history(first, "alice", "bob") == list(range(1, 23))
+
+
 @pytest.mark.parametrize("messaging_env", [{"STRANGER_DAILY_LIMIT": "1"}])
 async def test_a_refused_send_consumes_nothing(messaging: MessagingCaller) -> None:
     await send(messaging, "alice", "bob")
