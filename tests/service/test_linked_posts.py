@@ -5,6 +5,8 @@ ids; a test waits for the projection with `eventually`, never with a sleep."""
 
 from __future__ import annotations
 
+import os
+
 import uuid
 from typing import Any
 
@@ -235,12 +237,13 @@ async def test_stale_post_events_change_nothing(groups: GroupsCaller, nats_url: 
 
 
 async def test_a_redelivered_removal_unlinks_once(nats_url: str) -> None:
-    client, db = open_database(None, f"posts_{uuid.uuid4().hex[:8]}")
+    client, db = open_database(os.environ.get("MONGODB_URI"), f"posts_{uuid.uuid4().hex[:8]}")
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     try:
         store = GroupsStore(db)
         await store.create_indexes()
-        app = GroupsApp(store, Outbox(db["outbox"], bus), GroupsLimits())
+        app = GroupsApp(store, Outbox(bus), GroupsLimits())
+        await app.start()
         handle = ProcessedEvents(db["processed_events"]).once(posts_handler(app))
         post_id = new_post_id()
         await handle(post_event("publish", post_id, "alice", version=1).envelope)
