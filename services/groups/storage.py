@@ -7,19 +7,24 @@ command on a group is one write to that document, conditional on the version it 
 counters that describe it and its events commit together or not at all, and a ban, a join,
 a removal and a transfer racing each other cannot both pass on what they read.
 
+What every message changes (the last seq and message) lives beside it in a small document of
+its own, so that sending never rewrites the group with its 500 members.
+
 Collections:
-  groups          the aggregates; `member_ids` (the members' ids, multikey-indexed) finds a
-                  user's groups; a dissolved group stays as a tombstone its events leave from
+  groups          the aggregates; a dissolved group stays as a tombstone its events leave from
+  group_activity  per group with messages: the last seq and message (only ever moves forward)
   messages        one per message, _id "<group>:<seq>" (each seq taken once), its event
                   inside; unique dedup_key for retries
   read_positions  one per (group, member) who has read: how far ($max only)
-  user_groups     per user, a lease per group joined or being joined: the per-user limit
+  user_groups     per user, a lease per group joined or being joined: the per-user limit, and
+                  where a user's groups are found
   join_windows    join attempts per user and rate window (TTL)
   posts           the platform's posts, as far as linking one needs
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +55,6 @@ _GROUP_FIELDS = (
     "linked_post_id",
     "owner_id",
     "member_count",
-    "last_seq",
-    "last_message",
     "created_at_ms",
     "updated_at_ms",
     "version",
@@ -77,6 +80,7 @@ class GroupsStore:
     def __init__(self, db: Any) -> None:
         self.groups = db["groups"]
         self.messages = db["messages"]
+        self._activity = db["group_activity"]
         self._reads = db["read_positions"]
         self._user_groups = db["user_groups"]
         self._join_windows = db["join_windows"]
@@ -85,7 +89,6 @@ class GroupsStore:
     async def create_indexes(self) -> None:
         await self.groups.create_index("create_key", unique=True, sparse=True)
         await self.groups.create_index("linked_post_id")
-        await self.groups.create_index("member_ids")
         # A message's _id is "<group>:<seq>": the _id index keeps seqs unique.
         await self.messages.create_index([("group_id", ASCENDING), ("seq", ASCENDING)])
         await self.messages.create_index("dedup_key", unique=True, sparse=True)
@@ -99,12 +102,15 @@ class GroupsStore:
         for user_id in user_ids:
             projection[f"members.{user_id}"] = 1
             projection[f"banned.{user_id}"] = 1
-        doc = await self.groups.find_one({"_id": group_id}, projection)
+        doc, activity = await asyncio.gather(
+            self.groups.find_one({"_id": group_id}, projection),
+            self._activity.find_one({"_id": group_id}),
+        )
         if doc is None or doc.get("dissolved"):
             return None
         members = doc.get("members") or {}
         return GroupState(
-            group=_group(doc),
+            group=_group(doc, activity),
             members={u: _membership(group_id, u, members.get(u)) for u in user_ids},
             banned=frozenset(doc.get("banned") or {}),
         )
@@ -116,7 +122,6 @@ class GroupsStore:
         doc = {
             **_group_doc(group),
             "members": {owner.user_id: _member_entry(owner)},
-            "member_ids": [owner.user_id],
             "banned": {},
         }
         if create_key:
@@ -144,14 +149,9 @@ class GroupsStore:
         doc = await self.groups.find_one(
             {"create_key": create_key}, {field: 1 for field in _GROUP_FIELDS}
         )
-        return _group(doc) if doc is not None and not doc.get("dissolved") else None
-
-    async def groups_by_id(self, group_ids: list[str]) -> dict[str, Group]:
-        docs = await self.groups.find(
-            {"_id": {"$in": group_ids}, "dissolved": {"$ne": True}},
-            {field: 1 for field in _GROUP_FIELDS},
-        ).to_list(None)
-        return {doc["_id"]: _group(doc) for doc in docs}
+        if doc is None or doc.get("dissolved"):
+            return None
+        return _group(doc, await self._activity.find_one({"_id": doc["_id"]}))
 
     async def all_members(self, group_id: str) -> list[Membership]:
         doc = await self.groups.find_one(
@@ -165,36 +165,40 @@ class GroupsStore:
 
     async def memberships_of_user(self, user_id: str) -> list[tuple[Group, Membership]]:
         """Every group the user is in (at most MAX_GROUPS_PER_USER), with their membership
-        and read position, by group id."""
+        and read position, by group id. Their leases say where to look (every membership
+        has one); the groups say which they are members of."""
+        group_ids = sorted(await self.leases(user_id))
+        if not group_ids:
+            return []
         projection: dict[str, Any] = {field: 1 for field in _GROUP_FIELDS}
         projection[f"members.{user_id}"] = 1
-        docs = (
-            await self.groups.find({"member_ids": user_id}, projection)
+        member_of = {f"members.{user_id}": {"$exists": True}, "dissolved": {"$ne": True}}
+        docs, activity, reads = await asyncio.gather(
+            self.groups.find({"_id": {"$in": group_ids}, **member_of}, projection)
             .sort("_id", ASCENDING)
-            .to_list(None)
+            .to_list(None),
+            self._activity.find({"_id": {"$in": group_ids}}).to_list(None),
+            self.read_seqs(group_ids, user_id),
         )
-        reads = await self.read_seqs([doc["_id"] for doc in docs], user_id)
+        activity_of = {a["_id"]: a for a in activity}
         rows = []
         for doc in docs:
-            member = _membership(doc["_id"], user_id, (doc.get("members") or {}).get(user_id))
-            if member is not None and not doc.get("dissolved"):
-                read_seq = max(member.read_seq, reads.get(doc["_id"], 0))
-                rows.append((_group(doc), _with_read_seq(member, read_seq)))
+            member = _membership(doc["_id"], user_id, doc["members"][user_id])
+            assert member is not None
+            read_seq = max(member.read_seq, reads.get(doc["_id"], 0))
+            group = _group(doc, activity_of.get(doc["_id"]))
+            rows.append((group, _with_read_seq(member, read_seq)))
         return rows
 
     async def record_last_message(self, message: Message) -> None:
         """Make `message` the group's newest unless a later one is recorded already: the
         seq, the message and the activity time move together (not a change of the group:
         its version stays)."""
-        await self.groups.update_one(
-            {"_id": message.group_id, "last_seq": {"$lt": message.seq}},
-            {
-                "$set": {
-                    "last_seq": message.seq,
-                    "last_message": _message_doc(message),
-                    "last_activity_ms": message.sent_at_ms,
-                }
-            },
+        await upsert_where(
+            self._activity,
+            message.group_id,
+            {"last_seq": {"$lt": message.seq}},
+            {"$set": {"last_seq": message.seq, "last_message": _message_doc(message)}},
         )
 
     async def group_ids_linking(self, post_id: str) -> list[str]:
@@ -257,7 +261,7 @@ class GroupsStore:
 
     async def member_group_ids(self, user_id: str, group_ids: list[str]) -> set[str]:
         docs = await self.groups.find(
-            {"_id": {"$in": group_ids}, "member_ids": user_id}, {"_id": 1}
+            {"_id": {"$in": group_ids}, f"members.{user_id}": {"$exists": True}}, {"_id": 1}
         ).to_list(None)
         return {doc["_id"] for doc in docs}
 
@@ -361,7 +365,6 @@ class GroupsStore:
 def add_member(member: Membership) -> dict[str, Any]:
     return {
         "$set": {f"members.{member.user_id}": _member_entry(member)},
-        "$push": {"member_ids": member.user_id},
         "$inc": {"member_count": 1, "free_seats": -1},
     }
 
@@ -369,7 +372,6 @@ def add_member(member: Membership) -> dict[str, Any]:
 def remove_member(user_id: str) -> dict[str, Any]:
     return {
         "$unset": {f"members.{user_id}": ""},
-        "$pull": {"member_ids": user_id},
         "$inc": {"member_count": -1, "free_seats": 1},
     }
 
@@ -408,7 +410,6 @@ def dissolve(capacity: int) -> dict[str, Any]:
         "$set": {
             "dissolved": True,
             "members": {},
-            "member_ids": [],
             "member_count": 0,
             "free_seats": capacity,
         }
@@ -438,9 +439,6 @@ def _group_doc(g: Group) -> dict[str, Any]:
         "owner_id": g.owner_id,
         "member_count": g.member_count,
         "free_seats": g.settings.capacity - g.member_count,
-        "last_seq": g.last_seq,
-        "last_message": _message_doc(g.last_message) if g.last_message else None,
-        "last_activity_ms": g.last_activity_ms,
         "unlinked_post_id": g.unlinked_post_id,
         "created_at_ms": g.created_at_ms,
         "updated_at_ms": g.updated_at_ms,
@@ -448,7 +446,8 @@ def _group_doc(g: Group) -> dict[str, Any]:
     }
 
 
-def _group(doc: dict[str, Any]) -> Group:
+def _group(doc: dict[str, Any], activity: dict[str, Any] | None) -> Group:
+    last = (activity or {}).get("last_message")
     return Group(
         group_id=doc["_id"],
         settings=GroupSettings(
@@ -462,12 +461,12 @@ def _group(doc: dict[str, Any]) -> Group:
         ),
         owner_id=doc["owner_id"],
         member_count=doc["member_count"],
-        last_seq=doc["last_seq"],
+        last_seq=(activity or {}).get("last_seq", 0),
         created_at_ms=doc["created_at_ms"],
         updated_at_ms=doc["updated_at_ms"],
         version=doc["version"],
         unlinked_post_id=doc.get("unlinked_post_id", ""),
-        last_message=message_from_doc(last) if (last := doc.get("last_message")) else None,
+        last_message=message_from_doc(last) if last else None,
     )
 
 
