@@ -136,7 +136,10 @@ class GroupsApp:
     async def start(self) -> None:
         """Have the relay finish and publish what a stopped command committed."""
         await self._outbox.watch(self._store.groups)
-        await self._outbox.watch(self._store.messages, finish=self._finish_message)
+        await self._outbox.watch(
+            self._store.messages,
+            finish=lambda doc: self._finish_message(storage.message_from_doc(doc)),
+        )
 
     # Groups
 
@@ -478,11 +481,9 @@ class GroupsApp:
             self._last_seqs.popitem(last=False)
         return message, [event]
 
-    async def _finish_message(self, message: Message | dict[str, Any]) -> None:
+    async def _finish_message(self, message: Message) -> None:
         """What follows from a stored message: it is the group's newest unless a later one
         is, and its sender has read up to it."""
-        if isinstance(message, dict):
-            message = storage.message_from_doc(message)
         await asyncio.gather(
             self._store.record_last_message(message),
             self._store.advance_read_seq(message.group_id, message.sender_id, message.seq),
