@@ -10,7 +10,7 @@ IMAGE ?= groupchat
 VERSION ?= dev
 CONTAINER ?= docker
 
-.PHONY: run test bench token follow unfollow seed plaza-rebuild gen lint image clean
+.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor gen lint image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -37,6 +37,10 @@ seed: $(VENV)/.installed gen/.stamp
 
 plaza-rebuild: $(VENV)/.installed gen/.stamp
 	$(PY) -m services.plaza.rebuild
+
+# What does not hold in a live store (MONGODB_URI, else the local suite's); exit 1 if anything.
+doctor: $(VENV)/.installed gen/.stamp
+	$(PY) -m tools.doctor
 
 gen: gen/.stamp
 
