@@ -93,3 +93,14 @@ async def group_events(nats_url: str) -> AsyncIterator[Published]:
         yield published
     finally:
         await published.close()
+
+
+@pytest.fixture
+async def direct_events(nats_url: str) -> AsyncIterator[Published]:
+    """The messaging service's events, from before the test acts."""
+    published = Published()
+    await published.start(nats_url, "groupchat.messaging.>")
+    try:
+        yield published
+    finally:
+        await published.close()

@@ -9,7 +9,8 @@ plan records the names (`plan.ops`), so a test can run a command once cleanly to
 steps, then once per step with a fault there:
 
     cancel_before  the command's task is cancelled as the operation is about to be sent (a
-                   gRPC cancel or deadline landing at that await); it is not sent
+                   gRPC cancel or deadline landing at that await); it is not sent, unless
+                   the command shields it from its cancels
     error_before   pymongo.errors.AutoReconnect instead of sending it (the server unreachable)
     cancel_after   the operation applies, then the command's task is cancelled before it sees
                    the answer (a deadline while the reply is on its way)
@@ -126,7 +127,16 @@ class Plan:
         try:
             if fault is not None:
                 await self._before(fault, name)
-            result = await call()
+            try:
+                result = await call()
+            except Exception:
+                # The server answered with an error (a duplicate key, say): what comes after
+                # the answer happens all the same.
+                if fault is not None:
+                    await self._after(fault, name)
+                if self.crashed:
+                    raise Crash(f"{name}: the process is gone") from None
+                raise
             if self.crashed:  # another task of the process crashed meanwhile
                 raise Crash(f"{name}: the process is gone")
             if fault is not None:
@@ -154,10 +164,12 @@ class Plan:
             await self._cancel()
 
     async def _cancel(self) -> None:
-        if self.victim is not None:
-            self.victim.cancel()
-            await asyncio.sleep(0)  # where a cancel of the command lands
-        raise asyncio.CancelledError  # not the command's task: stop this one all the same
+        if self.victim is None or self.victim.done():
+            raise asyncio.CancelledError
+        self.victim.cancel()
+        # The cancel lands here, as a real one would at this await, unless the step runs
+        # shielded from its command (asyncio.shield): then it goes on, as it would.
+        await asyncio.sleep(0)
 
 
 class FaultyCursor:
