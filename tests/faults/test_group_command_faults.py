@@ -22,7 +22,14 @@ from groupchat.events.v1 import events_pb2
 from pymongo.errors import AutoReconnect
 
 from services.groups.app import GroupsApp
-from services.groups.domain import GroupNotFound, MemberNotFound, NotAllowed, NotAMember, Role
+from services.groups.domain import (
+    GroupNotFound,
+    MemberNotFound,
+    NotAllowed,
+    NotAMember,
+    PostChange,
+    Role,
+)
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
 from services.kit.outbox import EVENTS_FIELD, WAITING_SINCE_FIELD, Outbox
@@ -139,6 +146,13 @@ CASES = [
         "update_group",
         lambda app, s: app.update_group(s.owner, s.group_id, settings("Renamed"), ["name"]),
         lambda s, after: (after.group or {}).get("name") == "Renamed",
+        ("groups.group_updated",),
+    ),
+    Case(
+        # The platform hid the linked post: the posts consumer unlinks it from the group.
+        "apply_post_change_unlinking",
+        lambda app, s: app.apply_post_change(PostChange(s.post_id, s.owner, 2, False, None)),
+        lambda s, after: (after.group or {}).get("unlinked_post_id") == s.post_id,
         ("groups.group_updated",),
     ),
     Case(
