@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from services.groups.app import GroupsApp, GroupsLimits
-from services.groups.domain import DomainError, GroupSettings, Role
+from services.groups.app import GroupsApp, GroupsLimits, lease_stamp
+from services.groups.domain import DomainError, GroupLimitReached, GroupSettings, Role
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
 from services.kit.outbox import Outbox
@@ -184,16 +184,11 @@ async def test_a_transfer_lined_up_against_losing_its_target_keeps_one_owner(
 
 
 # Leases racing memberships. Every membership must hold its user's lease, or the per-user
-# limit can be passed. These two races break that today (see the reasons); each test is the
-# smallest reproduction, lined up with a paused store step.
+# limit can be passed: a join stamps its lease anew and a release names the stamp it
+# releases, so neither a parting's late release nor a stale-lease sweep takes away the lease
+# of a join that renewed it. Each race is lined up with a paused store step.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a leave's (or removal's) lease release, which runs after its commit, can "
-    "land after the same user rejoined reusing that lease: a member without a lease",
-)
 @pytest.mark.parametrize("parting", ["leave", "remove"])
 async def test_a_rejoin_before_the_parting_lease_is_released_keeps_its_lease(
     parting: str, apps: tuple[GroupsApp, GroupsApp], mongo_db: Any, bus: EventBus
@@ -215,13 +210,6 @@ async def test_a_rejoin_before_the_parting_lease_is_released_keeps_its_lease(
     assert await check_groups(mongo_db) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a join reuses a lease it finds already held without renewing it, so a "
-    "concurrent join at the limit can release it as stale between its membership check and "
-    "the reusing join's commit: a member without a lease, more groups than the limit",
-)
 async def test_a_join_reusing_an_old_lease_keeps_it_against_a_stale_lease_release(
     mongo_db: Any, bus: EventBus
 ) -> None:
@@ -232,12 +220,14 @@ async def test_a_join_reusing_an_old_lease_keeps_it_against_a_stale_lease_releas
     (x, _), (y, _), (z, _) = [await a_group(app) for _ in range(3)]
     user = f"user{uuid.uuid4().hex[:6]}"
     # What a join of x that crashed right after taking its lease three minutes ago left.
-    await GroupsStore(mongo_db).take_lease(user, x, 2, now_ms() - 180_000)
+    await GroupsStore(mongo_db).take_lease(user, x, 2, lease_stamp(now_ms() - 180_000))
     await app.join_group(user, y, 1)  # the user is at the limit
     slow, fault = await paused_app(mongo_db, bus, "groups.update_one", limits=limits)
     stopped = asyncio.create_task(slow.join_group(user, x, 1))
-    await fault.reached.wait()  # holds x's old lease, about to commit
-    await app.join_group(user, z, 1)  # at the limit: releases x's lease as stale
+    await fault.reached.wait()  # renewed x's old lease, about to commit
+    with pytest.raises(GroupLimitReached):  # x's lease is fresh again: not released as stale
+        await app.join_group(user, z, 1)
     fault.release.set()
     await stopped
     assert await check_groups(mongo_db) == []
+    assert sorted(g.group_id for g, _ in await app.list_my_groups(user, None, 10)) == sorted([x, y])
