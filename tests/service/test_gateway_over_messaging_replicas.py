@@ -20,6 +20,7 @@ from services.kit.rpc_status import error_info
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build as build_messaging
 from tests.service.conftest import Metadata, service_env
+from tests.service.test_messaging_service import relay_idle
 
 GatewayCaller = Callable[[str], tuple[gateway_pb2_grpc.GatewayStub, Metadata]]
 
@@ -37,6 +38,7 @@ async def gateway(nats_url: str, token: Callable[..., str]) -> AsyncIterator[Gat
             stack.push_async_callback(replica.stop)
             ports.append(replica.port)
         both = ",".join(f"127.0.0.1:{port}" for port in ports)
+        stack.push_async_callback(relay_idle, database)  # runs before the replicas stop
         gateway = build_gateway(
             GatewayConfig.from_env(service_env(nats_url, MESSAGING_ADDRESS=f"ipv4:{both}"))
         )
