@@ -19,7 +19,6 @@ from groupchat.messaging.v1 import messaging_pb2_grpc
 from grpc_status import rpc_status
 
 from services.kit.mongo import open_database
-from services.kit.outbox import EVENTS_FIELD
 from services.kit.rpc_status import error_info
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build
@@ -58,26 +57,7 @@ async def start_instances(
         callers.append(
             await stack.enter_async_context(serving(host, messaging_pb2_grpc.MessagingStub, token))
         )
-    stack.push_async_callback(relay_idle, database)  # runs before the instances stop
     return callers
-
-
-async def relay_idle(database: str) -> None:
-    """Wait until the outbox relay has published every event the test's sends committed.
-
-    Stopping a service while its relay publishes can hang on Python 3.11: asyncio.wait_for
-    (around the relay's queue and inside nats' publish) drops a cancel that lands as the
-    awaited result arrives, and the relay then never ends. A kit matter; until it is fixed,
-    tests stop their services once the relay is idle."""
-    client, db = open_database(os.environ.get("MONGODB_URI"), database)
-    try:
-
-        async def idle() -> bool:
-            return await db["messages"].count_documents({EVENTS_FIELD: {"$exists": True}}) == 0
-
-        await eventually(idle)
-    finally:
-        client.close()
 
 
 @pytest.fixture
