@@ -19,14 +19,15 @@ from services.gateway.service import build as build_gateway
 from services.kit.rpc_status import error_info
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build as build_messaging
-from tests.service.conftest import Metadata, service_env
+from tests.service.conftest import Metadata, ServiceEnv
 
 GatewayCaller = Callable[[str], tuple[gateway_pb2_grpc.GatewayStub, Metadata]]
 
 
 @pytest.fixture
-async def gateway(nats_url: str, token: Callable[..., str]) -> AsyncIterator[GatewayCaller]:
-    database = f"test_{uuid.uuid4().hex[:12]}"
+async def gateway(
+    nats_url: str, token: Callable[..., str], service_env: ServiceEnv, database: str
+) -> AsyncIterator[GatewayCaller]:
     async with AsyncExitStack() as stack:
         ports = []
         for _ in range(2):

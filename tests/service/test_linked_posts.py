@@ -234,8 +234,10 @@ async def test_stale_post_events_change_nothing(groups: GroupsCaller, nats_url: 
     assert (await stub.CreateGroup(again, metadata=md)).group.linked_post_id == post_id
 
 
-async def test_a_redelivered_removal_unlinks_once(nats_url: str) -> None:
-    client, db = open_database(None, f"posts_{uuid.uuid4().hex[:8]}")
+async def test_a_redelivered_removal_unlinks_once(
+    nats_url: str, mongodb_uri: str, database: str
+) -> None:
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     try:
         store = GroupsStore(db)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,7 +24,7 @@ from services.plaza.rebuild import rebuild
 from services.plaza.service import build
 from services.plaza.storage import PlazaStore
 from tests.conftest import eventually, running_nats_server
-from tests.service.conftest import GroupsCaller, service_env, serving
+from tests.service.conftest import GroupsCaller, ServiceEnv, serving
 from tools.platform import post_event, publish
 
 PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
@@ -40,7 +39,9 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-async def plaza(nats_url: str, token: Callable[..., str]) -> AsyncIterator[PlazaCaller]:
+async def plaza(
+    nats_url: str, token: Callable[..., str], service_env: ServiceEnv
+) -> AsyncIterator[PlazaCaller]:
     host = build(PlazaConfig.from_env(service_env(nats_url)))
     async with serving(host, plaza_pb2_grpc.PlazaStub, token) as as_user:
         yield as_user
@@ -524,13 +525,11 @@ FIXED_NOW = int(time.time() * 1000)
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[PlazaStore]:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"test_{uuid.uuid4().hex[:12]}")
+async def store(mongodb_uri: str, database: str) -> AsyncIterator[PlazaStore]:
+    client, db = open_database(mongodb_uri, database)
     store = PlazaStore(db)
     await store.create_indexes()
     yield store
-    if os.environ.get("MONGODB_URI"):
-        await client.drop_database(db.name)
     client.close()
 
 
