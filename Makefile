@@ -10,7 +10,7 @@ IMAGE ?= groupchat
 VERSION ?= dev
 CONTAINER ?= docker
 
-.PHONY: run test bench token follow unfollow seed plaza-rebuild gen lint image clean
+.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor gen lint image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -22,6 +22,7 @@ bench: $(VENV)/.installed gen/.stamp
 	$(PY) -m bench.fanout
 	$(PY) -m bench.direct
 	$(PY) -m bench.plaza
+	$(PY) -m bench.round_trips
 
 token: $(VENV)/.installed
 	@$(PY) -m tools.token $(USER) $(if $(ROLES),--roles $(ROLES))
@@ -37,6 +38,10 @@ seed: $(VENV)/.installed gen/.stamp
 
 plaza-rebuild: $(VENV)/.installed gen/.stamp
 	$(PY) -m services.plaza.rebuild
+
+# What does not hold in a live store (MONGODB_URI, else the local suite's); exit 1 if anything.
+doctor: $(VENV)/.installed gen/.stamp
+	$(PY) -m tools.doctor
 
 gen: gen/.stamp
 

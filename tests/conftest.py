@@ -5,64 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pymongo
 import pytest
 
 from services.kit.auth import mint_token
-from tools.suite import (
-    free_port,
-    local_mongodb_uri,
-    mongodb_server_command,
-    nats_server_command,
-    wait_port,
-)
+from tools.suite import running_mongodb_server, running_nats_server
 
 TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
-
-
-@contextmanager
-def running_nats_server(store: Path) -> Iterator[str]:
-    """A nats-server with JetStream on a free port, storing under `store`; yields its URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_port(port)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_nats_server(tmp_path_factory.mktemp("jetstream")) as url:
         yield url
-
-
-@contextmanager
-def running_mongodb_server(store: Path) -> Iterator[str]:
-    """The local MongoDB server (SecantusDB) on a free port, storing under `store`; yields
-    its URI."""
-    port = free_port()
-    process = subprocess.Popen(
-        mongodb_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_port(port, timeout=30.0)
-        yield local_mongodb_uri(port)
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")

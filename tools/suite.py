@@ -17,7 +17,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,34 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on port {port} after {timeout}s") from None
             time.sleep(0.05)
+
+
+@contextmanager
+def running_server(argv: list[str], port: int, timeout: float = 30.0) -> Iterator[None]:
+    """`argv` as a quiet child process, from when `port` answers until the block ends."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def running_nats_server(store_dir: Path) -> Iterator[str]:
+    """A nats-server with JetStream on a free port, storing under `store_dir`; its URL."""
+    port = free_port()
+    with running_server(nats_server_command(port, store_dir), port):
+        yield f"nats://127.0.0.1:{port}"
+
+
+@contextmanager
+def running_mongodb_server(storage_dir: Path) -> Iterator[str]:
+    """The local MongoDB server on a free port, storing under `storage_dir`; its URI."""
+    port = free_port()
+    with running_server(mongodb_server_command(port, storage_dir), port):
+        yield local_mongodb_uri(port)
 
 
 @dataclass

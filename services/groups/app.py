@@ -1,19 +1,26 @@
-"""Groups' use cases: one method per command or query, handed its store and outbox."""
+"""Groups' use cases: one method per command or query, handed its store and outbox.
+
+A command on a group reads the group (with the memberships it is about), decides with the
+domain's rules, and commits the change and its events in one write conditional on the
+version it read (`_change`); when the group changed meanwhile it reads and decides again.
+Within a process one writer per group runs at a time, so a thousand joins to one group
+queue instead of colliding; across processes the version decides.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
 
 import structlog
 
-from services.groups import domain
+from services.groups import domain, storage
 from services.groups.domain import (
     Banned,
-    ConcurrentUpdate,
     Group,
     GroupFull,
     GroupLimitReached,
@@ -24,17 +31,27 @@ from services.groups.domain import (
     Membership,
     Message,
     NotAMember,
-    OwnerMustTransfer,
     PostChange,
     Role,
 )
 from services.groups.mapping import group_to_proto, member_to_proto, message_to_proto
-from services.groups.storage import GroupsStore
+from services.groups.storage import GroupsStore, GroupState
+from services.kit.errors import ConcurrentUpdate, DomainError
 from services.kit.events import OutgoingEvent, new_event
-from services.kit.outbox import Outbox
+from services.kit.locks import KeyedLocks
+from services.kit.outbox import Outbox, merged
 from services.kit.timestamps import now_ms
 
 log = structlog.get_logger("groups")
+
+# A command reads and decides again this often when other processes keep changing the group.
+COMMIT_ATTEMPTS = 50
+# A lease older than this whose join never happened is stale: no command runs this long.
+LEASE_GRACE_MS = 120_000
+# Groups whose last seq this process remembers (a guess that saves a read per send).
+LAST_SEQS_KEPT = 10_000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,40 @@ class GroupConversation:
     activity_ms: int
 
 
+@dataclass
+class _Change(Generic[T]):
+    """What a command decided: the update of the group document, its events, and what the
+    command returns once it is committed."""
+
+    update: dict[str, Any]
+    result: T
+    events: list[OutgoingEvent] = field(default_factory=list)
+
+
+class _Events:
+    """The events of one change to a group, numbered on from the version it was read at."""
+
+    def __init__(self, state: GroupState) -> None:
+        self._group = state.group
+        self.events: list[OutgoingEvent] = []
+
+    @property
+    def next_version(self) -> int:
+        return self._group.version + len(self.events) + 1
+
+    def add(self, event_type: str, user_id: str, **payload: Any) -> None:
+        self.events.append(
+            new_event(
+                "groups",
+                event_type,
+                aggregate_id=self._group.group_id,
+                aggregate_version=self.next_version,
+                user_id=user_id,
+                **payload,
+            )
+        )
+
+
 class GroupsApp:
     def __init__(
         self,
@@ -74,12 +125,21 @@ class GroupsApp:
         self._outbox = outbox
         self._limits = limits
         self._clock = clock
+        self._writers = KeyedLocks()
         # Serialises this process's senders per group, so seqs are taken without contention
-        # and events leave in seq order. Across processes the unique (group, seq) index rules.
-        self._send_locks: dict[str, asyncio.Lock] = {}
+        # and events leave in seq order. Across processes the message _id rules.
+        self._senders = KeyedLocks()
         # The last seq this process saw per group: a guess that saves reading it back before
         # every send. A stale guess only costs a refused insert and a fresh read.
-        self._last_seqs: dict[str, int] = {}
+        self._last_seqs: OrderedDict[str, int] = OrderedDict()
+
+    async def start(self) -> None:
+        """Have the relay finish and publish what a stopped command committed."""
+        await self._outbox.watch(self._store.groups)
+        await self._outbox.watch(
+            self._store.messages,
+            finish=lambda doc: self._finish_message(storage.message_from_doc(doc)),
+        )
 
     # Groups
 
@@ -92,8 +152,6 @@ class GroupsApp:
         if create_key and (existing := await self._store.group_by_create_key(create_key)):
             return existing, await self._creator_membership(existing, user_id)
         await self._check_link(user_id, settings.linked_post_id)
-        if not await self._store.take_user_slot(user_id, self._limits.max_groups_per_user):
-            raise self._group_limit(user_id)
         now = self._clock()
         group = Group(
             group_id=f"g_{uuid.uuid4().hex[:16]}",
@@ -105,139 +163,157 @@ class GroupsApp:
             updated_at_ms=now,
             version=1,
         )
-        if await self._store.insert_group(group, create_key) is None:
-            await self._store.give_back_user_slot(user_id)
-            existing = await self._store.group_by_create_key(create_key or "")
-            assert existing is not None
-            return existing, await self._creator_membership(existing, user_id)
+        await self._take_lease(user_id, group.group_id)
         owner = Membership(group.group_id, user_id, Role.OWNER, now, 0, 0)
-        await self._store.insert_membership(owner)
-        await self._publish(
-            group, "group_created", user_id, group_created={"group": group_to_proto(group)}
+        created = new_event(
+            "groups",
+            "group_created",
+            aggregate_id=group.group_id,
+            aggregate_version=group.version,
+            user_id=user_id,
+            group_created={"group": group_to_proto(group)},
         )
+        if not await self._store.insert_group(group, owner, create_key, [created]):
+            await self._store.release_lease(user_id, group.group_id)
+            existing = await self._store.group_by_create_key(create_key or "")
+            if existing is None:  # the first attempt's group was dissolved meanwhile
+                raise GroupNotFound("the group created with this request_id is gone")
+            return existing, await self._creator_membership(existing, user_id)
+        self._outbox.committed(self._store.groups, group.group_id, [created])
         log.info("group_created", group_id=group.group_id, owner_id=user_id)
         return await self._settle_link(group), owner
 
     async def get_group(self, group_id: str) -> Group:
-        return await self._group(group_id)
+        return (await self._load(group_id)).group
 
     async def update_group(
         self, user_id: str, group_id: str, changes: GroupSettings, fields: list[str]
     ) -> Group:
         domain.validate_update_mask(fields)
-        domain.ensure_can_manage(await self._membership(group_id, user_id))
-        for _ in range(5):
-            group = await self._group(group_id)
+        if "linked_post_id" in fields:
+            await self._check_link(user_id, changes.linked_post_id)
+
+        def decide(state: GroupState) -> _Change[Group]:
+            domain.ensure_can_manage(self._member(state, user_id))
+            group = state.group
             settings = replace(group.settings, **{f: getattr(changes, f) for f in fields})
             settings.validate(self._limits.max_capacity)
             domain.ensure_capacity_fits(settings, group.member_count)
-            if "linked_post_id" in fields:
-                await self._check_link(user_id, settings.linked_post_id)
-            updated = await self._store.update_settings(group, settings, self._clock())
-            if updated is not None:
-                await self._publish(
-                    updated,
-                    "group_updated",
-                    user_id,
-                    group_updated={
-                        "group": group_to_proto(updated),
-                        "changed_fields": sorted(fields),
-                    },
-                )
-                return await self._settle_link(updated)
-        raise ConcurrentUpdate("the group kept changing; try again")
+            now = self._clock()
+            unlinked = domain.unlinked_post_after_update(group, settings)
+            events = _Events(state)
+            updated = replace(
+                group,
+                settings=settings,
+                unlinked_post_id=unlinked,
+                updated_at_ms=now,
+                version=events.next_version,
+            )
+            events.add(
+                "group_updated",
+                user_id,
+                group_updated={"group": group_to_proto(updated), "changed_fields": sorted(fields)},
+            )
+            update = storage.set_settings(settings, group.member_count, unlinked, now)
+            return _Change(update, updated, events.events)
+
+        updated = await self._change(group_id, [user_id], decide)
+        return await self._settle_link(updated)
 
     # Membership
 
     async def join_group(self, user_id: str, group_id: str, source: int) -> JoinResult:
         domain.validate_id(group_id, "group_id")
-        group = await self._group(group_id)
-        if existing := await self._store.get_membership(group_id, user_id):
-            return JoinResult(existing, group, joined=False)
-        if await self._store.is_banned(group_id, user_id):
-            raise Banned("you are banned from this group")
+        state = await self._load(group_id, user_id)
+        if existing := state.member(user_id):
+            return JoinResult(existing, state.group, joined=False)
+        self._ensure_may_join(state, user_id)
         await self._check_join_rate(user_id)
-        if not await self._store.take_user_slot(user_id, self._limits.max_groups_per_user):
-            raise self._group_limit(user_id)
-        seated = await self._store.take_seat(group_id)
-        if seated is None:
-            await self._store.give_back_user_slot(user_id)
-            await self._group(group_id)  # NOT_FOUND if it was dissolved meanwhile
-            raise GroupFull(f"the group is full ({group.settings.capacity} members)")
-        member = Membership(group_id, user_id, Role.MEMBER, self._clock(), 0, seated.last_seq)
-        if not await self._store.insert_membership(member):  # the same user joined concurrently
-            await self._store.give_back_seat(group_id)
-            await self._store.give_back_user_slot(user_id)
-            return JoinResult(await self._membership(group_id, user_id), group, joined=False)
-        await self._publish(
-            seated,
-            "member_joined",
-            user_id,
-            member_joined={
-                "member": member_to_proto(member),
-                "member_count": seated.member_count,
-                "source": source,
-            },
-        )
-        return JoinResult(member, seated, joined=True)
+        newly_leased = await self._take_lease(user_id, group_id)
+
+        def decide(state: GroupState) -> _Change[JoinResult]:
+            if existing := state.member(user_id):  # the same user joined concurrently
+                return _Change({}, JoinResult(existing, state.group, joined=False))
+            self._ensure_may_join(state, user_id)
+            group = state.group
+            member = Membership(group_id, user_id, Role.MEMBER, self._clock(), 0, group.last_seq)
+            events = _Events(state)
+            seated = replace(
+                group, member_count=group.member_count + 1, version=events.next_version
+            )
+            events.add(
+                "member_joined",
+                user_id,
+                member_joined={
+                    "member": member_to_proto(member),
+                    "member_count": seated.member_count,
+                    "source": source,
+                },
+            )
+            return _Change(
+                storage.add_member(member), JoinResult(member, seated, True), events.events
+            )
+
+        try:
+            return await self._change(group_id, [user_id], decide)
+        except DomainError:
+            # Refused for certain (full, banned, gone): the lease goes back. A cancel or a
+            # lost answer may have joined: that lease stays until it is found stale.
+            if newly_leased:
+                await self._store.release_lease(user_id, group_id)
+            raise
 
     async def leave_group(self, user_id: str, group_id: str) -> bool:
         """Leave; returns True when the caller was the last member and the group dissolved."""
-        member = await self._membership(group_id, user_id)
-        group = await self._group(group_id)
-        domain.ensure_can_leave(member, group.member_count)
-        if member.role == Role.OWNER:
-            if not await self._store.delete_if_sole_member(group_id):
-                raise OwnerMustTransfer("someone joined meanwhile: transfer ownership first")
-            await self._store.delete_group_memberships(group_id)
-            await self._store.give_back_user_slot(user_id)
-            # One event for the one fact: the group is gone, its last member with it.
-            dissolved = replace(group, member_count=0, version=group.version + 1)
-            await self._publish(
-                dissolved, "group_dissolved", user_id, group_dissolved={"group_id": group_id}
-            )
-            self._send_locks.pop(group_id, None)
-            self._last_seqs.pop(group_id, None)
-            log.info("group_dissolved", group_id=group_id)
-            return True
-        if not await self._store.delete_membership(group_id, user_id):
-            raise NotAMember("you are not a member of this group")
-        after = await self._store.give_back_seat(group_id)
-        await self._store.give_back_user_slot(user_id)
-        if after is not None:
-            await self._publish(
-                after,
+
+        def decide(state: GroupState) -> _Change[bool]:
+            member = self._member(state, user_id)
+            group = state.group
+            domain.ensure_can_leave(member, group.member_count)
+            events = _Events(state)
+            if member.role == Role.OWNER:
+                # One event for the one fact: the group is gone, its last member with it.
+                events.add("group_dissolved", user_id, group_dissolved={"group_id": group_id})
+                return _Change(storage.dissolve(group.settings.capacity), True, events.events)
+            events.add(
                 "member_left",
                 user_id,
                 member_left={
                     "group_id": group_id,
                     "user_id": user_id,
-                    "member_count": after.member_count,
+                    "member_count": group.member_count - 1,
                 },
             )
-        return False
+            return _Change(storage.remove_member(user_id), False, events.events)
+
+        dissolved = await self._change(group_id, [user_id], decide)
+        await self._store.release_lease(user_id, group_id)
+        if dissolved:
+            self._last_seqs.pop(group_id, None)
+            log.info("group_dissolved", group_id=group_id)
+        return dissolved
 
     async def remove_member(self, actor_id: str, group_id: str, target_id: str, ban: bool) -> None:
         domain.validate_id(target_id, "user_id")
-        actor = await self._membership(group_id, actor_id)
-        target = await self._store.get_membership(group_id, target_id)
-        if target is None:
-            if not ban:
-                raise MemberNotFound(f"{target_id} is not a member of this group")
-            # Banning someone who is not (or no longer) a member keeps them out.
-            domain.ensure_can_manage(actor)
-            await self._store.ban(group_id, target_id, actor_id, self._clock())
-            return
-        domain.ensure_can_moderate(actor, target)
-        if ban:
-            await self._store.ban(group_id, target_id, actor_id, self._clock())
-        if not await self._store.delete_membership(group_id, target_id):
-            return  # left or removed concurrently: nothing more to undo
-        after = await self._store.give_back_seat(group_id)
-        await self._store.give_back_user_slot(target_id)
-        if after is not None:
-            await self._publish(
-                after,
+
+        def decide(state: GroupState) -> _Change[bool]:
+            actor = self._member(state, actor_id)
+            target = state.member(target_id)
+            now = self._clock()
+            if target is None:
+                if not ban:
+                    raise domain.MemberNotFound(f"{target_id} is not a member of this group")
+                # Banning someone who is not (or no longer) a member keeps them out.
+                domain.ensure_can_manage(actor)
+                if target_id in state.banned:
+                    return _Change({}, False)
+                return _Change(storage.ban(target_id, actor_id, now), False)
+            domain.ensure_can_moderate(actor, target)
+            update = storage.remove_member(target_id)
+            if ban:
+                update = merged(update, storage.ban(target_id, actor_id, now))
+            events = _Events(state)
+            events.add(
                 "member_removed",
                 target_id,
                 member_removed={
@@ -245,70 +321,92 @@ class GroupsApp:
                     "user_id": target_id,
                     "removed_by": actor_id,
                     "banned": ban,
-                    "member_count": after.member_count,
+                    "member_count": state.group.member_count - 1,
                 },
             )
+            return _Change(update, True, events.events)
+
+        if await self._change(group_id, [actor_id, target_id], decide):
+            await self._store.release_lease(target_id, group_id)
 
     async def set_member_role(
         self, actor_id: str, group_id: str, target_id: str, role_value: int
     ) -> Membership:
         role = domain.assignable_role(role_value)
-        actor = await self._membership(group_id, actor_id)
-        target = await self._target(group_id, target_id)
-        domain.ensure_can_set_role(actor, target, role)
-        updated = await self._store.update_membership(group_id, target_id, role=int(role))
-        if updated is None:
-            raise MemberNotFound(f"{target_id} is not a member of this group")
-        await self._membership_changed(updated, "member_role_changed", actor_id)
-        return updated
+        domain.validate_id(target_id, "user_id")
+
+        def decide(state: GroupState) -> _Change[Membership]:
+            actor = self._member(state, actor_id)
+            target = self._target(state, target_id)
+            domain.ensure_can_set_role(actor, target, role)
+            updated = replace(target, role=role)
+            events = _Events(state)
+            self._member_changed(events, updated, "member_role_changed", actor_id)
+            return _Change(storage.set_member(updated), updated, events.events)
+
+        return await self._change(group_id, [actor_id, target_id], decide)
 
     async def mute_member(
         self, actor_id: str, group_id: str, target_id: str, duration_seconds: int
     ) -> Membership:
         domain.validate_mute_duration(duration_seconds, self._limits.max_mute_seconds)
-        actor = await self._membership(group_id, actor_id)
-        target = await self._target(group_id, target_id)
-        domain.ensure_can_moderate(actor, target)
-        until = self._clock() + duration_seconds * 1000 if duration_seconds else 0
-        updated = await self._store.update_membership(group_id, target_id, muted_until_ms=until)
-        if updated is None:
-            raise MemberNotFound(f"{target_id} is not a member of this group")
-        await self._membership_changed(updated, "member_muted", actor_id)
-        return updated
+        domain.validate_id(target_id, "user_id")
+
+        def decide(state: GroupState) -> _Change[Membership]:
+            actor = self._member(state, actor_id)
+            target = self._target(state, target_id)
+            domain.ensure_can_moderate(actor, target)
+            until = self._clock() + duration_seconds * 1000 if duration_seconds else 0
+            updated = replace(target, muted_until_ms=until)
+            events = _Events(state)
+            self._member_changed(events, updated, "member_muted", actor_id)
+            return _Change(storage.set_member(updated), updated, events.events)
+
+        return await self._change(group_id, [actor_id, target_id], decide)
 
     async def transfer_ownership(self, actor_id: str, group_id: str, new_owner_id: str) -> Group:
-        actor = await self._membership(group_id, actor_id)
-        target = await self._target(group_id, new_owner_id)
-        domain.ensure_can_transfer(actor, target)
-        group = await self._store.transfer_owner(group_id, actor_id, new_owner_id)
-        if group is None:
-            raise ConcurrentUpdate("ownership changed meanwhile; reload the group")
-        new_owner = await self._store.update_membership(
-            group_id, new_owner_id, role=int(Role.OWNER)
-        )
-        old_owner = await self._store.update_membership(group_id, actor_id, role=int(Role.ADMIN))
-        await self._publish(
-            group,
-            "group_updated",
-            actor_id,
-            group_updated={"group": group_to_proto(group), "changed_fields": ["owner_id"]},
-        )
-        for changed in (new_owner, old_owner):
-            if changed is not None:
-                await self._membership_changed(changed, "member_role_changed", actor_id)
-        return group
+        domain.validate_id(new_owner_id, "new_owner_id")
+
+        def decide(state: GroupState) -> _Change[Group]:
+            actor = self._member(state, actor_id)
+            target = self._target(state, new_owner_id)
+            domain.ensure_can_transfer(actor, target)
+            new_owner = replace(target, role=Role.OWNER)
+            old_owner = replace(actor, role=Role.ADMIN)
+            events = _Events(state)
+            group = replace(state.group, owner_id=new_owner_id, version=events.next_version)
+            events.add(
+                "group_updated",
+                actor_id,
+                group_updated={"group": group_to_proto(group), "changed_fields": ["owner_id"]},
+            )
+            for changed in (new_owner, old_owner):
+                self._member_changed(events, changed, "member_role_changed", actor_id)
+            update = merged(
+                storage.set_owner(new_owner_id),
+                storage.set_member(new_owner),
+                storage.set_member(old_owner),
+            )
+            return _Change(update, group, events.events)
+
+        return await self._change(group_id, [actor_id, new_owner_id], decide)
 
     async def list_members(
         self, user_id: str, group_id: str, after_user: str | None, limit: int
     ) -> list[Membership]:
-        await self._membership(group_id, user_id)
-        return await self._store.members_page(group_id, after_user, limit)
+        self._member(await self._load(group_id, user_id), user_id)
+        members = [
+            m
+            for m in await self._store.all_members(group_id)
+            if after_user is None or m.user_id > after_user
+        ][:limit]
+        return members
 
     async def list_my_groups(
         self, user_id: str, after_group: str | None, limit: int
     ) -> list[tuple[Group, Membership]]:
-        memberships = await self._store.memberships_of_user(user_id, after_group, limit)
-        return await self._with_groups(memberships)
+        rows = await self._store.memberships_of_user(user_id)
+        return [r for r in rows if after_group is None or r[0].group_id > after_group][:limit]
 
     async def list_group_conversations(
         self, user_id: str, before_activity_ms: int, before_group_id: str, limit: int
@@ -319,7 +417,7 @@ class GroupsApp:
         # A user is in at most MAX_GROUPS_PER_USER (500) groups, so loading all of them and
         # ordering in Python is cheap enough, and spares keeping a per-member activity index
         # that every message would have to update for every member of the group.
-        rows = await self._with_groups(await self._store.all_memberships_of_user(user_id))
+        rows = await self._store.memberships_of_user(user_id)
         conversations = sorted(
             (GroupConversation(g, m, domain.activity_for_member(g, m)) for g, m in rows),
             key=lambda c: (c.activity_ms, c.group.group_id),
@@ -338,26 +436,24 @@ class GroupsApp:
         self, user_id: str, group_id: str, text: str, mentions: list[str], client_msg_id: str
     ) -> Message:
         domain.validate_message(text, mentions, client_msg_id)
-        member = await self._membership(group_id, user_id)
+        member = self._member(await self._load(group_id, user_id), user_id)
         key = domain.dedup_key(group_id, user_id, client_msg_id)
         if key and (first := await self._store.message_by_dedup_key(key)):
             return first
         domain.ensure_can_send(member, self._clock())
-        lock = self._send_locks.setdefault(group_id, asyncio.Lock())
-        async with lock:
-            message = await self._append(group_id, user_id, text, mentions, client_msg_id, key)
-        await self._store.advance_read_seq(group_id, user_id, message.seq)
+        async with self._senders.hold(group_id):
+            message, events = await self._append(group_id, user_id, text, mentions, client_msg_id)
+        if events:
+            await self._finish_message(message)
+            self._outbox.committed(self._store.messages, storage.message_id(message), events)
         return message
 
     async def _append(
-        self,
-        group_id: str,
-        user_id: str,
-        text: str,
-        mentions: list[str],
-        client_msg_id: str,
-        key: str | None,
-    ) -> Message:
+        self, group_id: str, user_id: str, text: str, mentions: list[str], client_msg_id: str
+    ) -> tuple[Message, list[OutgoingEvent]]:
+        """Store the message as the group's next seq with its event; (the first message, [])
+        when a concurrent retry with the same client message id stored it first."""
+        key = domain.dedup_key(group_id, user_id, client_msg_id)
         last = self._last_seqs.get(group_id)
         while True:
             if last is None:
@@ -366,32 +462,38 @@ class GroupsApp:
             message = Message(
                 group_id, seq, user_id, text, tuple(mentions), client_msg_id, self._clock()
             )
-            if await self._store.insert_message(message):
+            event = new_event(
+                "groups",
+                "group_message_posted",
+                aggregate_id=group_id,
+                aggregate_version=seq,
+                user_id=user_id,
+                group_message_posted={"message": message_to_proto(message)},
+            )
+            if await self._store.insert_message(message, [event]):
                 break
             if key and (first := await self._store.message_by_dedup_key(key)):
-                return first  # a concurrent retry of the same message won
+                return first, []  # a concurrent retry of the same message won
             last = None  # another process took this seq: read the last one and try again
         self._last_seqs[group_id] = seq
-        await self._store.record_last_message(message)
-        await self._outbox.publish(
-            [
-                new_event(
-                    "groups",
-                    "group_message_posted",
-                    aggregate_id=group_id,
-                    aggregate_version=seq,
-                    user_id=user_id,
-                    group_message_posted={"message": message_to_proto(message)},
-                )
-            ]
+        self._last_seqs.move_to_end(group_id)
+        if len(self._last_seqs) > LAST_SEQS_KEPT:
+            self._last_seqs.popitem(last=False)
+        return message, [event]
+
+    async def _finish_message(self, message: Message) -> None:
+        """What follows from a stored message: it is the group's newest unless a later one
+        is, and its sender has read up to it."""
+        await asyncio.gather(
+            self._store.record_last_message(message),
+            self._store.advance_read_seq(message.group_id, message.sender_id, message.seq),
         )
-        return message
 
     async def list_messages(
         self, user_id: str, group_id: str, after_seq: int, before_seq: int, limit: int
     ) -> tuple[list[Message], bool]:
         domain.validate_seqs(after_seq=after_seq, before_seq=before_seq)
-        await self._membership(group_id, user_id)
+        self._member(await self._load(group_id, user_id), user_id)
         if before_seq:
             page = await self._store.messages_before(group_id, before_seq, after_seq, limit + 1)
             return page[-limit:], len(page) > limit
@@ -401,13 +503,13 @@ class GroupsApp:
     async def mark_read(self, user_id: str, group_id: str, read_seq: int) -> tuple[int, int]:
         """Returns (read position, unread count)."""
         domain.validate_seqs(read_seq=read_seq)
-        await self._membership(group_id, user_id)
-        group = await self._group(group_id)
-        member = await self._store.advance_read_seq(
+        state = await self._load(group_id, user_id)
+        member = self._member(state, user_id)
+        group = state.group
+        position = await self._store.advance_read_seq(
             group_id, user_id, min(read_seq, group.last_seq)
         )
-        if member is None:
-            raise NotAMember("you are not a member of this group")
+        member = replace(member, read_seq=max(position, member.read_seq))
         return member.read_seq, domain.unread_count(group, member)
 
     # Linked posts
@@ -438,53 +540,130 @@ class GroupsApp:
         post = await self._store.get_post(post_id)
         if post is not None and post.published:
             return group
-        return await self._unlink(group.group_id, post_id) or await self._group(group.group_id)
+        return await self._unlink(group.group_id, post_id) or await self.get_group(group.group_id)
 
     async def _unlink(self, group_id: str, post_id: str) -> Group | None:
-        group = await self._store.unlink_post(group_id, post_id, self._clock())
-        if group is None:
-            return None  # unlinked already, or linked to another post meanwhile
-        await self._publish(
-            group,
-            "group_updated",
-            group.owner_id,
-            group_updated={"group": group_to_proto(group), "changed_fields": ["linked_post_id"]},
-        )
-        log.info("post_unlinked", group_id=group_id, post_id=post_id)
+        """Unlink `post_id` if the group still links it; None when it does not (unlinked
+        already, linked to another post meanwhile, or the group is gone)."""
+
+        def decide(state: GroupState) -> _Change[Group | None]:
+            group = state.group
+            if group.settings.linked_post_id != post_id:
+                return _Change({}, None)
+            now = self._clock()
+            events = _Events(state)
+            unlinked = replace(
+                group,
+                settings=replace(group.settings, linked_post_id=""),
+                unlinked_post_id=post_id,
+                updated_at_ms=now,
+                version=events.next_version,
+            )
+            events.add(
+                "group_updated",
+                group.owner_id,
+                group_updated={
+                    "group": group_to_proto(unlinked),
+                    "changed_fields": ["linked_post_id"],
+                },
+            )
+            return _Change(storage.unlink_post(post_id, now), unlinked, events.events)
+
+        try:
+            group = await self._change(group_id, [], decide)
+        except GroupNotFound:
+            return None
+        if group is not None:
+            log.info("post_unlinked", group_id=group_id, post_id=post_id)
         return group
 
     # Shared steps
 
-    async def _group(self, group_id: str) -> Group:
-        group = await self._store.get_group(group_id)
-        if group is None:
-            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
-        return group
+    async def _change(
+        self, group_id: str, user_ids: list[str], decide: Callable[[GroupState], _Change[T]]
+    ) -> T:
+        """Read the group with `user_ids`' memberships, `decide`, and commit the decided
+        update and events conditional on the version read; read and decide again when the
+        group changed meanwhile. An empty update commits nothing."""
+        async with self._writers.hold(group_id):
+            for _ in range(COMMIT_ATTEMPTS):
+                state = await self._load(group_id, *user_ids)
+                change = decide(state)
+                if not change.update:
+                    return change.result
+                if await self._store.commit(state, change.update, change.events):
+                    self._outbox.committed(self._store.groups, group_id, change.events)
+                    return change.result
+        raise ConcurrentUpdate("the group kept changing; try again")
 
-    async def _membership(self, group_id: str, user_id: str) -> Membership:
-        member = await self._store.get_membership(group_id, user_id)
+    async def _load(self, group_id: str, *user_ids: str) -> GroupState:
+        state = await self._store.load(group_id, *user_ids)
+        if state is None:
+            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
+        return state
+
+    @staticmethod
+    def _member(state: GroupState, user_id: str) -> Membership:
+        member = state.member(user_id)
         if member is None:
-            if await self._store.get_group(group_id) is None:
-                raise GroupNotFound(f"no group {group_id}", group_id=group_id)
-            raise NotAMember("you are not a member of this group", group_id=group_id)
+            raise NotAMember("you are not a member of this group", group_id=state.group.group_id)
         return member
 
-    async def _with_groups(self, memberships: list[Membership]) -> list[tuple[Group, Membership]]:
-        groups = await self._store.groups_by_id([m.group_id for m in memberships])
-        return [(groups[m.group_id], m) for m in memberships if m.group_id in groups]
-
-    async def _creator_membership(self, group: Group, user_id: str) -> Membership:
-        """The creator's membership, for a retried create. A concurrent first attempt may not
-        have stored it yet; it is then the owner membership that attempt is writing."""
-        stored = await self._store.get_membership(group.group_id, user_id)
-        return stored or Membership(group.group_id, user_id, Role.OWNER, group.created_at_ms, 0, 0)
-
-    async def _target(self, group_id: str, user_id: str) -> Membership:
-        domain.validate_id(user_id, "user_id")
-        member = await self._store.get_membership(group_id, user_id)
+    @staticmethod
+    def _target(state: GroupState, user_id: str) -> Membership:
+        member = state.member(user_id)
         if member is None:
             raise MemberNotFound(f"{user_id} is not a member of this group")
         return member
+
+    @staticmethod
+    def _ensure_may_join(state: GroupState, user_id: str) -> None:
+        if user_id in state.banned:
+            raise Banned("you are banned from this group")
+        if state.group.is_full:
+            raise GroupFull(f"the group is full ({state.group.settings.capacity} members)")
+
+    @staticmethod
+    def _member_changed(
+        events: _Events, member: Membership, event_type: str, actor_id: str
+    ) -> None:
+        by_field = "changed_by" if event_type == "member_role_changed" else "muted_by"
+        events.add(
+            event_type,
+            member.user_id,
+            **{event_type: {"member": member_to_proto(member), by_field: actor_id}},
+        )
+
+    async def _creator_membership(self, group: Group, user_id: str) -> Membership:
+        """The creator's membership, for a retried create."""
+        state = await self._store.load(group.group_id, user_id)
+        stored = state.member(user_id) if state else None
+        return stored or Membership(group.group_id, user_id, Role.OWNER, group.created_at_ms, 0, 0)
+
+    async def _take_lease(self, user_id: str, group_id: str) -> bool:
+        """Hold one of the user's places for `group_id`; True when this took a new one.
+        At the limit, leases whose join never happened are released first."""
+        limit = self._limits.max_groups_per_user
+        for attempt in range(2):
+            if await self._store.take_lease(user_id, group_id, limit, self._clock()):
+                return True
+            if await self._store.holds_lease(user_id, group_id):
+                return False
+            if attempt == 0:
+                await self._release_stale_leases(user_id)
+        raise GroupLimitReached(
+            f"you are in {limit} groups, the most allowed", subject=f"user:{user_id}"
+        )
+
+    async def _release_stale_leases(self, user_id: str) -> None:
+        leases = await self._store.leases(user_id)
+        cutoff = self._clock() - LEASE_GRACE_MS
+        old = [g for g, taken_at in leases.items() if taken_at < cutoff]
+        if not old:
+            return
+        joined = await self._store.member_group_ids(user_id, old)
+        for group_id in set(old) - joined:
+            await self._store.release_lease_taken_at(user_id, group_id, leases[group_id])
 
     async def _check_join_rate(self, user_id: str) -> None:
         window_ms = self._limits.join_rate_window_seconds * 1000
@@ -499,32 +678,3 @@ class GroupsApp:
                 subject=f"user:{user_id}",
                 retry_after_seconds=str(retry_after),
             )
-
-    def _group_limit(self, user_id: str) -> GroupLimitReached:
-        return GroupLimitReached(
-            f"you are in {self._limits.max_groups_per_user} groups, the most allowed",
-            subject=f"user:{user_id}",
-        )
-
-    async def _membership_changed(self, member: Membership, event_type: str, actor_id: str) -> None:
-        group = await self._store.bump_version(member.group_id)
-        if group is None:
-            return
-        by_field = "changed_by" if event_type == "member_role_changed" else "muted_by"
-        await self._publish(
-            group,
-            event_type,
-            member.user_id,
-            **{event_type: {"member": member_to_proto(member), by_field: actor_id}},
-        )
-
-    async def _publish(self, group: Group, event_type: str, user_id: str, **payload: Any) -> None:
-        event: OutgoingEvent = new_event(
-            "groups",
-            event_type,
-            aggregate_id=group.group_id,
-            aggregate_version=group.version,
-            user_id=user_id,
-            **payload,
-        )
-        await self._outbox.publish([event])

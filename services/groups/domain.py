@@ -6,7 +6,12 @@ import enum
 import re
 from dataclasses import dataclass
 
-from services.kit.errors import DomainError, ErrorKind, QuotaExceeded, Validator
+from services.kit.errors import (
+    DomainError,
+    ErrorKind,
+    QuotaExceeded,
+    Validator,
+)
 
 NAME_MAX = 50
 DESCRIPTION_MAX = 500
@@ -71,11 +76,6 @@ class GroupLimitReached(QuotaExceeded):
 
 class JoinRateLimited(QuotaExceeded):
     reason = "JOIN_RATE_LIMITED"
-
-
-class ConcurrentUpdate(DomainError):
-    kind = ErrorKind.ABORTED
-    reason = "CONCURRENT_UPDATE"
 
 
 class PostNotFound(DomainError):

@@ -19,6 +19,7 @@ def build(config: GroupsConfig) -> ServiceHost:
         store = GroupsStore(infra.db)
         await store.create_indexes()
         app = GroupsApp(store, infra.outbox, config.limits)
+        await app.start()
         processed = await infra.processed_events()
         await infra.bus.consume(POSTS_DURABLE, POSTS_SUBJECT, processed.once(posts_handler(app)))
         groups_pb2_grpc.add_GroupsServicer_to_server(GroupsServicer(app), context.server)

@@ -1,13 +1,35 @@
-"""Groups' MongoDB documents. Every rule that must hold under concurrency is one atomic
-single-document operation here (a conditional update or a unique index), never a read
-followed by a write."""
+"""Groups' MongoDB documents.
+
+A group is one document, the aggregate: its settings, owner, counters, members (user id ->
+role, joined, muted) and bans, and the events of its changes not yet published. Every
+command on a group is one write to that document, conditional on the version it decided on
+(optimistic concurrency), with its events inside (services/kit/outbox.py): the change, the
+counters that describe it and its events commit together or not at all, and a ban, a join,
+a removal and a transfer racing each other cannot both pass on what they read.
+
+What every message changes (the last seq and message) lives beside it in a small document of
+its own, so that sending never rewrites the group with its 500 members.
+
+Collections:
+  groups          the aggregates; a dissolved group stays as a tombstone its events leave from
+  group_activity  per group with messages: the last seq and message (only ever moves forward)
+  messages        one per message, _id "<group>:<seq>" (each seq taken once), its event
+                  inside; unique dedup_key for retries
+  read_positions  one per (group, member) who has read: how far ($max only)
+  user_groups     per user, a lease per group joined or being joined: the per-user limit, and
+                  where a user's groups are found
+  join_windows    join attempts per user and rate window (TTL)
+  posts           the platform's posts, as far as linking one needs
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from services.groups.domain import (
@@ -18,260 +40,238 @@ from services.groups.domain import (
     Post,
     PostChange,
     Role,
-    unlinked_post_after_update,
 )
+from services.kit.documents import upsert_and_read, upsert_where
+from services.kit.events import OutgoingEvent
+from services.kit.outbox import merged, pending, with_pending
+
+_GROUP_FIELDS = (
+    "name",
+    "description",
+    "category",
+    "cover_url",
+    "capacity",
+    "listed",
+    "linked_post_id",
+    "owner_id",
+    "member_count",
+    "created_at_ms",
+    "updated_at_ms",
+    "version",
+    "unlinked_post_id",
+    "dissolved",
+)
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """A group as a command read it: the group, and of the users the command is about,
+    their memberships and whether they are banned."""
+
+    group: Group
+    members: dict[str, Membership | None]
+    banned: frozenset[str]
+
+    def member(self, user_id: str) -> Membership | None:
+        return self.members.get(user_id)
 
 
 class GroupsStore:
     def __init__(self, db: Any) -> None:
-        self._groups = db["groups"]
-        self._members = db["memberships"]
-        self._bans = db["bans"]
-        self._messages = db["messages"]
-        self._user_groups = db["user_group_counts"]
+        self.groups = db["groups"]
+        self.messages = db["messages"]
+        self._activity = db["group_activity"]
+        self._reads = db["read_positions"]
+        self._user_groups = db["user_groups"]
         self._join_windows = db["join_windows"]
         self._posts = db["posts"]
 
     async def create_indexes(self) -> None:
-        await self._groups.create_index("create_key", unique=True, sparse=True)
-        await self._groups.create_index("linked_post_id")
-        # A membership's _id is "<group>:<user>" and a message's "<group>:<seq>": the _id
-        # index already keeps both unique, so these only serve queries.
-        await self._members.create_index([("group_id", ASCENDING), ("user_id", ASCENDING)])
-        await self._members.create_index([("user_id", ASCENDING), ("group_id", ASCENDING)])
-        await self._messages.create_index([("group_id", ASCENDING), ("seq", ASCENDING)])
-        await self._messages.create_index("dedup_key", unique=True, sparse=True)
+        await self.groups.create_index("create_key", unique=True, sparse=True)
+        await self.groups.create_index("linked_post_id")
+        # A message's _id is "<group>:<seq>": the _id index keeps seqs unique.
+        await self.messages.create_index([("group_id", ASCENDING), ("seq", ASCENDING)])
+        await self.messages.create_index("dedup_key", unique=True, sparse=True)
         await self._join_windows.create_index("expires_at", expireAfterSeconds=0)
 
-    # Groups
+    # The group aggregate
 
-    async def insert_group(self, group: Group, create_key: str | None) -> Group | None:
-        """Insert; None when a group with the same create key exists (a retried create)."""
-        doc = _group_doc(group)
+    async def load(self, group_id: str, *user_ids: str) -> GroupState | None:
+        """The group with the memberships and bans of `user_ids`; None when there is none."""
+        projection = {field: 1 for field in _GROUP_FIELDS}
+        for user_id in user_ids:
+            projection[f"members.{user_id}"] = 1
+            projection[f"banned.{user_id}"] = 1
+        doc, activity = await asyncio.gather(
+            self.groups.find_one({"_id": group_id}, projection),
+            self._activity.find_one({"_id": group_id}),
+        )
+        if doc is None or doc.get("dissolved"):
+            return None
+        members = doc.get("members") or {}
+        return GroupState(
+            group=_group(doc, activity),
+            members={u: _membership(group_id, u, members.get(u)) for u in user_ids},
+            banned=frozenset(doc.get("banned") or {}),
+        )
+
+    async def insert_group(
+        self, group: Group, owner: Membership, create_key: str | None, events: list[OutgoingEvent]
+    ) -> bool:
+        """Insert with its owner; False when a group with the same create key exists."""
+        doc = {
+            **_group_doc(group),
+            "members": {owner.user_id: _member_entry(owner)},
+            "banned": {},
+        }
         if create_key:
             doc["create_key"] = create_key
         try:
-            await self._groups.insert_one(doc)
+            await self.groups.insert_one(with_pending(doc, events))
         except DuplicateKeyError:
-            return None
-        return group
+            return False
+        return True
+
+    async def commit(
+        self, state: GroupState, change: dict[str, Any], events: list[OutgoingEvent]
+    ) -> bool:
+        """Apply `change` with `events` unless the group changed since `state` was read
+        (False: read again and decide again). The version moves by one per event."""
+        result = await self.groups.update_one(
+            {"_id": state.group.group_id, "version": state.group.version},
+            merged(change, {"$inc": {"version": max(len(events), 1)}}, pending(events))
+            if events
+            else merged(change, {"$inc": {"version": 1}}),
+        )
+        return bool(result.matched_count)
 
     async def group_by_create_key(self, create_key: str) -> Group | None:
-        return _group(await self._groups.find_one({"create_key": create_key}))
+        doc = await self.groups.find_one(
+            {"create_key": create_key}, {field: 1 for field in _GROUP_FIELDS}
+        )
+        if doc is None or doc.get("dissolved"):
+            return None
+        return _group(doc, await self._activity.find_one({"_id": doc["_id"]}))
 
-    async def get_group(self, group_id: str) -> Group | None:
-        return _group(await self._groups.find_one({"_id": group_id}))
-
-    async def groups_by_id(self, group_ids: list[str]) -> dict[str, Group]:
-        docs = await self._groups.find({"_id": {"$in": group_ids}}).to_list(None)
-        return {doc["_id"]: _group(doc) for doc in docs}  # type: ignore[misc]
-
-    async def take_seat(self, group_id: str) -> Group | None:
-        """One more member, only while a seat is free; None when full or gone."""
-        return _group(
-            await self._groups.find_one_and_update(
-                {"_id": group_id, "free_seats": {"$gt": 0}},
-                {"$inc": {"free_seats": -1, "member_count": 1, "version": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
+    async def all_members(self, group_id: str) -> list[Membership]:
+        doc = await self.groups.find_one(
+            {"_id": group_id, "dissolved": {"$ne": True}}, {"members": 1}
+        )
+        members = (doc or {}).get("members") or {}
+        return sorted(
+            (m for u, e in members.items() if (m := _membership(group_id, u, e))),
+            key=lambda m: m.user_id,
         )
 
-    async def give_back_seat(self, group_id: str) -> Group | None:
-        return _group(
-            await self._groups.find_one_and_update(
-                {"_id": group_id, "member_count": {"$gt": 0}},
-                {"$inc": {"free_seats": 1, "member_count": -1, "version": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
+    async def memberships_of_user(self, user_id: str) -> list[tuple[Group, Membership]]:
+        """Every group the user is in (at most MAX_GROUPS_PER_USER), with their membership
+        and read position, by group id. Their leases say where to look (every membership
+        has one); the groups say which they are members of."""
+        group_ids = sorted(await self.leases(user_id))
+        if not group_ids:
+            return []
+        projection: dict[str, Any] = {field: 1 for field in _GROUP_FIELDS}
+        projection[f"members.{user_id}"] = 1
+        member_of = {f"members.{user_id}": {"$exists": True}, "dissolved": {"$ne": True}}
+        docs, activity, reads = await asyncio.gather(
+            self.groups.find({"_id": {"$in": group_ids}, **member_of}, projection)
+            .sort("_id", ASCENDING)
+            .to_list(None),
+            self._activity.find({"_id": {"$in": group_ids}}).to_list(None),
+            self.read_seqs(group_ids, user_id),
         )
+        activity_of = {a["_id"]: a for a in activity}
+        rows = []
+        for doc in docs:
+            member = _membership(doc["_id"], user_id, doc["members"][user_id])
+            assert member is not None
+            read_seq = max(member.read_seq, reads.get(doc["_id"], 0))
+            group = _group(doc, activity_of.get(doc["_id"]))
+            rows.append((group, _with_read_seq(member, read_seq)))
+        return rows
 
-    async def bump_version(self, group_id: str) -> Group | None:
-        """Record a change to the group's members (roles, mutes) in its version."""
-        return _group(
-            await self._groups.find_one_and_update(
-                {"_id": group_id}, {"$inc": {"version": 1}}, return_document=ReturnDocument.AFTER
-            )
+    async def record_last_message(self, message: Message) -> None:
+        """Make `message` the group's newest unless a later one is recorded already: the
+        seq, the message and the activity time move together (not a change of the group:
+        its version stays)."""
+        await upsert_where(
+            self._activity,
+            message.group_id,
+            {"last_seq": {"$lt": message.seq}},
+            {"$set": {"last_seq": message.seq, "last_message": _message_doc(message)}},
         )
-
-    async def update_settings(
-        self, group: Group, settings: GroupSettings, now_ms: int
-    ) -> Group | None:
-        """Apply settings if nobody changed the group since it was read; None otherwise."""
-        return _group(
-            await self._groups.find_one_and_update(
-                {"_id": group.group_id, "version": group.version},
-                {
-                    "$set": {
-                        **_settings_doc(settings),
-                        "free_seats": settings.capacity - group.member_count,
-                        "unlinked_post_id": unlinked_post_after_update(group, settings),
-                        "updated_at_ms": now_ms,
-                    },
-                    "$inc": {"version": 1},
-                },
-                return_document=ReturnDocument.AFTER,
-            )
-        )
-
-    async def transfer_owner(self, group_id: str, from_user: str, to_user: str) -> Group | None:
-        return _group(
-            await self._groups.find_one_and_update(
-                {"_id": group_id, "owner_id": from_user},
-                {"$set": {"owner_id": to_user}, "$inc": {"version": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
-        )
-
-    async def delete_if_sole_member(self, group_id: str) -> bool:
-        """Dissolve: delete the group only if exactly one member (the leaver) remains."""
-        result = await self._groups.delete_one({"_id": group_id, "member_count": 1})
-        return bool(result.deleted_count)
-
-    async def record_last_message(self, message: Message) -> bool:
-        """Make `message` the group's newest, unless a later one is recorded already: the seq,
-        the message and the activity time move together. False when it was not the newest."""
-        result = await self._groups.update_one(
-            {"_id": message.group_id, "last_seq": {"$lt": message.seq}},
-            {
-                "$set": {
-                    "last_seq": message.seq,
-                    "last_message": _message_doc(message),
-                    "last_activity_ms": message.sent_at_ms,
-                }
-            },
-        )
-        return bool(result.modified_count)
 
     async def group_ids_linking(self, post_id: str) -> list[str]:
-        docs = await self._groups.find({"linked_post_id": post_id}, {"_id": 1}).to_list(None)
+        docs = await self.groups.find(
+            {"linked_post_id": post_id, "dissolved": {"$ne": True}}, {"_id": 1}
+        ).to_list(None)
         return [doc["_id"] for doc in docs]
 
-    async def unlink_post(self, group_id: str, post_id: str, now_ms: int) -> Group | None:
-        """Unlink `post_id` from the group if it still links it; None when it does not (already
-        unlinked, or linked to another post meanwhile)."""
-        return _group(
-            await self._groups.find_one_and_update(
-                {"_id": group_id, "linked_post_id": post_id},
-                {
-                    "$set": {
-                        "linked_post_id": "",
-                        "unlinked_post_id": post_id,
-                        "updated_at_ms": now_ms,
-                    },
-                    "$inc": {"version": 1},
-                },
-                return_document=ReturnDocument.AFTER,
-            )
+    # Read positions
+
+    async def advance_read_seq(self, group_id: str, user_id: str, seq: int) -> int:
+        """Move the member's read position to `seq` unless it is further; the position."""
+        doc = await upsert_and_read(
+            self._reads, f"{group_id}:{user_id}", {"$max": {"read_seq": seq}}
+        )
+        return int(doc["read_seq"])
+
+    async def read_seqs(self, group_ids: list[str], user_id: str) -> dict[str, int]:
+        if not group_ids:
+            return {}
+        ids = [f"{g}:{user_id}" for g in group_ids]
+        docs = await self._reads.find({"_id": {"$in": ids}}).to_list(None)
+        return {doc["_id"].rsplit(":", 1)[0]: int(doc["read_seq"]) for doc in docs}
+
+    # The per-user limit: a lease per group, taken before joining and given back after
+    # leaving, so that a user is never in more groups than the limit. A lease whose join
+    # never happened (refused, cancelled, crashed) only holds a place until it is released
+    # or found stale.
+
+    async def take_lease(self, user_id: str, group_id: str, limit: int, now_ms: int) -> bool:
+        """Lease a place for `group_id` unless the user holds one for it already or holds
+        `limit`; True when this took one."""
+        return await upsert_where(
+            self._user_groups,
+            user_id,
+            {f"groups.{group_id}": {"$exists": False}, "count": {"$lt": limit}},
+            {"$set": {f"groups.{group_id}": now_ms}, "$inc": {"count": 1}},
         )
 
-    # Memberships
+    async def holds_lease(self, user_id: str, group_id: str) -> bool:
+        doc = await self._user_groups.find_one({"_id": user_id}, {f"groups.{group_id}": 1})
+        return group_id in ((doc or {}).get("groups") or {})
 
-    async def insert_membership(self, member: Membership) -> bool:
-        """False when the user is a member already (a concurrent join of the same user)."""
-        try:
-            await self._members.insert_one(_membership_doc(member))
-        except DuplicateKeyError:
-            return False
-        return True
-
-    async def get_membership(self, group_id: str, user_id: str) -> Membership | None:
-        return _membership(await self._members.find_one({"_id": _member_key(group_id, user_id)}))
-
-    async def delete_membership(self, group_id: str, user_id: str) -> bool:
-        result = await self._members.delete_one({"_id": _member_key(group_id, user_id)})
-        return bool(result.deleted_count)
-
-    async def delete_group_memberships(self, group_id: str) -> None:
-        await self._members.delete_many({"group_id": group_id})
-
-    async def update_membership(
-        self, group_id: str, user_id: str, **set_fields: Any
-    ) -> Membership | None:
-        return _membership(
-            await self._members.find_one_and_update(
-                {"_id": _member_key(group_id, user_id)},
-                {"$set": set_fields},
-                return_document=ReturnDocument.AFTER,
-            )
-        )
-
-    async def advance_read_seq(self, group_id: str, user_id: str, seq: int) -> Membership | None:
-        return _membership(
-            await self._members.find_one_and_update(
-                {"_id": _member_key(group_id, user_id)},
-                {"$max": {"read_seq": seq}},
-                return_document=ReturnDocument.AFTER,
-            )
-        )
-
-    async def members_page(
-        self, group_id: str, after_user: str | None, limit: int
-    ) -> list[Membership]:
-        query: dict[str, Any] = {"group_id": group_id}
-        if after_user is not None:
-            query["user_id"] = {"$gt": after_user}
-        docs = await self._members.find(query).sort("user_id", ASCENDING).limit(limit).to_list(None)
-        return [_membership(d) for d in docs]  # type: ignore[misc]
-
-    async def memberships_of_user(
-        self, user_id: str, after_group: str | None, limit: int
-    ) -> list[Membership]:
-        query: dict[str, Any] = {"user_id": user_id}
-        if after_group is not None:
-            query["group_id"] = {"$gt": after_group}
-        docs = (
-            await self._members.find(query).sort("group_id", ASCENDING).limit(limit).to_list(None)
-        )
-        return [_membership(d) for d in docs]  # type: ignore[misc]
-
-    async def all_memberships_of_user(self, user_id: str) -> list[Membership]:
-        """Every group the user is in: at most MAX_GROUPS_PER_USER."""
-        docs = await self._members.find({"user_id": user_id}).to_list(None)
-        return [_membership(d) for d in docs]  # type: ignore[misc]
-
-    # Bans
-
-    async def ban(self, group_id: str, user_id: str, by: str, now_ms: int) -> None:
-        await self._bans.update_one(
-            {"_id": _member_key(group_id, user_id)},
-            {"$setOnInsert": {"group_id": group_id, "user_id": user_id, "by": by, "at_ms": now_ms}},
-            upsert=True,
-        )
-
-    async def is_banned(self, group_id: str, user_id: str) -> bool:
-        return await self._bans.find_one({"_id": _member_key(group_id, user_id)}) is not None
-
-    # Per-user limits
-
-    async def take_user_slot(self, user_id: str, limit: int) -> bool:
-        """Count one more group for the user unless they are at `limit` already."""
-        try:
-            await self._user_groups.find_one_and_update(
-                {"_id": user_id, "count": {"$lt": limit}}, {"$inc": {"count": 1}}, upsert=True
-            )
-        except DuplicateKeyError:  # the filter missed because count >= limit
-            return False
-        return True
-
-    async def give_back_user_slot(self, user_id: str) -> None:
+    async def release_lease(self, user_id: str, group_id: str) -> None:
         await self._user_groups.update_one(
-            {"_id": user_id, "count": {"$gt": 0}}, {"$inc": {"count": -1}}
+            {"_id": user_id, f"groups.{group_id}": {"$exists": True}},
+            {"$unset": {f"groups.{group_id}": ""}, "$inc": {"count": -1}},
         )
+
+    async def leases(self, user_id: str) -> dict[str, int]:
+        doc = await self._user_groups.find_one({"_id": user_id})
+        return dict((doc or {}).get("groups") or {})
+
+    async def release_lease_taken_at(self, user_id: str, group_id: str, taken_at_ms: int) -> None:
+        """Release a stale lease, unless it was taken again since."""
+        await self._user_groups.update_one(
+            {"_id": user_id, f"groups.{group_id}": taken_at_ms},
+            {"$unset": {f"groups.{group_id}": ""}, "$inc": {"count": -1}},
+        )
+
+    async def member_group_ids(self, user_id: str, group_ids: list[str]) -> set[str]:
+        docs = await self.groups.find(
+            {"_id": {"$in": group_ids}, f"members.{user_id}": {"$exists": True}}, {"_id": 1}
+        ).to_list(None)
+        return {doc["_id"] for doc in docs}
 
     async def count_join_attempt(self, user_id: str, window_start_ms: int, window_ms: int) -> int:
         """Joins the user attempted in this window, this one included."""
-        doc = await self._join_windows.find_one_and_update(
-            {"_id": f"{user_id}:{window_start_ms}"},
-            {
-                "$inc": {"count": 1},
-                "$setOnInsert": {
-                    "expires_at": dt.datetime.fromtimestamp(
-                        (window_start_ms + window_ms) / 1000, tz=dt.UTC
-                    )
-                },
-            },
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
+        expires_at = dt.datetime.fromtimestamp((window_start_ms + window_ms) / 1000, tz=dt.UTC)
+        doc = await upsert_and_read(
+            self._join_windows,
+            f"{user_id}:{window_start_ms}",
+            {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": expires_at}},
         )
         return int(doc["count"])
 
@@ -279,56 +279,56 @@ class GroupsStore:
 
     async def last_message_seq(self, group_id: str) -> int:
         docs = (
-            await self._messages.find({"group_id": group_id}, {"seq": 1})
+            await self.messages.find({"group_id": group_id}, {"seq": 1})
             .sort("seq", DESCENDING)
             .limit(1)
             .to_list(None)
         )
         return int(docs[0]["seq"]) if docs else 0
 
-    async def insert_message(self, message: Message) -> bool:
-        """False when the seq is taken or the dedup key exists: the caller finds out which."""
-        doc = {"_id": f"{message.group_id}:{message.seq}", **_message_doc(message)}
+    async def insert_message(self, message: Message, events: list[OutgoingEvent]) -> bool:
+        """Store the message with its events; False when its seq is taken or its dedup key
+        exists (the caller finds out which)."""
+        doc = {"_id": message_id(message), **_message_doc(message)}
         if message.dedup_key:
             doc["dedup_key"] = message.dedup_key
         try:
-            await self._messages.insert_one(doc)
+            await self.messages.insert_one(with_pending(doc, events))
         except DuplicateKeyError:
             return False
         return True
 
     async def message_by_dedup_key(self, key: str) -> Message | None:
-        doc = await self._messages.find_one({"dedup_key": key})
-        return _message(doc) if doc else None
+        doc = await self.messages.find_one({"dedup_key": key})
+        return message_from_doc(doc) if doc else None
 
     async def messages_after(self, group_id: str, after_seq: int, limit: int) -> list[Message]:
         docs = (
-            await self._messages.find({"group_id": group_id, "seq": {"$gt": after_seq}})
+            await self.messages.find({"group_id": group_id, "seq": {"$gt": after_seq}})
             .sort("seq", ASCENDING)
             .limit(limit)
             .to_list(None)
         )
-        return [_message(d) for d in docs]
+        return [message_from_doc(d) for d in docs]
 
     async def messages_before(
         self, group_id: str, before_seq: int, after_seq: int, limit: int
     ) -> list[Message]:
         docs = (
-            await self._messages.find(
+            await self.messages.find(
                 {"group_id": group_id, "seq": {"$lt": before_seq, "$gt": after_seq}}
             )
             .sort("seq", DESCENDING)
             .limit(limit)
             .to_list(None)
         )
-        return [_message(d) for d in reversed(docs)]
+        return [message_from_doc(d) for d in reversed(docs)]
 
     # Posts
 
     async def apply_post_change(self, change: PostChange) -> bool:
-        """Apply a platform post event if it is newer than the post's projection; False when it
-        is stale or a redelivery. One conditional upsert: when the filter misses because the
-        stored version is not older, the upsert's insert collides on _id."""
+        """Apply a platform post event if it is newer than the post's projection; False when
+        it is stale or a redelivery."""
         set_fields: dict[str, Any] = {"author_id": change.author_id, "version": change.version}
         on_insert: dict[str, Any] = {}
         if change.published is None:
@@ -342,13 +342,9 @@ class GroupsStore:
         update: dict[str, Any] = {"$set": set_fields}
         if on_insert:
             update["$setOnInsert"] = on_insert
-        try:
-            await self._posts.update_one(
-                {"_id": change.post_id, "version": {"$lt": change.version}}, update, upsert=True
-            )
-        except DuplicateKeyError:
-            return False
-        return True
+        return await upsert_where(
+            self._posts, change.post_id, {"version": {"$lt": change.version}}, update
+        )
 
     async def get_post(self, post_id: str) -> Post | None:
         doc = await self._posts.find_one({"_id": post_id})
@@ -363,8 +359,65 @@ class GroupsStore:
         )
 
 
-def _member_key(group_id: str, user_id: str) -> str:
-    return f"{group_id}:{user_id}"
+# The updates a command makes to a group document (see GroupsStore.commit).
+
+
+def add_member(member: Membership) -> dict[str, Any]:
+    return {
+        "$set": {f"members.{member.user_id}": _member_entry(member)},
+        "$inc": {"member_count": 1, "free_seats": -1},
+    }
+
+
+def remove_member(user_id: str) -> dict[str, Any]:
+    return {
+        "$unset": {f"members.{user_id}": ""},
+        "$inc": {"member_count": -1, "free_seats": 1},
+    }
+
+
+def ban(user_id: str, by: str, now_ms: int) -> dict[str, Any]:
+    return {"$set": {f"banned.{user_id}": {"by": by, "at_ms": now_ms}}}
+
+
+def set_member(member: Membership) -> dict[str, Any]:
+    return {"$set": {f"members.{member.user_id}": _member_entry(member)}}
+
+
+def set_owner(owner_id: str) -> dict[str, Any]:
+    return {"$set": {"owner_id": owner_id}}
+
+
+def set_settings(
+    settings: GroupSettings, member_count: int, unlinked_post_id: str, now_ms: int
+) -> dict[str, Any]:
+    return {
+        "$set": {
+            **_settings_doc(settings),
+            "free_seats": settings.capacity - member_count,
+            "unlinked_post_id": unlinked_post_id,
+            "updated_at_ms": now_ms,
+        }
+    }
+
+
+def unlink_post(post_id: str, now_ms: int) -> dict[str, Any]:
+    return {"$set": {"linked_post_id": "", "unlinked_post_id": post_id, "updated_at_ms": now_ms}}
+
+
+def dissolve(capacity: int) -> dict[str, Any]:
+    return {
+        "$set": {
+            "dissolved": True,
+            "members": {},
+            "member_count": 0,
+            "free_seats": capacity,
+        }
+    }
+
+
+def message_id(message: Message) -> str:
+    return f"{message.group_id}:{message.seq}"
 
 
 def _settings_doc(s: GroupSettings) -> dict[str, Any]:
@@ -386,9 +439,6 @@ def _group_doc(g: Group) -> dict[str, Any]:
         "owner_id": g.owner_id,
         "member_count": g.member_count,
         "free_seats": g.settings.capacity - g.member_count,
-        "last_seq": g.last_seq,
-        "last_message": _message_doc(g.last_message) if g.last_message else None,
-        "last_activity_ms": g.last_activity_ms,
         "unlinked_post_id": g.unlinked_post_id,
         "created_at_ms": g.created_at_ms,
         "updated_at_ms": g.updated_at_ms,
@@ -396,9 +446,8 @@ def _group_doc(g: Group) -> dict[str, Any]:
     }
 
 
-def _group(doc: dict[str, Any] | None) -> Group | None:
-    if doc is None:
-        return None
+def _group(doc: dict[str, Any], activity: dict[str, Any] | None) -> Group:
+    last = (activity or {}).get("last_message")
     return Group(
         group_id=doc["_id"],
         settings=GroupSettings(
@@ -412,21 +461,19 @@ def _group(doc: dict[str, Any] | None) -> Group | None:
         ),
         owner_id=doc["owner_id"],
         member_count=doc["member_count"],
-        last_seq=doc["last_seq"],
+        last_seq=(activity or {}).get("last_seq", 0),
         created_at_ms=doc["created_at_ms"],
         updated_at_ms=doc["updated_at_ms"],
         version=doc["version"],
-        # Groups stored before these fields existed have neither.
         unlinked_post_id=doc.get("unlinked_post_id", ""),
-        last_message=_message(last) if (last := doc.get("last_message")) else None,
+        last_message=message_from_doc(last) if last else None,
     )
 
 
-def _membership_doc(m: Membership) -> dict[str, Any]:
+def _member_entry(m: Membership) -> dict[str, Any]:
+    # read_seq here is where the member started reading (the last seq when they joined);
+    # how far they read since lives in read_positions.
     return {
-        "_id": _member_key(m.group_id, m.user_id),
-        "group_id": m.group_id,
-        "user_id": m.user_id,
         "role": int(m.role),
         "joined_at_ms": m.joined_at_ms,
         "muted_until_ms": m.muted_until_ms,
@@ -434,17 +481,21 @@ def _membership_doc(m: Membership) -> dict[str, Any]:
     }
 
 
-def _membership(doc: dict[str, Any] | None) -> Membership | None:
-    if doc is None:
+def _membership(group_id: str, user_id: str, entry: dict[str, Any] | None) -> Membership | None:
+    if entry is None:
         return None
     return Membership(
-        group_id=doc["group_id"],
-        user_id=doc["user_id"],
-        role=Role(doc["role"]),
-        joined_at_ms=doc["joined_at_ms"],
-        muted_until_ms=doc["muted_until_ms"],
-        read_seq=doc["read_seq"],
+        group_id=group_id,
+        user_id=user_id,
+        role=Role(entry["role"]),
+        joined_at_ms=entry["joined_at_ms"],
+        muted_until_ms=entry["muted_until_ms"],
+        read_seq=entry["read_seq"],
     )
+
+
+def _with_read_seq(m: Membership, read_seq: int) -> Membership:
+    return Membership(m.group_id, m.user_id, m.role, m.joined_at_ms, m.muted_until_ms, read_seq)
 
 
 def _message_doc(m: Message) -> dict[str, Any]:
@@ -459,7 +510,7 @@ def _message_doc(m: Message) -> dict[str, Any]:
     }
 
 
-def _message(doc: dict[str, Any]) -> Message:
+def message_from_doc(doc: dict[str, Any]) -> Message:
     return Message(
         group_id=doc["group_id"],
         seq=doc["seq"],

@@ -64,6 +64,13 @@ class QuotaExceeded(DomainError):
         self.subject = subject
 
 
+class ConcurrentUpdate(DomainError):
+    """Others kept changing what the command read: trying again is safe."""
+
+    kind = ErrorKind.ABORTED
+    reason = "CONCURRENT_UPDATE"
+
+
 class Unauthenticated(DomainError):
     kind = ErrorKind.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

@@ -1,5 +1,6 @@
 """What every service that stores opens first, the same way: its MongoDB database, the event
-bus (creating the streams with the configured replicas), and the outbox with its relay.
+bus (creating the streams with the configured replicas), and the outbox relay, which
+publishes the events that commands commit into the collections the service has it watch.
 Each is a readiness dependency and is closed on the service's exit stack, in reverse: the
 relay stops, the bus drains (events in hand finish), then the database closes."""
 
@@ -42,7 +43,6 @@ async def open_infrastructure(
     stack.push_async_callback(bus.close)
     context.ready_when("mongodb", lambda: reachable(db))
     context.ready_when("nats", bus.reachable)
-    outbox = Outbox(db["outbox"], bus)
-    await outbox.create_indexes()
-    run_in_background(stack, outbox.run_relay(), "outbox-relay")
+    outbox = Outbox(bus)
+    run_in_background(stack, outbox.run(), "outbox-relay")
     return Infrastructure(db, bus, outbox)

@@ -1,93 +1,219 @@
-"""Events that outlive a NATS outage: stored next to the write, published, then removed.
+"""Events that commit with the change they describe, and the relay that publishes them.
 
-A service records its events in its own database right after the write they describe and
-publishes them at once; whatever could not be published (NATS down, process stopped) stays
-in the outbox, and the relay publishes it later. JetStream deduplicates on the event id, so
-a relay that republishes an event already stored does no harm.
+A command writes its events into the very document it changes, in the same single-document
+write: `pending(events)` adds them to an update, `with_pending(doc, events)` to an insert.
+MongoDB applies a write to one document atomically, so the change and its events commit
+together or not at all, whatever stops the command (a cancel, a deadline, a crash), and no
+transaction is needed.
+
+Once the write is acknowledged, the command finishes what follows from it (the idempotent
+follow-ups a collection is watched with: a group's last message after a message, say) and
+hands the events to the relay (`committed`), which publishes them in the background (the
+request never waits for NATS) and then removes them from the document. A document whose
+events are still there after the retry delay belongs to a command that did not get that far
+(cancelled, crashed) or whose events NATS refused: the relay's scan finds it, finishes it
+again and publishes its events. So every committed change is finished and published, and an
+event leaves its document only after its change was finished. The event id is the
+`Nats-Msg-Id`, so JetStream drops an event that is published twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from groupchat.events.v1 import events_pb2
+from pymongo import UpdateOne
 
 from services.kit.events import EventBus, OutgoingEvent
 from services.kit.metrics import EVENTS_DEFERRED
+from services.kit.timestamps import now_ms
 
 log = structlog.get_logger("outbox")
 
+# The fields of a document that holds events not yet published: the events in commit order,
+# and since when the oldest has waited (only while there are some: a sparse index finds them).
+EVENTS_FIELD = "_events"
+WAITING_SINCE_FIELD = "_events_since"
+
+
+def _stored(events: Iterable[OutgoingEvent]) -> list[dict[str, Any]]:
+    return [
+        {"id": e.envelope.event_id, "subject": e.subject, "data": e.envelope.SerializeToString()}
+        for e in events
+    ]
+
+
+def pending(events: list[OutgoingEvent], at_ms: int | None = None) -> dict[str, Any]:
+    """The update operators that add `events` to a document; merge them into the command's
+    own update with `merged`."""
+    return {
+        "$push": {EVENTS_FIELD: {"$each": _stored(events)}},
+        "$min": {WAITING_SINCE_FIELD: now_ms() if at_ms is None else at_ms},
+    }
+
+
+def with_pending(doc: dict[str, Any], events: list[OutgoingEvent]) -> dict[str, Any]:
+    """`doc` to insert, carrying `events`."""
+    return {**doc, EVENTS_FIELD: _stored(events), WAITING_SINCE_FIELD: now_ms()}
+
+
+def merged(*updates: dict[str, Any]) -> dict[str, Any]:
+    """One update document from several: their operators' fields side by side."""
+    result: dict[str, dict[str, Any]] = {}
+    for update in updates:
+        for operator, fields in update.items():
+            target = result.setdefault(operator, {})
+            if target.keys() & fields.keys():
+                raise ValueError(f"{operator} names {target.keys() & fields.keys()} twice")
+            target.update(fields)
+    return result
+
+
+# What follows from a committed document, done again by the relay for documents whose
+# command may have stopped after its write: must be idempotent.
+Finish = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Committed:
+    collection: str
+    doc_id: Any
+    events: list[OutgoingEvent]
+
 
 class Outbox:
-    def __init__(self, collection: Any, bus: EventBus, *, retry_after_seconds: float = 2.0) -> None:
-        self._collection = collection
+    """Publishes the events that commands commit into the documents of the watched
+    collections; `run` is the relay, one task per process."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        retry_after_seconds: float = 2.0,
+        scan_interval_seconds: float = 1.0,
+        queue_limit: int = 10_000,
+    ) -> None:
         self._bus = bus
-        self._retry_after = retry_after_seconds
+        self._retry_after_ms = int(retry_after_seconds * 1000)
+        self._scan_interval = scan_interval_seconds
+        self._collections: dict[str, Any] = {}
+        self._finishers: dict[str, Finish] = {}
+        # Bounded: when the relay falls behind, what does not fit waits for the scan.
+        self._queue: asyncio.Queue[_Committed] = asyncio.Queue(queue_limit)
 
-    async def create_indexes(self) -> None:
-        await self._collection.create_index("created_at_ms")
+    async def watch(self, collection: Any, finish: Finish | None = None) -> None:
+        """Let the relay publish the events that commands write into `collection`, finishing
+        each document it finds still holding events with `finish` first."""
+        await collection.create_index(WAITING_SINCE_FIELD, sparse=True)
+        self._collections[collection.name] = collection
+        if finish is not None:
+            self._finishers[collection.name] = finish
 
-    async def publish(self, events: list[OutgoingEvent]) -> None:
-        """Store the events, then try to publish them now; the relay retries failures."""
+    def committed(self, collection: Any, doc_id: Any, events: list[OutgoingEvent]) -> None:
+        """Publish soon the `events` just committed into `collection`'s document `doc_id`."""
         if not events:
             return
-        now = int(time.time() * 1000)
-        await self._collection.insert_many(
-            [
-                {
-                    "_id": e.envelope.event_id,
-                    "subject": e.subject,
-                    "data": e.envelope.SerializeToString(),
-                    "created_at_ms": now,
-                }
-                for e in events
-            ],
-            ordered=True,
-        )
-        await self._publish_stored(events)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(_Committed(collection.name, doc_id, events))
 
-    async def _publish_stored(self, events: list[OutgoingEvent]) -> int:
-        published: list[str] = []
-        try:
-            for event in events:
-                await self._bus.publish(event)
-                published.append(event.envelope.event_id)
-        except Exception as exc:  # NATS down or slow: the relay takes over
-            EVENTS_DEFERRED.inc(len(events) - len(published))
-            log.warning(
-                "outbox_publish_deferred", error=repr(exc), pending=len(events) - len(published)
-            )
-        if published:
-            await self._collection.delete_many({"_id": {"$in": published}})
-        return len(published)
+    async def run(self) -> None:
+        """The relay, until cancelled: publish what commands hand over as it comes, and every
+        scan interval whatever is still waiting in the documents."""
+        scan_at = asyncio.get_running_loop().time()
+        while True:
+            timeout = max(scan_at - asyncio.get_running_loop().time(), 0.0)
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                first = None
+            if first is not None:
+                batch = [first]
+                while len(batch) < 256 and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                try:
+                    await self._publish(batch)
+                except Exception:
+                    log.exception("outbox_publish_failed")
+            if asyncio.get_running_loop().time() >= scan_at:
+                try:
+                    await self.relay_once()
+                except Exception:
+                    log.exception("outbox_relay_failed")
+                scan_at = asyncio.get_running_loop().time() + self._scan_interval
 
     async def relay_once(self, limit: int = 500) -> int:
-        """Publish stored events older than the retry delay; returns how many went out."""
-        cutoff = int(time.time() * 1000) - int(self._retry_after * 1000)
-        docs = (
-            await self._collection.find({"created_at_ms": {"$lte": cutoff}})
-            .sort("created_at_ms", 1)
-            .limit(limit)
-            .to_list(None)
-        )
-        events = []
-        for doc in docs:
-            envelope = events_pb2.Envelope()
-            envelope.ParseFromString(doc["data"])
-            events.append(OutgoingEvent(subject=doc["subject"], envelope=envelope))
-        sent = await self._publish_stored(events)
+        """Publish the events that have waited longer than the retry delay; returns how many
+        went out."""
+        cutoff = now_ms() - self._retry_after_ms
+        batch: list[_Committed] = []
+        for name, collection in self._collections.items():
+            finish = self._finishers.get(name)
+            docs = (
+                await collection.find(
+                    {WAITING_SINCE_FIELD: {"$lte": cutoff}},
+                    None if finish else {EVENTS_FIELD: 1},
+                )
+                .sort(WAITING_SINCE_FIELD, 1)
+                .limit(limit)
+                .to_list(None)
+            )
+            for doc in docs:
+                if finish is not None:
+                    await finish(doc)
+                events = [_outgoing(stored) for stored in doc.get(EVENTS_FIELD) or []]
+                batch.append(_Committed(name, doc["_id"], events))
+        sent = await self._publish(batch)
         if sent:
             log.info("outbox_relayed", events=sent)
         return sent
 
-    async def run_relay(self, interval_seconds: float = 1.0) -> None:
-        """Relay forever (until cancelled), one pass per interval."""
-        while True:
-            try:
-                await self.relay_once()
-            except Exception:
-                log.exception("outbox_relay_failed")
-            await asyncio.sleep(interval_seconds)
+    async def _publish(self, batch: list[_Committed]) -> int:
+        """Publish each document's events in order (a document's later events wait for its
+        earlier ones), then remove the published ones from their documents."""
+        published: list[tuple[_Committed, list[str]]] = []
+        deferred = 0
+        for position, item in enumerate(batch):
+            ids: list[str] = []
+            for event in item.events:
+                try:
+                    await self._bus.publish(event)
+                except Exception as exc:  # NATS down or slow: the scan takes over
+                    log.warning("outbox_publish_deferred", error=repr(exc))
+                    deferred = len(item.events) - len(ids)
+                    deferred += sum(len(rest.events) for rest in batch[position + 1 :])
+                    break
+                ids.append(event.envelope.event_id)
+            if ids:
+                published.append((item, ids))
+            if deferred:
+                break
+        if deferred:
+            EVENTS_DEFERRED.inc(deferred)
+        await self._clear(published)
+        return sum(len(ids) for _, ids in published)
+
+    async def _clear(self, published: list[tuple[_Committed, list[str]]]) -> None:
+        by_collection: dict[str, list[UpdateOne]] = defaultdict(list)
+        for item, ids in published:
+            by_collection[item.collection] += [
+                UpdateOne({"_id": item.doc_id}, {"$pull": {EVENTS_FIELD: {"id": {"$in": ids}}}}),
+                # Only once none is left: a command may have added events meanwhile.
+                UpdateOne(
+                    {"_id": item.doc_id, EVENTS_FIELD: {"$size": 0}},
+                    {"$unset": {EVENTS_FIELD: "", WAITING_SINCE_FIELD: ""}},
+                ),
+            ]
+        for name, operations in by_collection.items():
+            await self._collections[name].bulk_write(operations, ordered=True)
+
+
+def _outgoing(stored: dict[str, Any]) -> OutgoingEvent:
+    envelope = events_pb2.Envelope()
+    envelope.ParseFromString(stored["data"])
+    return OutgoingEvent(subject=stored["subject"], envelope=envelope)

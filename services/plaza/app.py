@@ -239,16 +239,22 @@ class PlazaApp:
         stored = await self._store.load(group_id)
         if stored is None or not stored.state.known:
             raise GroupNotFound(f"no group {group_id}", group_id=group_id)
-        version = await self._store.next_selection_version(group_id)
-        event = new_event(
-            "plaza",
-            "group_selected",
-            aggregate_id=group_id,
-            aggregate_version=version,
-            user_id=editor_id,
-            group_selected={"group_id": group_id, "selected": selected, "editor_id": editor_id},
+        event = await self._store.record_selection(
+            group_id,
+            lambda version: new_event(
+                "plaza",
+                "group_selected",
+                aggregate_id=group_id,
+                aggregate_version=version,
+                user_id=editor_id,
+                group_selected={
+                    "group_id": group_id,
+                    "selected": selected,
+                    "editor_id": editor_id,
+                },
+            ),
         )
-        await self._outbox.publish([event])
+        self._outbox.committed(self._store.selection_versions, group_id, [event])
         await self._projection.handle(event.envelope)
         log.info("group_selected", group_id=group_id, selected=selected, editor_id=editor_id)
         card = await self._store.card(group_id)

@@ -25,6 +25,7 @@ def build(config: PlazaConfig) -> ServiceHost:
         bus, outbox = infra.bus, infra.outbox
         store = PlazaStore(infra.db)
         await store.create_indexes()
+        await outbox.watch(store.selection_versions)
 
         projection = PlazaProjection(store, half_life_hours=settings.hot_half_life_hours)
         # Closing the bus (drain) lets handlers in flight finish before the store closes.

@@ -14,10 +14,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
+from services.kit.errors import ConcurrentUpdate
+from services.kit.events import OutgoingEvent
 from services.kit.mongo import ProcessedEvents
+from services.kit.outbox import merged, pending, with_pending
 from services.plaza.domain import (
     DAY_MS,
     Activity,
@@ -46,6 +49,8 @@ READ_MODEL = (
 DAILY_KEEP_MS = 100 * DAY_MS
 
 T = TypeVar("T")
+# Editors choosing for one group at the same moment: each retry means another choice landed.
+SELECTION_ATTEMPTS = 20
 
 
 def _shown_category(state: GroupState, listing: Listing) -> str | None:
@@ -84,7 +89,7 @@ class PlazaStore:
         self._daily = db["daily"]
         self._snapshots = db["snapshots"]
         self._impressions = db["impressions"]
-        self._selection_versions = db["selection_versions"]
+        self.selection_versions = db["selection_versions"]
         self.processed = ProcessedEvents(db["processed_events"])
 
     async def create_indexes(self) -> None:
@@ -171,21 +176,36 @@ class PlazaStore:
             )
         except DuplicateKeyError:
             return False
-        await self._selection_versions.update_one(
+        await self.selection_versions.update_one(
             {"_id": group_id}, {"$max": {"version": version}}, upsert=True
         )
         return True
 
-    async def next_selection_version(self, group_id: str) -> int:
-        doc = await _upsert(
-            lambda: self._selection_versions.find_one_and_update(
-                {"_id": group_id},
-                {"$inc": {"version": 1}},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
+    async def record_selection(
+        self, group_id: str, selection_event: Callable[[int], OutgoingEvent]
+    ) -> OutgoingEvent:
+        """Take the group's next selection version and store the editor's choice, made by
+        `selection_event(version)`, with it in one write: the choice is then certain to be
+        published (the relay watches `selection_versions`)."""
+        for _ in range(SELECTION_ATTEMPTS):
+            doc = await self.selection_versions.find_one({"_id": group_id}, {"version": 1})
+            version = int(doc["version"]) + 1 if doc else 1
+            event = selection_event(version)
+            if doc is None:
+                try:
+                    await self.selection_versions.insert_one(
+                        with_pending({"_id": group_id, "version": version}, [event])
+                    )
+                except DuplicateKeyError:
+                    continue
+                return event
+            result = await self.selection_versions.update_one(
+                {"_id": group_id, "version": version - 1},
+                merged({"$set": {"version": version}}, pending([event])),
             )
-        )
-        return int(doc["version"])
+            if result.matched_count:
+                return event
+        raise ConcurrentUpdate("the group's selection kept changing; try again")
 
     # Cards: activity figures
 

@@ -242,7 +242,8 @@ async def test_a_redelivered_removal_unlinks_once(
     try:
         store = GroupsStore(db)
         await store.create_indexes()
-        app = GroupsApp(store, Outbox(db["outbox"], bus), GroupsLimits())
+        app = GroupsApp(store, Outbox(bus), GroupsLimits())
+        await app.start()
         handle = ProcessedEvents(db["processed_events"]).once(posts_handler(app))
         post_id = new_post_id()
         await handle(post_event("publish", post_id, "alice", version=1).envelope)

@@ -23,9 +23,10 @@ from services.plaza.projection import PlazaProjection
 from services.plaza.rebuild import rebuild
 from services.plaza.service import build
 from services.plaza.storage import PlazaStore
-from tests.conftest import eventually, running_nats_server
+from tests.conftest import eventually
 from tests.service.conftest import GroupsCaller, ServiceEnv, serving
 from tools.platform import post_event, publish
+from tools.suite import running_nats_server
 
 PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
 

@@ -1,0 +1,56 @@
+"""Conditional writes to one MongoDB document that may not exist yet, done the one way
+every store shares.
+
+An upsert whose filter carries a condition (`version` older than the event's, `count` under
+a limit) inserts the document when none matches. Two writers racing to create the same
+document collide on `_id`: the loser gets DuplicateKeyError although its condition may well
+hold on the document the winner created. So a DuplicateKeyError is not a refusal: the
+document exists by then, and the same conditional update without upsert says for certain
+whether the condition holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+
+async def upsert_where(
+    collection: Any, doc_id: Any, condition: dict[str, Any], update: dict[str, Any]
+) -> bool:
+    """Apply `update` to document `doc_id` if it matches `condition`, creating it when it
+    does not exist; False when it exists and does not match (nothing changed)."""
+    selector = {"_id": doc_id, **condition}
+    try:
+        await collection.update_one(selector, update, upsert=True)
+    except DuplicateKeyError:
+        result = await collection.update_one(selector, update)
+        return bool(result.matched_count)
+    return True
+
+
+async def upsert_and_read(
+    collection: Any, doc_id: Any, update: dict[str, Any], projection: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Apply `update` to document `doc_id`, creating it when missing; the document after."""
+    try:
+        doc = await collection.find_one_and_update(
+            {"_id": doc_id},
+            update,
+            projection=projection,
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+    except DuplicateKeyError:  # a concurrent first insert won: the document exists now
+        doc = await collection.find_one_and_update(
+            {"_id": doc_id}, update, projection=projection, return_document=ReturnDocument.AFTER
+        )
+    if doc is None:
+        # MongoDB always returns the document after an upsert; some wire-compatible servers
+        # (SecantusDB under concurrency) answer None although the write applied. The write
+        # is done either way, so read it back.
+        doc = await collection.find_one({"_id": doc_id}, projection)
+    assert doc is not None, f"{collection.name} {doc_id!r} vanished after its upsert"
+    return dict(doc)

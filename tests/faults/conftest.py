@@ -1,0 +1,85 @@
+"""Fault-injection tier: commands stopped at each store step (tests/faults/faulty.py) against
+the real store (MONGODB_URI when set, else the in-process stand-in) and a real nats-server,
+then the stored invariants checked with `tools.doctor` and the events seen on NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+from groupchat.events.v1 import events_pb2
+
+from services.kit.events import EventBus
+from services.kit.mongo import open_database
+from tests.conftest import eventually
+
+
+@pytest.fixture
+async def mongo_db() -> AsyncIterator[Any]:
+    """A fresh database of its own, dropped afterwards."""
+    client, db = open_database(os.environ.get("MONGODB_URI"), f"faults_{uuid.uuid4().hex[:12]}")
+    try:
+        yield db
+    finally:
+        await client.drop_database(db.name)
+        client.close()
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[EventBus]:
+    bus = await EventBus.connect(nats_url, "faults", stream_replicas=1)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+class Published:
+    """Every event seen on a core NATS subscription, in arrival order: a core subscriber
+    sees each publish, including one that JetStream dropped as a duplicate."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[events_pb2.Envelope] = []
+        self.by_aggregate: dict[str, list[events_pb2.Envelope]] = defaultdict(list)
+        # The user each event's subject names (its last token), by event id.
+        self.user_of: dict[str, str] = {}
+        self._nc: Any = None
+        self._sub: Any = None
+
+    async def start(self, nats_url: str, subject: str) -> None:
+        async def collect(msg: Any) -> None:
+            envelope = events_pb2.Envelope.FromString(msg.data)
+            self.envelopes.append(envelope)
+            self.user_of[envelope.event_id] = msg.subject.rsplit(".", 1)[-1]
+            self.by_aggregate[envelope.aggregate_id].append(envelope)
+
+        self._nc = await nats.connect(nats_url)
+        self._sub = await self._nc.subscribe(subject, cb=collect, pending_msgs_limit=1_000_000)
+        await self._nc.flush()
+
+    async def settle(self) -> None:
+        """Return once every event published before the call has been collected (events are
+        routed to subscribers before JetStream acknowledges them)."""
+        await self._nc.flush()
+        await eventually(lambda: self._sub.pending_msgs == 0, within=5, interval=0.001)
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        await self._nc.drain()
+
+
+@pytest.fixture
+async def group_events(nats_url: str) -> AsyncIterator[Published]:
+    """The groups service's events, from before the test acts."""
+    published = Published()
+    await published.start(nats_url, "groupchat.groups.>")
+    try:
+        yield published
+    finally:
+        await published.close()
