@@ -22,6 +22,7 @@ bench: $(VENV)/.installed gen/.stamp
 	$(PY) -m bench.fanout
 	$(PY) -m bench.direct
 	$(PY) -m bench.plaza
+	$(PY) -m bench.round_trips
 
 token: $(VENV)/.installed
 	@$(PY) -m tools.token $(USER) $(if $(ROLES),--roles $(ROLES))

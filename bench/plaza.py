@@ -27,11 +27,10 @@
    answering each call with the bytes of a real first page (the floor for "one Python gRPC
    unary call of that size").
 
-The in-process store (no `MONGODB_URI`) has no secondary indexes: a new ranking sorts or
-scans every card in Python, which the new-query scenarios show. With `MONGODB_URI` in the
-environment the suite uses that MongoDB and its indexes. The periodic HOT refresh
-(`PLAZA_RANK_INTERVAL_SECONDS`) is set to an hour so that it does not run in the middle of a
-measurement (--rank-interval changes it).
+The suite stores in its own local MongoDB server (SecantusDB) unless `MONGODB_URI` names
+another; the new-query scenarios show what a ranking costs that server. The periodic HOT
+refresh (`PLAZA_RANK_INTERVAL_SECONDS`) is set to an hour so that it does not run in the
+middle of a measurement (--rank-interval changes it).
 """
 
 from __future__ import annotations

@@ -1,41 +1,60 @@
-"""Fixtures shared by every tier: a nats-server, tokens, and a way to wait on a condition."""
+"""Fixtures shared by every tier: a nats-server, a MongoDB server and fresh databases on it,
+tokens, and a way to wait on a condition."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
+import pymongo
 import pytest
 
 from services.kit.auth import mint_token
-from tools.suite import free_port, nats_server_command, wait_port
+from tools.suite import running_mongodb_server, running_nats_server
 
 TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
-
-
-@contextmanager
-def running_nats_server(store: Path) -> Iterator[str]:
-    """A nats-server with JetStream on a free port, storing under `store`; yields its URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_port(port)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_nats_server(tmp_path_factory.mktemp("jetstream")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MONGODB_URI when set (a real MongoDB), else one local server for the whole session.
+    Tests share the server, never a database: see `database`."""
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    with running_mongodb_server(tmp_path_factory.mktemp("mongodb")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def mongodb_client(mongodb_uri: str) -> Iterator[pymongo.MongoClient[dict[str, Any]]]:
+    """A synchronous client for the tests' housekeeping: dropping their databases."""
+    client: pymongo.MongoClient[dict[str, Any]]
+    with pymongo.MongoClient(mongodb_uri, serverSelectionTimeoutMS=5_000) as client:
+        yield client
+
+
+def unique_database_name() -> str:
+    """A database name no other test, test run or `make run` uses on a shared server."""
+    return f"test_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def database(mongodb_client: pymongo.MongoClient[dict[str, Any]]) -> Iterator[str]:
+    """A fresh database name for this test; the database is dropped after it."""
+    name = unique_database_name()
+    yield name
+    mongodb_client.drop_database(name)
 
 
 @pytest.fixture

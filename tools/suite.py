@@ -1,12 +1,14 @@
-"""Run the whole suite locally: a real nats-server with JetStream, then every service as its
-own process. `make run` calls this; the end-to-end tests use `Suite` the same way.
+"""Run the whole suite locally: a real nats-server with JetStream, a local MongoDB server
+(SecantusDB, from the dev extra; or the MongoDB that MONGODB_URI names), then every service
+as its own process. `make run` calls this; the end-to-end tests use `Suite` the same way.
 
-Ctrl-C (or SIGTERM) stops the services first, then NATS.
+Ctrl-C (or SIGTERM) stops the services first, then NATS, then MongoDB.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,11 +17,14 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pymongo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +32,8 @@ NATS_CONFIG = ROOT / "deploy" / "nats" / "local.conf"
 DEV_JWT_SECRET = "dev-only-secret-do-not-use-in-production!"
 # Services in start order, the gateway last: it reaches all the others.
 SERVICES = ("groups", "messaging", "plaza", "gateway")
+# Services that keep data in MongoDB, each in a database of its own.
+STORING_SERVICES = ("groups", "messaging", "plaza")
 # The variable the gateway reads each internal service's address from.
 ADDRESS_VARIABLES = {
     "groups": "GROUPS_ADDRESS",
@@ -63,10 +70,51 @@ def nats_server_command(port: int, store_dir: Path) -> list[str]:
     ]
 
 
+def mongodb_server_command(port: int, storage_dir: Path) -> list[str]:
+    """SecantusDB, a MongoDB wire-protocol server (dev extra only), on loopback, keeping its
+    data under `storage_dir` across restarts. It presents itself as a single-node replica set
+    (`secantus`), so transactions work as on a production replica set."""
+    return [
+        installed_binary("secantusd-py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--storage-path",
+        str(storage_dir),
+        "--log-level",
+        "WARNING",
+    ]
+
+
+def local_mongodb_uri(port: int) -> str:
+    """The URI of the server `mongodb_server_command(port, ...)` starts."""
+    # directConnection: talk to this one server, not to the replica set it advertises.
+    # retryWrites=false works around SecantusDB only: with retryable writes on, its writes
+    # slow from ~1 ms to ~10 ms after a few thousand. Production keeps the driver's default.
+    return f"mongodb://127.0.0.1:{port}/?directConnection=true&retryWrites=false"
+
+
+def without_password(uri: str) -> str:
+    """`uri` fit to print: a password in it is masked."""
+    scheme, separator, rest = uri.partition("://")
+    authority, slash, tail = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    if not at or ":" not in credentials:
+        return uri
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{separator}{user}:***@{hosts}{slash}{tail}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_healthy(address: str, timeout: float = 30.0) -> None:
@@ -97,12 +145,45 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+@contextmanager
+def running_server(argv: list[str], port: int, timeout: float = 30.0) -> Iterator[None]:
+    """`argv` as a quiet child process, from when `port` answers until the block ends."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def running_nats_server(store_dir: Path) -> Iterator[str]:
+    """A nats-server with JetStream on a free port, storing under `store_dir`; its URL."""
+    port = free_port()
+    with running_server(nats_server_command(port, store_dir), port):
+        yield f"nats://127.0.0.1:{port}"
+
+
+@contextmanager
+def running_mongodb_server(storage_dir: Path) -> Iterator[str]:
+    """The local MongoDB server on a free port, storing under `storage_dir`; its URI."""
+    port = free_port()
+    with running_server(mongodb_server_command(port, storage_dir), port):
+        yield local_mongodb_uri(port)
+
+
 @dataclass
 class Suite:
-    """nats-server and the services as child processes."""
+    """nats-server, the local MongoDB server and the services as child processes."""
 
     gateway_port: int = 50051
     nats_port: int = 4222
+    mongodb_port: int = 27017
+    # With a prefix, each storing service's database is <prefix>_<service> instead of
+    # <service>: isolated suites then never meet `make run`'s data or each other's on a
+    # shared MongoDB server (MONGODB_URI).
+    database_prefix: str | None = None
     jwt_secret: str = DEV_JWT_SECRET
     data_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -110,13 +191,20 @@ class Suite:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # Where the services' data lives (set by start): the local server's URI, or MONGODB_URI.
+    mongodb_uri: str = ""
+    external_mongodb: bool = False
 
     @classmethod
     def isolated(cls, work_dir: Path, jwt_secret: str, **extra_env: str) -> Suite:
-        """A suite on free ports with its data and logs under work_dir (tests, benchmarks)."""
+        """A suite on free ports and databases of its own, with its data and logs under
+        work_dir (tests, benchmarks). On a shared MongoDB server (MONGODB_URI), its databases
+        are dropped when it stops."""
         return cls(
             gateway_port=free_port(),
             nats_port=free_port(),
+            mongodb_port=free_port(),
+            database_prefix=f"suite_{secrets.token_hex(4)}",
             jwt_secret=jwt_secret,
             data_dir=work_dir,
             log_dir=work_dir / "logs",
@@ -131,13 +219,26 @@ class Suite:
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
 
+    @property
+    def databases(self) -> dict[str, str]:
+        """The database of each storing service."""
+        prefix = f"{self.database_prefix}_" if self.database_prefix else ""
+        return {service: f"{prefix}{service}" for service in STORING_SERVICES}
+
     def start(self) -> None:
         data_dir = self.data_dir or Path(tempfile.mkdtemp(prefix="groupchat-"))
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._spawn(
-            "nats", nats_server_command(self.nats_port, data_dir / "jetstream"), dict(os.environ)
-        )
+        try:
+            self._start(data_dir)
+        except BaseException:
+            self.stop()  # nothing outlives a failed start (the servers miss the terminal's Ctrl-C)
+            raise
+
+    def _start(self, data_dir: Path) -> None:
+        nats = nats_server_command(self.nats_port, data_dir / "jetstream")
+        self._spawn("nats", nats, dict(os.environ), server=True)
         wait_port(self.nats_port)
+        self._start_mongodb(data_dir / "mongodb")
         self.addresses = {
             **{service: f"127.0.0.1:{free_port()}" for service in ADDRESS_VARIABLES},
             "gateway": self.gateway_address,
@@ -147,53 +248,96 @@ class Suite:
             **os.environ,
             "JWT_SECRET": self.jwt_secret,
             "NATS_URL": self.nats_url,
+            "MONGODB_URI": self.mongodb_uri,
             **{name: self.addresses[service] for service, name in ADDRESS_VARIABLES.items()},
             **self.extra_env,
         }
         for service in SERVICES:
-            self._spawn(
-                service,
-                [sys.executable, "-m", f"services.{service}"],
-                env={
-                    **env,
-                    "GRPC_LISTEN": self.addresses[service],
-                    "METRICS_PORT": str(self.metrics_ports[service]),
-                },
-            )
+            service_env = {
+                **env,
+                "GRPC_LISTEN": self.addresses[service],
+                "METRICS_PORT": str(self.metrics_ports[service]),
+            }
+            if service in self.databases:
+                service_env["MONGODB_DATABASE"] = self.databases[service]
+            self._spawn(service, [sys.executable, "-m", f"services.{service}"], service_env)
             wait_healthy(self.addresses[service])
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def _start_mongodb(self, storage_dir: Path) -> None:
+        """The local MongoDB server, unless MONGODB_URI names one to use instead."""
+        external = os.environ.get("MONGODB_URI")
+        if external:
+            self.mongodb_uri, self.external_mongodb = external, True
+            return
+        if port_in_use(self.mongodb_port):
+            raise SystemExit(
+                f"port {self.mongodb_port} is taken: set MONGODB_PORT to another port, "
+                "or MONGODB_URI to use the MongoDB server listening there"
+            )
+        command = mongodb_server_command(self.mongodb_port, storage_dir)
+        self._spawn("mongodb", command, dict(os.environ), server=True)
+        wait_port(self.mongodb_port, timeout=30.0)
+        self.mongodb_uri = local_mongodb_uri(self.mongodb_port)
+
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], *, server: bool = False
+    ) -> None:
+        # A server (NATS, MongoDB) runs in its own process group, so that a Ctrl-C in the
+        # terminal reaches only the services: stop() ends the servers after them, in order.
+        options: dict[str, Any] = (
+            {"process_group": 0, "stdin": subprocess.DEVNULL} if server else {}
+        )
         if self.log_dir is None:
-            self.processes[name] = subprocess.Popen(argv, env=env, cwd=ROOT)
+            self.processes[name] = subprocess.Popen(argv, env=env, cwd=ROOT, **options)
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
             self.processes[name] = subprocess.Popen(
-                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **options
             )
 
     def stop(self, timeout: float = 15.0) -> dict[str, int | None]:
-        """SIGTERM each process, services before NATS; returns their exit codes."""
+        """SIGTERM each process, services before NATS, MongoDB last; returns their exit
+        codes. An isolated suite on a shared MongoDB server drops its databases."""
         codes: dict[str, int | None] = {}
         for name in [*reversed(SERVICES), "nats"]:
-            process = self.processes.pop(name, None)
-            if process is None:
-                continue
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                codes[name] = process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                codes[name] = process.wait()
+            self._stop_process(name, timeout, codes)
+        if self.external_mongodb and self.database_prefix:
+            self._drop_databases()
+        self._stop_process("mongodb", timeout, codes)
         return codes
+
+    def _stop_process(self, name: str, timeout: float, codes: dict[str, int | None]) -> None:
+        process = self.processes.pop(name, None)
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            codes[name] = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes[name] = process.wait()
+
+    def _drop_databases(self) -> None:
+        client: pymongo.MongoClient[dict[str, Any]]
+        with pymongo.MongoClient(self.mongodb_uri, serverSelectionTimeoutMS=5_000) as client:
+            for database in self.databases.values():
+                client.drop_database(database)
 
 
 def main() -> None:
     port = int(os.environ.get("GATEWAY_PORT", "50051"))
     nats_port = int(os.environ.get("NATS_PORT", "4222"))
+    mongodb_port = int(os.environ.get("MONGODB_PORT", "27017"))
     secret = os.environ.get("JWT_SECRET", DEV_JWT_SECRET)
-    suite = Suite(gateway_port=port, nats_port=nats_port, jwt_secret=secret, data_dir=ROOT / ".run")
+    suite = Suite(
+        gateway_port=port,
+        nats_port=nats_port,
+        mongodb_port=mongodb_port,
+        jwt_secret=secret,
+        data_dir=ROOT / ".run",
+    )
     stop_requested = False
 
     def request_stop(*_: object) -> None:
@@ -209,6 +353,7 @@ def main() -> None:
         )
         print(
             f"\ngroupchat is up: gateway on {suite.gateway_address}, NATS on {suite.nats_url}\n"
+            f"  mongodb: {without_password(suite.mongodb_uri)}   (mongosh, Compass)\n"
             f"  metrics: {metrics}\n"
             f"  token:  make token USER=alice\n"
             f"  demo:   make seed   (a living plaza: groups, posts, members, messages)\n"

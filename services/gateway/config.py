@@ -20,7 +20,9 @@ class GatewayConfig:
     def from_env(cls, env: Env | None = None) -> GatewayConfig:
         env = env or Env()
         return cls(
-            server=ServerConfig.from_env(env, default_listen="127.0.0.1:50051", database="gateway"),
+            server=ServerConfig.from_env(
+                env, default_listen="127.0.0.1:50051", database="gateway", stores=False
+            ),
             groups_address=env.string("GROUPS_ADDRESS", "127.0.0.1:50052"),
             messaging_address=env.string("MESSAGING_ADDRESS", "127.0.0.1:50053"),
             plaza_address=env.string("PLAZA_ADDRESS", "127.0.0.1:50054"),

@@ -70,6 +70,7 @@ class ServerConfig:
     listen: str
     jwt_secret: str
     nats_url: str
+    # Unset only for a service that stores nothing (the gateway).
     mongodb_uri: str | None
     database: str
     shutdown_grace_seconds: float
@@ -78,7 +79,10 @@ class ServerConfig:
     metrics_port: int | None
 
     @classmethod
-    def from_env(cls, env: Env, *, default_listen: str, database: str) -> ServerConfig:
+    def from_env(
+        cls, env: Env, *, default_listen: str, database: str, stores: bool = True
+    ) -> ServerConfig:
+        """`stores`: the service keeps data in MongoDB, so MONGODB_URI is required."""
         secret = env.string("JWT_SECRET")
         if len(secret) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
@@ -89,10 +93,20 @@ class ServerConfig:
             listen=env.string("GRPC_LISTEN", default_listen),
             jwt_secret=secret,
             nats_url=env.string("NATS_URL", "nats://127.0.0.1:4222"),
-            mongodb_uri=env.optional_string("MONGODB_URI"),
+            mongodb_uri=_mongodb_uri(env) if stores else None,
             database=env.string("MONGODB_DATABASE", database),
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 10.0),
             log_level=env.string("LOG_LEVEL", "info").lower(),
             log_format=log_format,
             metrics_port=env.optional_integer("METRICS_PORT"),
         )
+
+
+def _mongodb_uri(env: Env) -> str:
+    uri = env.optional_string("MONGODB_URI")
+    if uri is None:
+        raise ConfigError(
+            "MONGODB_URI must be set: this service keeps its data in MongoDB "
+            "(`make run` starts a local server and sets it)"
+        )
+    return uri

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.kit.config import ServerConfig
+from services.kit.config import ConfigError, ServerConfig
 from services.kit.events import EventBus
-from services.kit.mongo import ProcessedEvents, open_database, reachable
+from services.kit.mongo import ProcessedEvents, log_server, open_database, reachable
 from services.kit.outbox import Outbox
 from services.kit.server import ServiceContext
 from services.kit.tasks import run_in_background
@@ -34,8 +34,11 @@ async def open_infrastructure(
     context: ServiceContext, config: ServerConfig, name: str, stream_replicas: int
 ) -> Infrastructure:
     stack = context.stack
+    if config.mongodb_uri is None:  # only a config read with stores=False leaves it unset
+        raise ConfigError("MONGODB_URI must be set: this service keeps its data in MongoDB")
     client, db = open_database(config.mongodb_uri, config.database)
     stack.callback(client.close)
+    await log_server(db)
     bus = await EventBus.connect(config.nats_url, name, stream_replicas=stream_replicas)
     stack.push_async_callback(bus.close)
     context.ready_when("mongodb", lambda: reachable(db))

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.kit.server import LIVENESS
 from tests.conftest import TEST_JWT_SECRET
 from tests.deploy.test_manifests import INTERNAL_SERVICES, SERVICE_NAMES, manifests_for
-from tools.suite import ROOT, free_port, wait_healthy
+from tools.suite import ROOT, STORING_SERVICES, free_port, wait_healthy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -25,14 +25,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(params=SERVICE_NAMES)
 def started(
-    request: pytest.FixtureRequest, nats_url: str
+    request: pytest.FixtureRequest, nats_url: str, mongodb_uri: str, database: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
     manifests = manifests_for("overlays/dev")
     workload = manifests.service_deployments()[request.param]
     (container,) = workload.containers(init=False)
     configured = {k: v for k, v in manifests.environment(container).items() if v is not None}
     listen = f"127.0.0.1:{free_port()}"
-    # Only the addresses change: the cluster's names do not resolve here.
+    # Only the addresses change (the cluster's names do not resolve here); a service that
+    # stores gets the tests' MongoDB server (its Secret's value) and a database of its own.
     env = {
         **os.environ,
         **configured,
@@ -43,6 +44,8 @@ def started(
         "JWT_SECRET": TEST_JWT_SECRET,
     }
     env.pop("MONGODB_URI", None)
+    if request.param in STORING_SERVICES:
+        env.update(MONGODB_URI=mongodb_uri, MONGODB_DATABASE=database)
     assert "command" not in container, "the image's ENTRYPOINT (python -m) must stay in force"
     command = [sys.executable, "-m", *container["args"]]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -1,8 +1,10 @@
-"""The suite as separate processes (nats-server, groups, gateway), once per test session."""
+"""The suite as separate processes (nats-server, MongoDB, the services), once per test
+session."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -13,13 +15,26 @@ from tests.conftest import TEST_JWT_SECRET
 from tools.suite import Suite
 
 
+@contextmanager
+def running_suite(data_dir: Path, **extra_env: str) -> Iterator[Suite]:
+    """An isolated suite under `data_dir`, stopped at the end."""
+    # The local MongoDB server is one Python process (about 1,000 operations/s here): a
+    # 1,000-join storm keeps it busy for 10 s and more, beyond the gateway's 5 s default cap
+    # on downstream calls. These tests are about outcomes, not that deadline.
+    suite = Suite.isolated(
+        data_dir, TEST_JWT_SECRET, **{"DOWNSTREAM_TIMEOUT_SECONDS": "60", **extra_env}
+    )
+    suite.start()
+    try:
+        yield suite
+    finally:
+        suite.stop()
+
+
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    data_dir: Path = tmp_path_factory.mktemp("suite")
-    running = Suite.isolated(data_dir, TEST_JWT_SECRET)
-    running.start()
-    yield running
-    running.stop()
+    with running_suite(tmp_path_factory.mktemp("suite")) as running:
+        yield running
 
 
 @pytest.fixture

@@ -1,16 +1,15 @@
-"""Service tier: one service in-process on a real socket, a real nats-server, the store
-(MONGODB_URI when set, else the in-process stand-in)."""
+"""Service tier: one service in-process on a real socket, a real nats-server, the real
+MongoDB server of the session (`mongodb_uri`: MONGODB_URI when set, else a local one)."""
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import nats
+import pymongo
 import pytest
 from groupchat.groups.v1 import groups_pb2_grpc
 
@@ -18,23 +17,38 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
 from services.kit.server import ServiceHost
-from tests.conftest import TEST_JWT_SECRET
+from tests.conftest import TEST_JWT_SECRET, unique_database_name
+
+# service_env(nats_url, **overrides): the environment of one service in a test.
+ServiceEnv = Callable[..., Env]
 
 
-def service_env(nats_url: str, **overrides: str) -> Env:
-    """The environment a service gets in tests: a fresh database each time."""
-    values = {
-        "JWT_SECRET": TEST_JWT_SECRET,
-        "NATS_URL": nats_url,
-        "GRPC_LISTEN": "127.0.0.1:0",
-        "LOG_LEVEL": "warning",
-        "MONGODB_DATABASE": f"test_{uuid.uuid4().hex[:12]}",
-        "SHUTDOWN_GRACE_SECONDS": "2",
-    }
-    if os.environ.get("MONGODB_URI"):
-        values["MONGODB_URI"] = os.environ["MONGODB_URI"]
-    values.update(overrides)
-    return Env(values)
+@pytest.fixture
+def service_env(
+    mongodb_uri: str, mongodb_client: pymongo.MongoClient[dict[str, Any]]
+) -> Iterator[ServiceEnv]:
+    """`service_env(nats_url, **overrides)`: the environment a service gets in tests, on the
+    session's MongoDB server and a fresh database each time (or the MONGODB_DATABASE given).
+    Every database named here is dropped after the test."""
+    named: set[str] = set()
+
+    def make(nats_url: str, **overrides: str) -> Env:
+        values = {
+            "JWT_SECRET": TEST_JWT_SECRET,
+            "NATS_URL": nats_url,
+            "GRPC_LISTEN": "127.0.0.1:0",
+            "LOG_LEVEL": "warning",
+            "MONGODB_URI": mongodb_uri,
+            "SHUTDOWN_GRACE_SECONDS": "2",
+            **overrides,
+        }
+        values.setdefault("MONGODB_DATABASE", unique_database_name())
+        named.add(values["MONGODB_DATABASE"])
+        return Env(values)
+
+    yield make
+    for name in named:
+        mongodb_client.drop_database(name)
 
 
 Metadata = tuple[tuple[str, str], ...]
@@ -68,7 +82,10 @@ def groups_env() -> dict[str, str]:
 
 @pytest.fixture
 async def groups(
-    nats_url: str, token: Callable[..., str], groups_env: dict[str, str]
+    nats_url: str,
+    token: Callable[..., str],
+    groups_env: dict[str, str],
+    service_env: ServiceEnv,
 ) -> AsyncIterator[GroupsCaller]:
     """`groups(user)` returns (stub, metadata) for calls to an in-process groups service."""
     host = build(GroupsConfig.from_env(service_env(nats_url, **groups_env)))

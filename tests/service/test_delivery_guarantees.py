@@ -4,7 +4,6 @@ outage or a process that died after its write, redelivered events."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from typing import Any
 
@@ -62,8 +61,10 @@ def sample_event() -> OutgoingEvent:
     )
 
 
-async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(nats_url: str) -> None:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"seq_{uuid.uuid4().hex[:8]}")
+async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(
+    nats_url: str, mongodb_uri: str, database: str
+) -> None:
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     try:
         # Two app instances over one store stand for two groups processes.
@@ -85,9 +86,9 @@ async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(nat
 
 
 async def test_a_write_while_nats_is_down_answers_and_its_event_is_published_later(
-    nats_url: str,
+    nats_url: str, mongodb_uri: str, database: str
 ) -> None:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"outbox_{uuid.uuid4().hex[:8]}")
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     listener = await nats.connect(nats_url)
     try:
@@ -114,9 +115,9 @@ async def test_a_write_while_nats_is_down_answers_and_its_event_is_published_lat
 
 
 async def test_a_message_stored_by_a_process_that_died_is_finished_and_published(
-    nats_url: str,
+    nats_url: str, mongodb_uri: str, database: str
 ) -> None:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"died_{uuid.uuid4().hex[:8]}")
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     listener = await nats.connect(nats_url)
     try:
@@ -169,8 +170,10 @@ async def test_a_republished_event_is_stored_once(nats_url: str) -> None:
         await bus.close()
 
 
-async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(nats_url: str) -> None:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"consumer_{uuid.uuid4().hex[:8]}")
+async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(
+    nats_url: str, mongodb_uri: str, database: str
+) -> None:
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     processed = ProcessedEvents(db["processed_events"])
     event = sample_event()

@@ -15,7 +15,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.service import build
 from services.groups.domain import GroupNotFound
 from services.kit.rpc_status import error_info, to_grpc_status
-from tests.service.conftest import service_env
+from tests.service.conftest import ServiceEnv
 
 CAP_SECONDS = 8.0
 ROUNDING = 0.05
@@ -58,7 +58,7 @@ async def recorder() -> AsyncIterator[tuple[RecordingGroups, int]]:
 
 @pytest.fixture
 async def gateway(
-    nats_url: str, recorder: tuple[RecordingGroups, int]
+    nats_url: str, recorder: tuple[RecordingGroups, int], service_env: ServiceEnv
 ) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     _, port = recorder
     env = service_env(

@@ -19,15 +19,15 @@ from services.gateway.service import build as build_gateway
 from services.kit.rpc_status import error_info
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build as build_messaging
-from tests.service.conftest import Metadata, service_env
-from tests.service.test_messaging_service import relay_idle
+from tests.service.conftest import Metadata, ServiceEnv
 
 GatewayCaller = Callable[[str], tuple[gateway_pb2_grpc.GatewayStub, Metadata]]
 
 
 @pytest.fixture
-async def gateway(nats_url: str, token: Callable[..., str]) -> AsyncIterator[GatewayCaller]:
-    database = f"test_{uuid.uuid4().hex[:12]}"
+async def gateway(
+    nats_url: str, token: Callable[..., str], service_env: ServiceEnv, database: str
+) -> AsyncIterator[GatewayCaller]:
     async with AsyncExitStack() as stack:
         ports = []
         for _ in range(2):
@@ -38,7 +38,6 @@ async def gateway(nats_url: str, token: Callable[..., str]) -> AsyncIterator[Gat
             stack.push_async_callback(replica.stop)
             ports.append(replica.port)
         both = ",".join(f"127.0.0.1:{port}" for port in ports)
-        stack.push_async_callback(relay_idle, database)  # runs before the replicas stop
         gateway = build_gateway(
             GatewayConfig.from_env(service_env(nats_url, MESSAGING_ADDRESS=f"ipv4:{both}"))
         )

@@ -12,7 +12,7 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.server import LIVENESS
 from tests.conftest import eventually
-from tests.service.conftest import service_env
+from tests.service.conftest import ServiceEnv
 from tools.suite import free_port, nats_server_command, wait_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -27,7 +27,9 @@ def start_nats(port: int, store: Path) -> subprocess.Popen[bytes]:
     return process
 
 
-async def test_readiness_drops_while_nats_is_down_and_liveness_stays(tmp_path: Path) -> None:
+async def test_readiness_drops_while_nats_is_down_and_liveness_stays(
+    tmp_path: Path, service_env: ServiceEnv
+) -> None:
     port = free_port()
     nats = start_nats(port, tmp_path / "js")
     host = build(GroupsConfig.from_env(service_env(f"nats://127.0.0.1:{port}")))

@@ -5,8 +5,6 @@ ids; a test waits for the projection with `eventually`, never with a sleep."""
 
 from __future__ import annotations
 
-import os
-
 import uuid
 from typing import Any
 
@@ -236,8 +234,10 @@ async def test_stale_post_events_change_nothing(groups: GroupsCaller, nats_url: 
     assert (await stub.CreateGroup(again, metadata=md)).group.linked_post_id == post_id
 
 
-async def test_a_redelivered_removal_unlinks_once(nats_url: str) -> None:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"posts_{uuid.uuid4().hex[:8]}")
+async def test_a_redelivered_removal_unlinks_once(
+    nats_url: str, mongodb_uri: str, database: str
+) -> None:
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
     try:
         store = GroupsStore(db)

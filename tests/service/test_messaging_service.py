@@ -4,7 +4,6 @@ rules, also with two instances serving at once over one store."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -24,15 +23,10 @@ from services.messaging.config import MessagingConfig
 from services.messaging.service import build
 from services.messaging.storage import MessagingStore
 from tests.conftest import eventually
-from tests.service.conftest import Metadata, service_env, serving
+from tests.service.conftest import Metadata, ServiceEnv, serving
 from tools.platform import follow_event, publish
 
 MessagingCaller = Callable[[str], tuple[messaging_pb2_grpc.MessagingStub, Metadata]]
-
-
-@pytest.fixture
-def database() -> str:
-    return f"test_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
@@ -44,6 +38,7 @@ def messaging_env() -> dict[str, str]:
 async def start_instances(
     stack: AsyncExitStack,
     count: int,
+    service_env: ServiceEnv,
     nats_url: str,
     token: Callable[..., str],
     database: str,
@@ -62,26 +57,36 @@ async def start_instances(
 
 @pytest.fixture
 async def messaging(
-    nats_url: str, token: Callable[..., str], database: str, messaging_env: dict[str, str]
+    service_env: ServiceEnv,
+    nats_url: str,
+    token: Callable[..., str],
+    database: str,
+    messaging_env: dict[str, str],
 ) -> AsyncIterator[MessagingCaller]:
     """`messaging(user)` returns (stub, metadata) for calls to an in-process messaging service."""
     async with AsyncExitStack() as stack:
-        (caller,) = await start_instances(stack, 1, nats_url, token, database, messaging_env)
+        (caller,) = await start_instances(
+            stack, 1, service_env, nats_url, token, database, messaging_env
+        )
         yield caller
 
 
 @pytest.fixture
 async def two_messaging(
-    nats_url: str, token: Callable[..., str], database: str, messaging_env: dict[str, str]
+    service_env: ServiceEnv,
+    nats_url: str,
+    token: Callable[..., str],
+    database: str,
+    messaging_env: dict[str, str],
 ) -> AsyncIterator[list[MessagingCaller]]:
     async with AsyncExitStack() as stack:
-        yield await start_instances(stack, 2, nats_url, token, database, messaging_env)
+        yield await start_instances(stack, 2, service_env, nats_url, token, database, messaging_env)
 
 
 @pytest.fixture
-async def store(database: str) -> AsyncIterator[MessagingStore]:
+async def store(mongodb_uri: str, database: str) -> AsyncIterator[MessagingStore]:
     """The service's store, for waiting on what only events change (the follow projection)."""
-    client, db = open_database(os.environ.get("MONGODB_URI"), database)
+    client, db = open_database(mongodb_uri, database)
     yield MessagingStore(db)
     client.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,9 +23,10 @@ from services.plaza.projection import PlazaProjection
 from services.plaza.rebuild import rebuild
 from services.plaza.service import build
 from services.plaza.storage import PlazaStore
-from tests.conftest import eventually, running_nats_server
-from tests.service.conftest import GroupsCaller, service_env, serving
+from tests.conftest import eventually
+from tests.service.conftest import GroupsCaller, ServiceEnv, serving
 from tools.platform import post_event, publish
+from tools.suite import running_nats_server
 
 PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
 
@@ -40,7 +40,9 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-async def plaza(nats_url: str, token: Callable[..., str]) -> AsyncIterator[PlazaCaller]:
+async def plaza(
+    nats_url: str, token: Callable[..., str], service_env: ServiceEnv
+) -> AsyncIterator[PlazaCaller]:
     host = build(PlazaConfig.from_env(service_env(nats_url)))
     async with serving(host, plaza_pb2_grpc.PlazaStub, token) as as_user:
         yield as_user
@@ -524,13 +526,11 @@ FIXED_NOW = int(time.time() * 1000)
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[PlazaStore]:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"test_{uuid.uuid4().hex[:12]}")
+async def store(mongodb_uri: str, database: str) -> AsyncIterator[PlazaStore]:
+    client, db = open_database(mongodb_uri, database)
     store = PlazaStore(db)
     await store.create_indexes()
     yield store
-    if os.environ.get("MONGODB_URI"):
-        await client.drop_database(db.name)
     client.close()
 
 

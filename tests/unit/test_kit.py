@@ -8,11 +8,16 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from services.gateway.config import GatewayConfig
+from services.groups.config import GroupsConfig
 from services.kit.auth import TokenVerifier, mint_token
 from services.kit.config import ConfigError, Env, ServerConfig
 from services.kit.errors import FieldViolation, InvalidArgument, QuotaExceeded, Unauthenticated
+from services.kit.mongo import hosts_of
 from services.kit.paging import decode_page_token, encode_page_token, page_size
 from services.kit.rpc_status import to_grpc_status
+from services.messaging.config import MessagingConfig
+from services.plaza.config import PlazaConfig
 
 SECRET = "unit-test-secret-unit-test-secret-0123"
 
@@ -55,10 +60,38 @@ def test_a_missing_secret_names_the_variable() -> None:
 def test_a_malformed_number_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="SHUTDOWN_GRACE_SECONDS"):
         ServerConfig.from_env(
-            Env({"JWT_SECRET": SECRET, "SHUTDOWN_GRACE_SECONDS": "soon"}),
+            Env(
+                {
+                    "JWT_SECRET": SECRET,
+                    "MONGODB_URI": "mongodb://db",
+                    "SHUTDOWN_GRACE_SECONDS": "soon",
+                }
+            ),
             default_listen="127.0.0.1:0",
             database="x",
         )
+
+
+@pytest.mark.parametrize("config", [GroupsConfig, MessagingConfig, PlazaConfig])
+def test_a_service_that_stores_refuses_to_start_without_mongodb_uri(config: type) -> None:
+    with pytest.raises(ConfigError, match="MONGODB_URI"):
+        config.from_env(Env({"JWT_SECRET": SECRET}))
+
+
+def test_the_gateway_needs_no_mongodb() -> None:
+    assert GatewayConfig.from_env(Env({"JWT_SECRET": SECRET})).server.mongodb_uri is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "hosts"),
+    [
+        ("mongodb://127.0.0.1:27017/?directConnection=true", ["127.0.0.1:27017"]),
+        ("mongodb://u:secret@a:1,b:2/groups?replicaSet=rs0", ["a:1", "b:2"]),
+        ("mongodb+srv://u:secret@cluster0.example.net/?w=majority", ["cluster0.example.net"]),
+    ],
+)
+def test_the_logged_hosts_of_a_uri_carry_no_credentials(uri: str, hosts: list[str]) -> None:
+    assert hosts_of(uri) == hosts
 
 
 def test_page_tokens_round_trip_and_garbage_is_refused() -> None:

@@ -95,7 +95,7 @@ def test_bad_messages_name_the_field(
 
 
 def config_env(**values: str) -> Env:
-    return Env({"JWT_SECRET": TEST_JWT_SECRET, **values})
+    return Env({"JWT_SECRET": TEST_JWT_SECRET, "MONGODB_URI": "mongodb://db.invalid", **values})
 
 
 def test_limits_and_zone_come_from_the_environment() -> None:
