@@ -242,10 +242,11 @@ class MessagingStore:
     # Blocks
 
     async def block(self, blocker_id: str, blocked_id: str, now_ms: int) -> None:
-        await self._blocks.update_one(
-            {"_id": _edge_id(blocker_id, blocked_id)},
+        await upsert_where(
+            self._blocks,
+            _edge_id(blocker_id, blocked_id),
+            {},
             {"$setOnInsert": {"blocker_id": blocker_id, "blocked_id": blocked_id, "at_ms": now_ms}},
-            upsert=True,
         )
 
     async def unblock(self, blocker_id: str, blocked_id: str) -> None:
