@@ -10,7 +10,7 @@ one-line summary of what was checked either way.
 `check_groups(db)` and `check_messaging(db, stranger_limit)` return the problems as text, for
 tests to assert on after they stopped commands midway.
 
-    --uri (MONGODB_URI, else the local suite's), --groups-db, --messaging-db,
+    --uri (MONGODB_URI, else the local suite's on MONGODB_PORT), --groups-db, --messaging-db,
     --stranger-limit (STRANGER_DAILY_LIMIT, else 5), --pending-grace-seconds (30)
 """
 
@@ -25,12 +25,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymongo.errors import ConnectionFailure
+
 from services.groups.app import stamped_at_ms
 from services.groups.domain import Role
+from services.kit.logging import configure_logging
+from services.kit.mongo import open_database
 from services.kit.outbox import EVENTS_FIELD, WAITING_SINCE_FIELD
 from services.kit.timestamps import now_ms
+from tools.suite import local_mongodb_uri, without_password
 
-LOCAL_URI = "mongodb://127.0.0.1:27017/?directConnection=true"
 DEFAULT_GRACE_SECONDS = 30.0
 # A problem names at most this many ids of a kind; the rest are counted.
 IDS_SHOWN = 5
@@ -374,27 +378,38 @@ async def _check_stranger_days(db: Any, limit: int, found: Findings) -> None:
 
 async def unpublished_events(db: Any, grace_seconds: float, now: int | None = None) -> Findings:
     """Events that have waited in any collection of `db` for longer than `grace_seconds`:
-    the relay publishes within seconds, so these are stuck (NATS refusing, no relay)."""
+    the relay publishes within seconds, so these are stuck (NATS refusing, no relay). One
+    aggregation over every collection ($unionWith), each matched on the outbox's index."""
     found = Findings()
     cutoff = (now_ms() if now is None else now) - _ms(grace_seconds)
+    names = sorted(await db.list_collection_names())
     waiting = 0
-    for name in sorted(await db.list_collection_names()):
+    if names:
+
+        def stuck_in(name: str) -> list[dict[str, Any]]:
+            return [
+                {"$match": {WAITING_SINCE_FIELD: {"$lte": cutoff}}},
+                {"$project": {"collection": {"$literal": name}, EVENTS_FIELD: 1}},
+            ]
+
         pipeline = [
-            {"$match": {WAITING_SINCE_FIELD: {"$lte": cutoff}}},
+            *stuck_in(names[0]),
+            *({"$unionWith": {"coll": name, "pipeline": stuck_in(name)}} for name in names[1:]),
             {
                 "$group": {
-                    "_id": None,
+                    "_id": "$collection",
                     "documents": {"$sum": 1},
                     "events": {"$sum": {"$size": {"$ifNull": [f"${EVENTS_FIELD}", []]}}},
                 }
             },
         ]
-        async for row in db[name].aggregate(pipeline):
+        rows = await db[names[0]].aggregate(pipeline).to_list(None)
+        for row in sorted(rows, key=lambda r: str(r["_id"])):
             if not row["documents"]:  # some servers group nothing into one empty row
                 continue
             waiting += row["events"]
             found.problems.append(
-                f"{row['events']} events of {db.name}.{name} unpublished for more than "
+                f"{row['events']} events of {db.name}.{row['_id']} unpublished for more than "
                 f"{grace_seconds:g}s (in {row['documents']} documents)"
             )
     found.checked[f"events waiting past {grace_seconds:g}s"] = waiting
@@ -414,17 +429,16 @@ def _some(ids: Iterable[str]) -> str:
 # The command
 
 
-def open_client(uri: str) -> Any:
-    from motor.motor_asyncio import AsyncIOMotorClient
-
-    return AsyncIOMotorClient(uri, serverSelectionTimeoutMS=5_000, appname="doctor")
+def local_uri() -> str:
+    """The MongoDB server of the local suite (`make run`)."""
+    return local_mongodb_uri(int(os.environ.get("MONGODB_PORT", "27017")))
 
 
 async def run(
     uri: str, groups_db: str, messaging_db: str, stranger_limit: int, grace_seconds: float
 ) -> dict[str, Findings]:
     """What the checks found in each database, by name."""
-    client = open_client(uri)
+    client, _ = open_database(uri, groups_db)
     try:
         return {
             groups_db: await inspect_groups(client[groups_db], grace_seconds),
@@ -451,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.doctor", description="Check the stored invariants of a store."
     )
-    parser.add_argument("--uri", default=os.environ.get("MONGODB_URI") or LOCAL_URI)
+    parser.add_argument("--uri", default=os.environ.get("MONGODB_URI") or local_uri())
     parser.add_argument("--groups-db", default="groups")
     parser.add_argument("--messaging-db", default="messaging")
     parser.add_argument(
@@ -459,8 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pending-grace-seconds", type=float, default=DEFAULT_GRACE_SECONDS)
     args = parser.parse_args(argv)
-    from pymongo.errors import ConnectionFailure
-
+    configure_logging("doctor", level="warning", fmt="console")  # a command: only trouble
     try:
         found = asyncio.run(
             run(
@@ -473,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConnectionFailure as exc:
         reason = str(exc).split(" (configured timeouts")[0]
-        print(f"doctor: could not reach MongoDB at {args.uri}: {reason}", file=sys.stderr)
+        where = without_password(args.uri)
+        print(f"doctor: could not reach MongoDB at {where}: {reason}", file=sys.stderr)
         return 2
     problems = [p for f in found.values() for p in f.problems]
     for problem in problems:

@@ -1,12 +1,11 @@
 """Fault-injection tier: commands stopped at each store step (tests/faults/faulty.py) against
-the real store (MONGODB_URI when set, else the in-process stand-in) and a real nats-server,
-then the stored invariants checked with `tools.doctor` and the events seen on NATS."""
+the session's MongoDB server (`mongodb_uri`: MONGODB_URI when set, else a local one) and a
+real nats-server, then the stored invariants checked with `tools.doctor` and the events seen
+on NATS."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,13 +20,12 @@ from tests.conftest import eventually
 
 
 @pytest.fixture
-async def mongo_db() -> AsyncIterator[Any]:
-    """A fresh database of its own, dropped afterwards."""
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"faults_{uuid.uuid4().hex[:12]}")
+async def mongo_db(mongodb_uri: str, database: str) -> AsyncIterator[Any]:
+    """A fresh database of its own (dropped afterwards), through Motor."""
+    client, db = open_database(mongodb_uri, database)
     try:
         yield db
     finally:
-        await client.drop_database(db.name)
         client.close()
 
 

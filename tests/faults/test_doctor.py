@@ -4,11 +4,11 @@ kind of drift when the stored state is broken by hand."""
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pymongo
 import pytest
 
 from services.groups.app import GroupsApp, GroupsLimits, lease_stamp
@@ -18,17 +18,16 @@ from services.kit.events import EventBus
 from services.kit.mongo import open_database
 from services.kit.outbox import Outbox
 from services.kit.timestamps import now_ms
-from tools import doctor
+from tests.conftest import unique_database_name
 from tools.doctor import check_groups, check_messaging, inspect_groups
 
 
-@pytest.fixture
-async def group(mongo_db: Any, bus: EventBus) -> dict[str, Any]:
-    """A group of three (owner, admin, member) with two messages, all events published;
-    its stored document."""
-    await GroupsStore(mongo_db).create_indexes()
+async def a_group_of_three(db: Any, bus: EventBus) -> dict[str, Any]:
+    """A group of three (olga the owner, ada an admin, max) with two messages, all events
+    published; its stored document."""
+    await GroupsStore(db).create_indexes()
     outbox = Outbox(bus, retry_after_seconds=0)
-    app = GroupsApp(GroupsStore(mongo_db), outbox, GroupsLimits())
+    app = GroupsApp(GroupsStore(db), outbox, GroupsLimits())
     await app.start()
     created, _ = await app.create_group(
         "olga", GroupSettings("Tea", "", "FOOD", "", 10, True, ""), ""
@@ -40,19 +39,27 @@ async def group(mongo_db: Any, bus: EventBus) -> dict[str, Any]:
     await app.send_message("max", group_id, "hello", [], "c1")
     await app.send_message("ada", group_id, "hi max", [], "c2")
     await outbox.relay_once()
-    doc = await mongo_db["groups"].find_one({"_id": group_id})
+    doc = await db["groups"].find_one({"_id": group_id})
     assert doc is not None
     return dict(doc)
 
 
 @pytest.fixture
-async def messaging_db() -> AsyncIterator[Any]:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"doctor_{uuid.uuid4().hex[:12]}")
+async def group(mongo_db: Any, bus: EventBus) -> dict[str, Any]:
+    return await a_group_of_three(mongo_db, bus)
+
+
+@pytest.fixture
+async def messaging_db(
+    mongodb_uri: str, mongodb_client: pymongo.MongoClient[dict[str, Any]]
+) -> AsyncIterator[Any]:
+    """A second fresh database, for the messaging side (dropped afterwards)."""
+    client, db = open_database(mongodb_uri, unique_database_name())
     try:
         yield db
     finally:
-        await client.drop_database(db.name)
         client.close()
+        mongodb_client.drop_database(db.name)
 
 
 async def test_what_the_services_store_holds(mongo_db: Any, group: dict[str, Any]) -> None:
@@ -65,41 +72,42 @@ async def test_what_the_services_store_holds(mongo_db: Any, group: dict[str, Any
 
 
 async def test_the_command_exits_0_with_a_summary_when_all_holds(
-    mongo_db: Any, messaging_db: Any, group: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    mongodb_uri: str,
+    mongo_db: Any,
+    messaging_db: Any,
+    group: dict[str, Any],
 ) -> None:
-    status = await asyncio.to_thread(doctor.main, _cli(mongo_db, messaging_db))
-    said = _said(capsys.readouterr().out)
+    status, said = await doctor_command(mongodb_uri, mongo_db, messaging_db)
     assert status == 0
     assert len(said) == 1 and "all holds" in said[0] and "1 groups" in said[0]
 
 
 async def test_the_command_exits_1_and_prints_each_problem(
-    mongo_db: Any, messaging_db: Any, group: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    mongodb_uri: str,
+    mongo_db: Any,
+    messaging_db: Any,
+    group: dict[str, Any],
 ) -> None:
     await mongo_db["groups"].update_one({"_id": group["_id"]}, {"$inc": {"member_count": 1}})
-    status = await asyncio.to_thread(doctor.main, _cli(mongo_db, messaging_db))
-    said = _said(capsys.readouterr().out)
+    status, said = await doctor_command(mongodb_uri, mongo_db, messaging_db)
     assert status == 1
     assert said[0].startswith("problem: group") and "member_count 4 but 3 members" in said[0]
-    assert said[-1].startswith("doctor: checked") and said[-1].endswith(
-        ": 2 problems"
-    )  # the count and the seats
+    # Two: the count, and the seats that no longer add up with it.
+    assert said[-1].startswith("doctor: checked") and said[-1].endswith(": 2 problems")
 
 
-def _said(out: str) -> list[str]:
-    """The doctor's own lines (not the store's log)."""
-    return [line for line in out.splitlines() if line.startswith(("problem:", "note:", "doctor:"))]
-
-
-def _cli(groups_db: Any, messaging_db: Any) -> list[str]:
-    return ["--groups-db", groups_db.name, "--messaging-db", messaging_db.name]
-
-
-@pytest.fixture(autouse=True)
-def _store_of_the_tests(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command reads the store the tests write: MONGODB_URI, or the in-process one."""
-    if not os.environ.get("MONGODB_URI"):
-        monkeypatch.setattr(doctor, "open_client", lambda uri: open_database(None, "doctor")[0])
+async def doctor_command(uri: str, groups_db: Any, messaging_db: Any) -> tuple[int, list[str]]:
+    """Run `python -m tools.doctor` on the two databases: its exit status and its lines."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tools.doctor",
+        *("--uri", uri, "--groups-db", groups_db.name, "--messaging-db", messaging_db.name),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode().splitlines()
 
 
 # A group's document broken by hand: the update, and what the doctor must say.
@@ -118,14 +126,15 @@ BROKEN_GROUPS = {
 }
 
 
-@pytest.mark.parametrize("breakage", BROKEN_GROUPS)
-async def test_a_broken_group_is_reported(
-    breakage: str, mongo_db: Any, group: dict[str, Any]
-) -> None:
-    update, expected = BROKEN_GROUPS[breakage]
-    await mongo_db["groups"].update_one({"_id": group["_id"]}, update)
+async def test_each_broken_group_is_reported(mongo_db: Any, bus: EventBus) -> None:
+    broken = {}
+    for breakage, (update, expected) in BROKEN_GROUPS.items():
+        group = await a_group_of_three(mongo_db, bus)
+        await mongo_db["groups"].update_one({"_id": group["_id"]}, update)
+        broken[breakage] = (group["_id"], expected)
     problems = await check_groups(mongo_db)
-    assert any(expected in p and group["_id"] in p for p in problems), problems
+    for breakage, (group_id, expected) in broken.items():
+        assert any(expected in p and group_id in p for p in problems), (breakage, problems)
 
 
 async def test_a_membership_without_a_lease_is_reported(
