@@ -348,17 +348,35 @@ async def _check_direct_messages(db: Any, found: Findings) -> None:
 
 
 async def _check_stranger_days(db: Any, limit: int, found: Findings) -> None:
-    """A day counts each stranger once, as many as it lists, and never more than the limit."""
+    """A day counts each stranger once, as many as it lists, and never more than the limit.
+    A stranger it lists whose conversation holds no message charged that day is worth a
+    note: a send stopped between charging and storing (its retry makes it good)."""
     pipeline = [
         {
             "$project": {
                 "count": 1,
+                "recipients": 1,
                 "listed": {"$size": {"$ifNull": ["$recipients", []]}},
                 "distinct": {"$size": {"$setUnion": [{"$ifNull": ["$recipients", []]}, []]}},
             }
         }
     ]
+    charged = {
+        (row["_id"]["sender"], row["_id"]["day"]): set(row["conversations"])
+        async for row in db["messages"].aggregate(
+            [
+                {"$match": {"charged_day": {"$type": "string"}}},
+                {
+                    "$group": {
+                        "_id": {"sender": "$started_by", "day": "$charged_day"},
+                        "conversations": {"$addToSet": "$conversation_id"},
+                    }
+                },
+            ]
+        )
+    }
     days = 0
+    unused: list[str] = []
     async for doc in db["stranger_days"].aggregate(pipeline):
         days += 1
         day_id, count = doc["_id"], doc.get("count")
@@ -370,6 +388,18 @@ async def _check_stranger_days(db: Any, limit: int, found: Findings) -> None:
             found.problems.append(f"stranger day {day_id}: a recipient is listed twice")
         if isinstance(count, int) and count > limit:
             found.problems.append(f"stranger day {day_id}: {count} strangers, the limit is {limit}")
+        sender, _, day = str(day_id).rpartition(":")
+        conversations = charged.get((sender, day), set())
+        unused += [
+            f"{day_id}:{recipient}"
+            for recipient in doc.get("recipients") or []
+            if ":".join(sorted((sender, recipient))) not in conversations
+        ]
+    if unused:
+        found.notes.append(
+            f"{len(unused)} strangers charged without a message charged that day (a send "
+            f"stopped between charging and storing): {_some(sorted(unused))}"
+        )
     found.checked["stranger days"] = days
 
 

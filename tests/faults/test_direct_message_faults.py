@@ -32,7 +32,7 @@ from services.messaging.service import open_messaging
 from services.messaging.storage import MessagingStore
 from tests.faults.conftest import Published
 from tests.faults.faulty import Crash, Fault, FaultKind, FaultyDatabase, Plan
-from tools.doctor import check_messaging
+from tools.doctor import check_messaging, inspect_messaging
 
 LIMITS = MessagingLimits(stranger_daily_limit=2)
 KINDS: list[FaultKind] = ["cancel_before", "error_before", "crash_after"]
@@ -268,6 +268,8 @@ async def retry(
         assert result.message.seq == len(was.seqs) + 1, f"{where}: retry stored it again"
     await outbox.relay_once()
     await assert_invariants(world, send.sender, exact_quota=True)
+    # Nor does the doctor see a charge left without its message, anywhere.
+    assert (await inspect_messaging(world.db, LIMITS.stranger_daily_limit, 0)).notes == []
     expected = was.seqs if refused else [*was.seqs, len(was.seqs) + 1]
     assert await stored_seqs(world, send.conversation_id) == expected, f"{where}: retry"
 

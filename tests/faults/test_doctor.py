@@ -19,7 +19,7 @@ from services.kit.mongo import open_database
 from services.kit.outbox import Outbox
 from services.kit.timestamps import now_ms
 from tests.conftest import unique_database_name
-from tools.doctor import check_groups, check_messaging, inspect_groups
+from tools.doctor import check_groups, check_messaging, inspect_groups, inspect_messaging
 
 
 async def a_group_of_three(db: Any, bus: EventBus) -> dict[str, Any]:
@@ -240,3 +240,20 @@ async def test_messaging_drift_is_reported(messaging_db: Any) -> None:
             "stranger day d:2026-12-01: 6 strangers, the limit is 5",
         ]
     )
+
+
+async def test_a_stranger_charged_without_a_message_is_a_note(messaging_db: Any) -> None:
+    state = {"started_by": "a", "answered": False, "unanswered": 1}
+    await messaging_db["messages"].insert_one(
+        {"_id": "a:b:1", "conversation_id": "a:b", "seq": 1, **state, "charged_day": "2026-12-01"}
+    )
+    await messaging_db["conversations"].insert_one({"_id": "a:b", "last_seq": 1})
+    await messaging_db["stranger_days"].insert_one(
+        {"_id": "a:2026-12-01", "count": 2, "recipients": ["b", "c"]}
+    )
+    found = await inspect_messaging(messaging_db, stranger_limit=5)
+    assert found.problems == []
+    assert found.notes == [
+        "1 strangers charged without a message charged that day (a send stopped between "
+        "charging and storing): a:2026-12-01:c"
+    ]
