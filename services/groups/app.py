@@ -267,7 +267,8 @@ class GroupsApp:
             update = storage.add_member(member, lease)
             return _Change(update, JoinResult(member, seated, True), events.events)
 
-        return await self._change(group_id, [user_id], decide)
+        # The group as read above is the first guess: only a change since costs a new read.
+        return await self._change(group_id, [user_id], decide, read=state)
 
     async def leave_group(self, user_id: str, group_id: str) -> bool:
         """Leave; returns True when the caller was the last member and the group dissolved."""
@@ -404,7 +405,7 @@ class GroupsApp:
     async def list_members(
         self, user_id: str, group_id: str, after_user: str | None, limit: int
     ) -> list[Membership]:
-        self._member(await self._load(group_id, user_id), user_id)
+        self._member(await self._load(group_id, user_id, activity=False), user_id)
         members = [
             m
             for m in await self._store.all_members(group_id)
@@ -446,11 +447,14 @@ class GroupsApp:
         self, user_id: str, group_id: str, text: str, mentions: list[str], client_msg_id: str
     ) -> Message:
         domain.validate_message(text, mentions, client_msg_id)
-        member = self._member(await self._load(group_id, user_id), user_id)
+        member = self._member(await self._load(group_id, user_id, activity=False), user_id)
         key = domain.dedup_key(group_id, user_id, client_msg_id)
-        if key and (first := await self._store.message_by_dedup_key(key)):
-            return first
-        domain.ensure_can_send(member, self._clock())
+        try:
+            domain.ensure_can_send(member, self._clock())
+        except domain.Muted:
+            if key and (first := await self._store.message_by_dedup_key(key)):
+                return first  # a retry of what was sent before the mute
+            raise
         async with self._senders.hold(group_id):
             message, events = await self._append(group_id, user_id, text, mentions, client_msg_id)
         if events:
@@ -503,7 +507,7 @@ class GroupsApp:
         self, user_id: str, group_id: str, after_seq: int, before_seq: int, limit: int
     ) -> tuple[list[Message], bool]:
         domain.validate_seqs(after_seq=after_seq, before_seq=before_seq)
-        self._member(await self._load(group_id, user_id), user_id)
+        self._member(await self._load(group_id, user_id, activity=False), user_id)
         if before_seq:
             page = await self._store.messages_before(group_id, before_seq, after_seq, limit + 1)
             return page[-limit:], len(page) > limit
@@ -590,14 +594,21 @@ class GroupsApp:
     # Shared steps
 
     async def _change(
-        self, group_id: str, user_ids: list[str], decide: Callable[[GroupState], _Change[T]]
+        self,
+        group_id: str,
+        user_ids: list[str],
+        decide: Callable[[GroupState], _Change[T]],
+        *,
+        read: GroupState | None = None,
     ) -> T:
-        """Read the group with `user_ids`' memberships, `decide`, and commit the decided
-        update and events conditional on the version read; read and decide again when the
-        group changed meanwhile. An empty update commits nothing."""
+        """Read the group with `user_ids`' memberships (or start from `read`, a state the
+        caller read already), `decide`, and commit the decided update and events conditional
+        on the version read; read and decide again when the group changed meanwhile. An
+        empty update commits nothing."""
         async with self._writers.hold(group_id):
             for _ in range(COMMIT_ATTEMPTS):
-                state = await self._load(group_id, *user_ids)
+                state = read or await self._load(group_id, *user_ids)
+                read = None
                 change = decide(state)
                 if not change.update:
                     return change.result
@@ -606,8 +617,8 @@ class GroupsApp:
                     return change.result
         raise ConcurrentUpdate("the group kept changing; try again")
 
-    async def _load(self, group_id: str, *user_ids: str) -> GroupState:
-        state = await self._store.load(group_id, *user_ids)
+    async def _load(self, group_id: str, *user_ids: str, activity: bool = True) -> GroupState:
+        state = await self._store.load(group_id, *user_ids, activity=activity)
         if state is None:
             raise GroupNotFound(f"no group {group_id}", group_id=group_id)
         return state

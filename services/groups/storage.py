@@ -97,21 +97,24 @@ class GroupsStore:
 
     # The group aggregate
 
-    async def load(self, group_id: str, *user_ids: str) -> GroupState | None:
-        """The group with the memberships and bans of `user_ids`; None when there is none."""
+    async def load(self, group_id: str, *user_ids: str, activity: bool = True) -> GroupState | None:
+        """The group with the memberships and bans of `user_ids`; None when there is none.
+        Without `activity` its last seq and message are not read (0 and None): for commands
+        that neither need nor return them."""
         projection = {field: 1 for field in _GROUP_FIELDS}
         for user_id in user_ids:
             projection[f"members.{user_id}"] = 1
             projection[f"banned.{user_id}"] = 1
-        doc, activity = await asyncio.gather(
-            self.groups.find_one({"_id": group_id}, projection),
-            self._activity.find_one({"_id": group_id}),
-        )
+        group = self.groups.find_one({"_id": group_id}, projection)
+        if activity:
+            doc, last = await asyncio.gather(group, self._activity.find_one({"_id": group_id}))
+        else:
+            doc, last = await group, None
         if doc is None or doc.get("dissolved"):
             return None
         members = doc.get("members") or {}
         return GroupState(
-            group=_group(doc, activity),
+            group=_group(doc, last),
             members={u: _membership(group_id, u, members.get(u)) for u in user_ids},
             banned=frozenset(doc.get("banned") or {}),
             leases={u: e.get("lease", 0) for u, e in members.items() if u in user_ids},

@@ -140,8 +140,14 @@ async def test_only_editors_pick_groups_and_only_admins_see_insights(
     gateway: Any, suite: Suite
 ) -> None:
     owner, visitor = unique("creator"), unique("visitor")
-    group_id = await create_linked_group(gateway, suite, owner, f"kw{uuid.uuid4().hex[:8]}")
+    keyword = f"kw{uuid.uuid4().hex[:8]}"
+    group_id = await create_linked_group(gateway, suite, owner, keyword)
     stub, md = gateway(visitor)
+
+    async def known_to_the_plaza() -> bool:  # the plaza learns of groups from their events
+        return bool(await search(gateway, visitor, keyword))
+
+    await eventually(known_to_the_plaza, within=30)
 
     with pytest.raises(grpc.aio.AioRpcError) as not_editor:
         await stub.SetGroupSelected(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,8 +43,10 @@ class World:
 
 
 @pytest.fixture
-async def world(nats_url: str, nats_client: Any) -> AsyncIterator[World]:
-    client, db = open_database(os.environ.get("MONGODB_URI"), f"test_{uuid.uuid4().hex[:12]}")
+async def world(
+    nats_url: str, nats_client: Any, mongodb_uri: str, database: str
+) -> AsyncIterator[World]:
+    client, db = open_database(mongodb_uri, database)
     bus = await EventBus.connect(nats_url, "messaging-faults", stream_replicas=1)
     # A short retry delay, so that the relay soon takes over what a stopped send left.
     outbox = Outbox(bus, retry_after_seconds=0.3, scan_interval_seconds=0.1)
@@ -277,14 +278,6 @@ async def test_a_send_stopped_at_any_step_leaves_no_drift(
     await assert_no_drift(world, alice, peers)
 
 
-# The in-process stand-in answers without giving the event loop a turn: no deadline falls
-# inside a send there.
-needs_a_real_store = pytest.mark.skipif(
-    not os.environ.get("MONGODB_URI"), reason="deadlines fall inside sends only with a real store"
-)
-
-
-@needs_a_real_store
 async def test_sends_cut_short_by_deadlines_leave_no_drift(world: World) -> None:
     alice, friend, fan = unique("alice"), unique("friend"), unique("fan")
     await establish(world, alice, friend)
@@ -304,7 +297,6 @@ async def test_sends_cut_short_by_deadlines_leave_no_drift(world: World) -> None
     await assert_no_drift(world, alice, peers)
 
 
-@needs_a_real_store
 async def test_parallel_sends_cut_short_into_one_conversation_take_every_seq_once(
     world: World,
 ) -> None:
