@@ -38,6 +38,7 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build as build_groups
 from services.kit.auth import mint_token
 from services.kit.config import Env
+from services.kit.outbox import HOLDS_EVENTS
 from services.kit.server import ServiceHost
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build as build_messaging
@@ -131,10 +132,7 @@ async def run(args: argparse.Namespace, mongodb_uri: str, nats_url: str, checker
     messaging_db = checker[f"{prefix}_messaging"]
 
     def no_events_waiting(db: Any, *collections: str) -> Callable[[], bool]:
-        return lambda: all(
-            db[c].find_one({"_events_since": {"$exists": True}}, {"_id": 1}) is None
-            for c in collections
-        )
+        return lambda: all(db[c].find_one(HOLDS_EVENTS, {"_id": 1}) is None for c in collections)
 
     groups_settled = no_events_waiting(groups_db, "groups", "messages")
     try:

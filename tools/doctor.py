@@ -31,7 +31,7 @@ from services.groups.app import stamped_at_ms
 from services.groups.domain import Role
 from services.kit.logging import configure_logging
 from services.kit.mongo import open_database
-from services.kit.outbox import EVENTS_FIELD, WAITING_SINCE_FIELD
+from services.kit.outbox import EVENTS_FIELD, HOLDS_EVENTS, WAITING_SINCE_FIELD
 from services.kit.timestamps import now_ms
 from tools.suite import local_mongodb_uri, without_password
 
@@ -247,7 +247,13 @@ def _seq_pipeline(key: str, by_sender: bool) -> list[dict[str, Any]]:
                     }
                 },
                 "pending": {
-                    "$sum": {"$cond": [{"$ifNull": [f"${WAITING_SINCE_FIELD}", False]}, 1, 0]}
+                    "$sum": {
+                        "$cond": [
+                            {"$gt": [{"$size": {"$ifNull": [f"${EVENTS_FIELD}", []]}}, 0]},
+                            1,
+                            0,
+                        ]
+                    }
                 },
             }
         }
@@ -418,7 +424,14 @@ async def unpublished_events(db: Any, grace_seconds: float, now: int | None = No
 
         def stuck_in(name: str) -> list[dict[str, Any]]:
             return [
-                {"$match": {WAITING_SINCE_FIELD: {"$lte": cutoff}}},
+                # Still holding events: the relay clears a document's events first and
+                # its waiting-since mark at its next scan.
+                {
+                    "$match": {
+                        WAITING_SINCE_FIELD: {"$lte": cutoff},
+                        **HOLDS_EVENTS,
+                    }
+                },
                 {"$project": {"collection": {"$literal": name}, EVENTS_FIELD: 1}},
             ]
 

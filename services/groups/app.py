@@ -49,8 +49,8 @@ log = structlog.get_logger("groups")
 COMMIT_ATTEMPTS = 50
 # A lease older than this whose join never happened is stale: no command runs this long.
 LEASE_GRACE_MS = 120_000
-# Groups whose last seq this process remembers (a guess that saves a read per send).
-LAST_SEQS_KEPT = 10_000
+# Groups whose last seq and version this process remembers (guesses that save reads).
+GUESSES_KEPT = 10_000
 
 T = TypeVar("T")
 
@@ -143,6 +143,9 @@ class GroupsApp:
         # The last seq this process saw per group: a guess that saves reading it back before
         # every send. A stale guess only costs a refused insert and a fresh read.
         self._last_seqs: OrderedDict[str, int] = OrderedDict()
+        # The version this process last committed per group: a read older than that is
+        # stale before it is tried.
+        self._versions: OrderedDict[str, int] = OrderedDict()
 
     async def start(self) -> None:
         """Have the relay finish and publish what a stopped command committed."""
@@ -299,6 +302,7 @@ class GroupsApp:
         await self._store.release_lease(user_id, group_id, lease)
         if dissolved:
             self._last_seqs.pop(group_id, None)
+            self._versions.pop(group_id, None)
             log.info("group_dissolved", group_id=group_id)
         return dissolved
 
@@ -489,10 +493,7 @@ class GroupsApp:
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return first, []  # a concurrent retry of the same message won
             last = None  # another process took this seq: read the last one and try again
-        self._last_seqs[group_id] = seq
-        self._last_seqs.move_to_end(group_id)
-        if len(self._last_seqs) > LAST_SEQS_KEPT:
-            self._last_seqs.popitem(last=False)
+        self._remember(self._last_seqs, group_id, seq)
         return message, [event]
 
     async def _finish_message(self, message: Message) -> None:
@@ -606,6 +607,8 @@ class GroupsApp:
         on the version read; read and decide again when the group changed meanwhile. An
         empty update commits nothing."""
         async with self._writers.hold(group_id):
+            if read is not None and read.group.version < self._versions.get(group_id, 0):
+                read = None  # this process has changed the group since: that read is stale
             for _ in range(COMMIT_ATTEMPTS):
                 state = read or await self._load(group_id, *user_ids)
                 read = None
@@ -614,6 +617,9 @@ class GroupsApp:
                     return change.result
                 if await self._store.commit(state, change.update, change.events):
                     self._outbox.committed(self._store.groups, group_id, change.events)
+                    self._remember(
+                        self._versions, group_id, state.group.version + max(len(change.events), 1)
+                    )
                     return change.result
         raise ConcurrentUpdate("the group kept changing; try again")
 
@@ -622,6 +628,14 @@ class GroupsApp:
         if state is None:
             raise GroupNotFound(f"no group {group_id}", group_id=group_id)
         return state
+
+    @staticmethod
+    def _remember(guesses: OrderedDict[str, int], group_id: str, value: int) -> None:
+        """Keep `value` for the group among the most recently used few thousand."""
+        guesses[group_id] = value
+        guesses.move_to_end(group_id)
+        if len(guesses) > GUESSES_KEPT:
+            guesses.popitem(last=False)
 
     @staticmethod
     def _member(state: GroupState, user_id: str) -> Membership:

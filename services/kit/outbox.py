@@ -40,6 +40,8 @@ log = structlog.get_logger("outbox")
 # and since when the oldest has waited (only while there are some: a sparse index finds them).
 EVENTS_FIELD = "_events"
 WAITING_SINCE_FIELD = "_events_since"
+# The filter for documents that hold events not yet published.
+HOLDS_EVENTS = {f"{EVENTS_FIELD}.0": {"$exists": True}}
 
 
 def _stored(events: Iterable[OutgoingEvent]) -> list[dict[str, Any]]:
@@ -154,6 +156,13 @@ class Outbox:
         cutoff = now_ms() - self._retry_after_ms
         batch: list[_Committed] = []
         for name, collection in self._collections.items():
+            # Documents whose events were all published: no longer waiting (only now, so
+            # that clearing a document's events stays one write; a command adding events
+            # meanwhile leaves its document out of this).
+            await collection.update_many(
+                {WAITING_SINCE_FIELD: {"$exists": True}, EVENTS_FIELD: {"$size": 0}},
+                {"$unset": {EVENTS_FIELD: "", WAITING_SINCE_FIELD: ""}},
+            )
             finish = self._finishers.get(name)
             docs = (
                 await collection.find(
@@ -200,18 +209,19 @@ class Outbox:
         return sum(len(ids) for _, ids in published)
 
     async def _clear(self, published: list[tuple[_Committed, list[str]]]) -> None:
-        by_collection: dict[str, list[UpdateOne]] = defaultdict(list)
+        """Take the published events out of their documents: one write per document, however
+        many of its events the batch held (a storm of joins is one write for many). The
+        waiting-since mark of a document left without events goes at the next scan."""
+        by_doc: dict[tuple[str, Any], list[str]] = defaultdict(list)
         for item, ids in published:
-            by_collection[item.collection] += [
-                UpdateOne({"_id": item.doc_id}, {"$pull": {EVENTS_FIELD: {"id": {"$in": ids}}}}),
-                # Only once none is left: a command may have added events meanwhile.
-                UpdateOne(
-                    {"_id": item.doc_id, EVENTS_FIELD: {"$size": 0}},
-                    {"$unset": {EVENTS_FIELD: "", WAITING_SINCE_FIELD: ""}},
-                ),
-            ]
+            by_doc[(item.collection, item.doc_id)] += ids
+        by_collection: dict[str, list[UpdateOne]] = defaultdict(list)
+        for (name, doc_id), ids in by_doc.items():
+            by_collection[name].append(
+                UpdateOne({"_id": doc_id}, {"$pull": {EVENTS_FIELD: {"id": {"$in": ids}}}})
+            )
         for name, operations in by_collection.items():
-            await self._collections[name].bulk_write(operations, ordered=True)
+            await self._collections[name].bulk_write(operations, ordered=False)
 
 
 def _outgoing(stored: dict[str, Any]) -> OutgoingEvent:

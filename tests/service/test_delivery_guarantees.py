@@ -16,7 +16,7 @@ from services.groups.mapping import message_to_proto
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus, OutgoingEvent, new_event
 from services.kit.mongo import ProcessedEvents, open_database
-from services.kit.outbox import Outbox
+from services.kit.outbox import HOLDS_EVENTS, Outbox
 from tests.conftest import eventually
 
 
@@ -96,7 +96,7 @@ async def test_a_write_while_nats_is_down_answers_and_its_event_is_published_lat
         group, _ = await down.create_group("owner", SETTINGS, "")
         received = await collect(listener, f"groupchat.groups.*.{group.group_id}.*")
         message = await down.send_message("owner", group.group_id, "while NATS is down", [], "")
-        assert await db["messages"].count_documents({"_events": {"$exists": True}}) == 1
+        assert await db["messages"].count_documents(HOLDS_EVENTS) == 1
 
         recovered = Outbox(bus, retry_after_seconds=0)
         await groups_app(db, recovered)
@@ -105,8 +105,8 @@ async def test_a_write_while_nats_is_down_answers_and_its_event_is_published_lat
         assert {e.type for e in received} == {"groups.group_created", "groups.group_message_posted"}
         posted = next(e for e in received if e.type == "groups.group_message_posted")
         assert posted.group_message_posted.message.seq == message.seq
-        assert await db["messages"].count_documents({"_events": {"$exists": True}}) == 0
-        assert await db["groups"].count_documents({"_events": {"$exists": True}}) == 0
+        assert await db["messages"].count_documents(HOLDS_EVENTS) == 0
+        assert await db["groups"].count_documents(HOLDS_EVENTS) == 0
         assert await recovered.relay_once() == 0
     finally:
         await listener.drain()

@@ -19,7 +19,7 @@ from nats.js.api import DeliverPolicy
 
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
-from services.kit.outbox import EVENTS_FIELD, Outbox
+from services.kit.outbox import HOLDS_EVENTS, Outbox
 from services.kit.timestamps import now_ms
 from services.messaging import domain
 from services.messaging.app import MessagingApp, MessagingLimits, SendResult
@@ -177,7 +177,7 @@ async def assert_no_drift(world: World, sender: str, peers: list[str]) -> None:
     await eventually(published_exactly_the_stored)
 
     async def all_events_handed_over() -> bool:
-        waiting = {"conversation_id": {"$in": conversations}, EVENTS_FIELD: {"$exists": True}}
+        waiting = {"conversation_id": {"$in": conversations}, **HOLDS_EVENTS}
         return await world.db["messages"].count_documents(waiting) == 0
 
     await eventually(all_events_handed_over)
@@ -328,7 +328,7 @@ async def test_a_late_follow_up_does_not_take_the_conversation_back(world: World
     newer = await world.app.send_message(friend, alice, "newer", "")
     assert newer.message.seq == 4
 
-    late = {"_id": f"{domain.conversation_id(alice, friend)}:3", EVENTS_FIELD: {"$exists": True}}
+    late = {"_id": f"{domain.conversation_id(alice, friend)}:3", **HOLDS_EVENTS}
     await eventually(lambda: is_zero(world.db["messages"].count_documents(late)))
 
     conversation = await world.store.get_conversation(domain.conversation_id(alice, friend))

@@ -18,7 +18,7 @@ from services.groups.domain import GroupFull, GroupSettings
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
-from services.kit.outbox import EVENTS_FIELD, Outbox
+from services.kit.outbox import HOLDS_EVENTS, Outbox
 from tests.conftest import eventually
 from tools.doctor import check_groups
 
@@ -81,7 +81,7 @@ async def test_a_thousand_joins_from_two_processes_fill_exactly_the_500_seats(
     await eventually(lambda: joined == members, within=30)
 
     async def all_published() -> bool:
-        return await db["groups"].count_documents({EVENTS_FIELD: {"$exists": True}}) == 0
+        return await db["groups"].count_documents(HOLDS_EVENTS) == 0
 
     await eventually(all_published, within=30)
     # Every member holds a lease (a refused joiner may keep one until it is found stale).
