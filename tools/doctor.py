@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.groups.app import stamped_at_ms
 from services.groups.domain import Role
 from services.kit.outbox import EVENTS_FIELD, WAITING_SINCE_FIELD
 from services.kit.timestamps import now_ms
@@ -89,8 +90,6 @@ async def _check_group_documents(
                 "free_seats": 1,
                 "capacity": 1,
                 "owner_id": 1,
-                "last_seq": 1,
-                "member_ids": 1,
                 "members": {
                     "$map": {
                         "input": {"$objectToArray": {"$ifNull": ["$members", {}]}},
@@ -106,7 +105,7 @@ async def _check_group_documents(
             }
         }
     ]
-    # A group's last seq lives beside it when it has a document of activity, in it if not.
+    # A group's last seq lives beside it, in its document of activity.
     activity = {
         doc["_id"]: int(doc.get("last_seq") or 0)
         async for doc in db["group_activity"].find({}, {"last_seq": 1})
@@ -117,11 +116,10 @@ async def _check_group_documents(
     async for doc in db["groups"].aggregate(pipeline):
         group_id = doc["_id"]
         dissolved = bool(doc.get("dissolved"))
-        last_seq = activity.get(group_id, int(doc.get("last_seq") or 0))
+        last_seq = activity.get(group_id, 0)
         groups[group_id] = _GroupSummary(last_seq, dissolved)
         members = {m["user"]: m.get("role") for m in doc["members"]}
-        member_ids: list[str] | None = doc.get("member_ids")
-        problems = _group_problems(doc, members, member_ids, dissolved)
+        problems = _group_problems(doc, members, dissolved)
         found.problems += [f"group {group_id}: {p}" for p in problems]
         if not dissolved:
             for user_id in members:
@@ -132,23 +130,16 @@ async def _check_group_documents(
     return groups, memberships
 
 
-def _group_problems(
-    doc: dict[str, Any], members: dict[str, Any], member_ids: list[str] | None, dissolved: bool
-) -> list[str]:
+def _group_problems(doc: dict[str, Any], members: dict[str, Any], dissolved: bool) -> list[str]:
     count = doc.get("member_count")
     capacity = doc.get("capacity")
     if dissolved:
-        if members or member_ids or count:
-            return [
-                f"dissolved but holds {len(members)} members, {len(member_ids or [])} "
-                f"member_ids, member_count {count}"
-            ]
+        if members or count:
+            return [f"dissolved but holds {len(members)} members, member_count {count}"]
         return []
     problems = []
     if count != len(members):
         problems.append(f"member_count {count} but {len(members)} members")
-    if member_ids is not None:  # the members' ids again, where groups keep them as a list
-        problems += _member_ids_problems(members, member_ids)
     if not isinstance(count, int) or not isinstance(capacity, int):
         problems.append(f"member_count {count!r} and capacity {capacity!r} must be numbers")
         return problems
@@ -167,18 +158,6 @@ def _group_problems(
         problems.append(f"owner {doc.get('owner_id')} is not a member")
     if banned_members := sorted(set(doc["banned"]) & set(members)):
         problems.append(f"banned users are members: {_some(banned_members)}")
-    return problems
-
-
-def _member_ids_problems(members: dict[str, Any], member_ids: list[str]) -> list[str]:
-    problems = []
-    if len(set(member_ids)) != len(member_ids):
-        repeated = sorted({u for u in member_ids if member_ids.count(u) > 1})
-        problems.append(f"member_ids repeats {_some(repeated)}")
-    if missing := sorted(set(members) - set(member_ids)):
-        problems.append(f"members missing from member_ids: {_some(missing)}")
-    if extra := sorted(set(member_ids) - set(members)):
-        problems.append(f"member_ids of no member: {_some(extra)}")
     return problems
 
 
@@ -201,10 +180,10 @@ async def _check_leases(
     stale = [
         (user_id, group_id)
         for user_id, held in leases.items()
-        for group_id, taken_at in held.items()
+        for group_id, stamp in held.items()
         if group_id not in memberships.get(user_id, set())
-        and isinstance(taken_at, int)
-        and taken_at < stale_before_ms
+        and isinstance(stamp, int)
+        and stamped_at_ms(stamp) < stale_before_ms
     ]
     if stale:
         shown = [f"{user}:{group}" for user, group in sorted(stale)]

@@ -10,6 +10,7 @@ queue instead of colliding; across processes the version decides.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from services.groups.domain import (
 )
 from services.groups.mapping import group_to_proto, member_to_proto, message_to_proto
 from services.groups.storage import GroupsStore, GroupState
-from services.kit.errors import ConcurrentUpdate, DomainError
+from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.locks import KeyedLocks
 from services.kit.outbox import Outbox, merged
@@ -52,6 +53,16 @@ LEASE_GRACE_MS = 120_000
 LAST_SEQS_KEPT = 10_000
 
 T = TypeVar("T")
+
+
+def lease_stamp(now_ms: int) -> int:
+    """A lease's stamp: when it was taken, and a random part that tells apart two takes in
+    the same millisecond."""
+    return now_ms * 1000 + secrets.randbelow(1000)
+
+
+def stamped_at_ms(stamp: int) -> int:
+    return stamp // 1000
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ class GroupsApp:
             updated_at_ms=now,
             version=1,
         )
-        await self._take_lease(user_id, group.group_id)
+        lease = await self._take_lease(user_id, group.group_id)
         owner = Membership(group.group_id, user_id, Role.OWNER, now, 0, 0)
         created = new_event(
             "groups",
@@ -173,8 +184,9 @@ class GroupsApp:
             user_id=user_id,
             group_created={"group": group_to_proto(group)},
         )
-        if not await self._store.insert_group(group, owner, create_key, [created]):
-            await self._store.release_lease(user_id, group.group_id)
+        if not await self._store.insert_group(group, owner, lease, create_key, [created]):
+            # This group id never existed: nothing can hold its lease.
+            await self._store.release_lease(user_id, group.group_id, lease)
             existing = await self._store.group_by_create_key(create_key or "")
             if existing is None:  # the first attempt's group was dissolved meanwhile
                 raise GroupNotFound("the group created with this request_id is gone")
@@ -229,7 +241,9 @@ class GroupsApp:
             return JoinResult(existing, state.group, joined=False)
         self._ensure_may_join(state, user_id)
         await self._check_join_rate(user_id)
-        newly_leased = await self._take_lease(user_id, group_id)
+        # A refused join keeps its lease until it is found stale: giving it back could race
+        # a concurrent join of the same user that renewed it and got in.
+        lease = await self._take_lease(user_id, group_id)
 
         def decide(state: GroupState) -> _Change[JoinResult]:
             if existing := state.member(user_id):  # the same user joined concurrently
@@ -250,31 +264,25 @@ class GroupsApp:
                     "source": source,
                 },
             )
-            return _Change(
-                storage.add_member(member), JoinResult(member, seated, True), events.events
-            )
+            update = storage.add_member(member, lease)
+            return _Change(update, JoinResult(member, seated, True), events.events)
 
-        try:
-            return await self._change(group_id, [user_id], decide)
-        except DomainError:
-            # Refused for certain (full, banned, gone): the lease goes back. A cancel or a
-            # lost answer may have joined: that lease stays until it is found stale.
-            if newly_leased:
-                await self._store.release_lease(user_id, group_id)
-            raise
+        return await self._change(group_id, [user_id], decide)
 
     async def leave_group(self, user_id: str, group_id: str) -> bool:
         """Leave; returns True when the caller was the last member and the group dissolved."""
 
-        def decide(state: GroupState) -> _Change[bool]:
+        def decide(state: GroupState) -> _Change[tuple[bool, int]]:
             member = self._member(state, user_id)
+            lease = state.leases[user_id]
             group = state.group
             domain.ensure_can_leave(member, group.member_count)
             events = _Events(state)
             if member.role == Role.OWNER:
                 # One event for the one fact: the group is gone, its last member with it.
                 events.add("group_dissolved", user_id, group_dissolved={"group_id": group_id})
-                return _Change(storage.dissolve(group.settings.capacity), True, events.events)
+                update = storage.dissolve(group.settings.capacity)
+                return _Change(update, (True, lease), events.events)
             events.add(
                 "member_left",
                 user_id,
@@ -284,10 +292,10 @@ class GroupsApp:
                     "member_count": group.member_count - 1,
                 },
             )
-            return _Change(storage.remove_member(user_id), False, events.events)
+            return _Change(storage.remove_member(user_id), (False, lease), events.events)
 
-        dissolved = await self._change(group_id, [user_id], decide)
-        await self._store.release_lease(user_id, group_id)
+        dissolved, lease = await self._change(group_id, [user_id], decide)
+        await self._store.release_lease(user_id, group_id, lease)
         if dissolved:
             self._last_seqs.pop(group_id, None)
             log.info("group_dissolved", group_id=group_id)
@@ -296,7 +304,8 @@ class GroupsApp:
     async def remove_member(self, actor_id: str, group_id: str, target_id: str, ban: bool) -> None:
         domain.validate_id(target_id, "user_id")
 
-        def decide(state: GroupState) -> _Change[bool]:
+        def decide(state: GroupState) -> _Change[int | None]:
+            """The removed member's lease stamp; None when nobody was removed."""
             actor = self._member(state, actor_id)
             target = state.member(target_id)
             now = self._clock()
@@ -306,8 +315,8 @@ class GroupsApp:
                 # Banning someone who is not (or no longer) a member keeps them out.
                 domain.ensure_can_manage(actor)
                 if target_id in state.banned:
-                    return _Change({}, False)
-                return _Change(storage.ban(target_id, actor_id, now), False)
+                    return _Change({}, None)
+                return _Change(storage.ban(target_id, actor_id, now), None)
             domain.ensure_can_moderate(actor, target)
             update = storage.remove_member(target_id)
             if ban:
@@ -324,10 +333,11 @@ class GroupsApp:
                     "member_count": state.group.member_count - 1,
                 },
             )
-            return _Change(update, True, events.events)
+            return _Change(update, state.leases[target_id], events.events)
 
-        if await self._change(group_id, [actor_id, target_id], decide):
-            await self._store.release_lease(target_id, group_id)
+        lease = await self._change(group_id, [actor_id, target_id], decide)
+        if lease is not None:
+            await self._store.release_lease(target_id, group_id, lease)
 
     async def set_member_role(
         self, actor_id: str, group_id: str, target_id: str, role_value: int
@@ -640,15 +650,14 @@ class GroupsApp:
         stored = state.member(user_id) if state else None
         return stored or Membership(group.group_id, user_id, Role.OWNER, group.created_at_ms, 0, 0)
 
-    async def _take_lease(self, user_id: str, group_id: str) -> bool:
-        """Hold one of the user's places for `group_id`; True when this took a new one.
-        At the limit, leases whose join never happened are released first."""
+    async def _take_lease(self, user_id: str, group_id: str) -> int:
+        """Hold one of the user's places for `group_id`; the lease's stamp. At the limit,
+        leases whose join never happened are released first."""
         limit = self._limits.max_groups_per_user
         for attempt in range(2):
-            if await self._store.take_lease(user_id, group_id, limit, self._clock()):
-                return True
-            if await self._store.holds_lease(user_id, group_id):
-                return False
+            stamp = lease_stamp(self._clock())
+            if await self._store.take_lease(user_id, group_id, limit, stamp):
+                return stamp
             if attempt == 0:
                 await self._release_stale_leases(user_id)
         raise GroupLimitReached(
@@ -658,12 +667,12 @@ class GroupsApp:
     async def _release_stale_leases(self, user_id: str) -> None:
         leases = await self._store.leases(user_id)
         cutoff = self._clock() - LEASE_GRACE_MS
-        old = [g for g, taken_at in leases.items() if taken_at < cutoff]
+        old = [g for g, stamp in leases.items() if stamped_at_ms(stamp) < cutoff]
         if not old:
             return
         joined = await self._store.member_group_ids(user_id, old)
         for group_id in set(old) - joined:
-            await self._store.release_lease_taken_at(user_id, group_id, leases[group_id])
+            await self._store.release_lease(user_id, group_id, leases[group_id])
 
     async def _check_join_rate(self, user_id: str) -> None:
         window_ms = self._limits.join_rate_window_seconds * 1000

@@ -66,11 +66,12 @@ _GROUP_FIELDS = (
 @dataclass(frozen=True)
 class GroupState:
     """A group as a command read it: the group, and of the users the command is about,
-    their memberships and whether they are banned."""
+    their memberships, the stamps of the leases they joined with, and who is banned."""
 
     group: Group
     members: dict[str, Membership | None]
     banned: frozenset[str]
+    leases: dict[str, int]
 
     def member(self, user_id: str) -> Membership | None:
         return self.members.get(user_id)
@@ -113,15 +114,21 @@ class GroupsStore:
             group=_group(doc, activity),
             members={u: _membership(group_id, u, members.get(u)) for u in user_ids},
             banned=frozenset(doc.get("banned") or {}),
+            leases={u: e.get("lease", 0) for u, e in members.items() if u in user_ids},
         )
 
     async def insert_group(
-        self, group: Group, owner: Membership, create_key: str | None, events: list[OutgoingEvent]
+        self,
+        group: Group,
+        owner: Membership,
+        lease: int,
+        create_key: str | None,
+        events: list[OutgoingEvent],
     ) -> bool:
         """Insert with its owner; False when a group with the same create key exists."""
         doc = {
             **_group_doc(group),
-            "members": {owner.user_id: _member_entry(owner)},
+            "members": {owner.user_id: _member_entry(owner, lease)},
             "banned": {},
         }
         if create_key:
@@ -223,41 +230,39 @@ class GroupsStore:
         docs = await self._reads.find({"_id": {"$in": ids}}).to_list(None)
         return {doc["_id"].rsplit(":", 1)[0]: int(doc["read_seq"]) for doc in docs}
 
-    # The per-user limit: a lease per group, taken before joining and given back after
-    # leaving, so that a user is never in more groups than the limit. A lease whose join
-    # never happened (refused, cancelled, crashed) only holds a place until it is released
-    # or found stale.
+    # The per-user limit: a lease per group, taken (or renewed) before joining and released
+    # after leaving, so that a user is never in more groups than the limit. Each take stamps
+    # the lease anew, and the membership keeps the stamp it joined with: a release names the
+    # stamp, so it never takes away a lease that a later join renewed. A lease whose join
+    # never happened (refused, cancelled, crashed) holds a place until it is found stale.
 
-    async def take_lease(self, user_id: str, group_id: str, limit: int, now_ms: int) -> bool:
-        """Lease a place for `group_id` unless the user holds one for it already or holds
-        `limit`; True when this took one."""
-        return await upsert_where(
+    async def take_lease(self, user_id: str, group_id: str, limit: int, stamp: int) -> bool:
+        """Hold the user's lease for `group_id`, stamped `stamp`: the one they hold for it
+        already, renewed, or a new one unless they hold `limit`. False at the limit."""
+        if await upsert_where(
             self._user_groups,
             user_id,
             {f"groups.{group_id}": {"$exists": False}, "count": {"$lt": limit}},
-            {"$set": {f"groups.{group_id}": now_ms}, "$inc": {"count": 1}},
-        )
-
-    async def holds_lease(self, user_id: str, group_id: str) -> bool:
-        doc = await self._user_groups.find_one({"_id": user_id}, {f"groups.{group_id}": 1})
-        return group_id in ((doc or {}).get("groups") or {})
-
-    async def release_lease(self, user_id: str, group_id: str) -> None:
-        await self._user_groups.update_one(
+            {"$set": {f"groups.{group_id}": stamp}, "$inc": {"count": 1}},
+        ):
+            return True
+        renewed = await self._user_groups.update_one(
             {"_id": user_id, f"groups.{group_id}": {"$exists": True}},
+            {"$set": {f"groups.{group_id}": stamp}},
+        )
+        return bool(renewed.matched_count)
+
+    async def release_lease(self, user_id: str, group_id: str, stamp: int) -> None:
+        """Release the lease unless it was stamped anew since `stamp`."""
+        await self._user_groups.update_one(
+            {"_id": user_id, f"groups.{group_id}": stamp},
             {"$unset": {f"groups.{group_id}": ""}, "$inc": {"count": -1}},
         )
 
     async def leases(self, user_id: str) -> dict[str, int]:
+        """The user's leases: group id -> stamp."""
         doc = await self._user_groups.find_one({"_id": user_id})
         return dict((doc or {}).get("groups") or {})
-
-    async def release_lease_taken_at(self, user_id: str, group_id: str, taken_at_ms: int) -> None:
-        """Release a stale lease, unless it was taken again since."""
-        await self._user_groups.update_one(
-            {"_id": user_id, f"groups.{group_id}": taken_at_ms},
-            {"$unset": {f"groups.{group_id}": ""}, "$inc": {"count": -1}},
-        )
 
     async def member_group_ids(self, user_id: str, group_ids: list[str]) -> set[str]:
         docs = await self.groups.find(
@@ -362,9 +367,9 @@ class GroupsStore:
 # The updates a command makes to a group document (see GroupsStore.commit).
 
 
-def add_member(member: Membership) -> dict[str, Any]:
+def add_member(member: Membership, lease: int) -> dict[str, Any]:
     return {
-        "$set": {f"members.{member.user_id}": _member_entry(member)},
+        "$set": {f"members.{member.user_id}": _member_entry(member, lease)},
         "$inc": {"member_count": 1, "free_seats": -1},
     }
 
@@ -381,7 +386,14 @@ def ban(user_id: str, by: str, now_ms: int) -> dict[str, Any]:
 
 
 def set_member(member: Membership) -> dict[str, Any]:
-    return {"$set": {f"members.{member.user_id}": _member_entry(member)}}
+    """A member's role and mute as in `member`."""
+    entry = f"members.{member.user_id}"
+    return {
+        "$set": {
+            f"{entry}.role": int(member.role),
+            f"{entry}.muted_until_ms": member.muted_until_ms,
+        }
+    }
 
 
 def set_owner(owner_id: str) -> dict[str, Any]:
@@ -470,10 +482,12 @@ def _group(doc: dict[str, Any], activity: dict[str, Any] | None) -> Group:
     )
 
 
-def _member_entry(m: Membership) -> dict[str, Any]:
+def _member_entry(m: Membership, lease: int) -> dict[str, Any]:
     # read_seq here is where the member started reading (the last seq when they joined);
-    # how far they read since lives in read_positions.
+    # how far they read since lives in read_positions. `lease` is the stamp of the lease
+    # the member joined with.
     return {
+        "lease": lease,
         "role": int(m.role),
         "joined_at_ms": m.joined_at_ms,
         "muted_until_ms": m.muted_until_ms,

@@ -127,11 +127,12 @@ class Outbox:
         scan interval whatever is still waiting in the documents."""
         scan_at = asyncio.get_running_loop().time()
         while True:
-            timeout = max(scan_at - asyncio.get_running_loop().time(), 0.0)
-            try:
-                first = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                first = None
+            first = None
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
+            # with the item, and the relay would never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(scan_at):
+                    first = await self._queue.get()
             if first is not None:
                 batch = [first]
                 while len(batch) < 256 and not self._queue.empty():

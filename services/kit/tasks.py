@@ -20,7 +20,11 @@ def run_in_background(
     task = asyncio.create_task(work, name=name)
 
     async def stop() -> None:
-        task.cancel()
+        # Cancel until it ends: a library that swallows one cancel (wait_for on 3.11 does
+        # when the awaited result arrives in the same turn) must not keep the task running.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         with contextlib.suppress(asyncio.CancelledError):
             await task
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from services.kit.errors import FieldViolation, InvalidArgument
-from services.kit.events import new_event
+from services.kit.events import OutgoingEvent, new_event
 from services.kit.outbox import Outbox
 from services.kit.timestamps import now_ms
 from services.messaging import domain
@@ -19,21 +21,23 @@ from services.messaging.domain import (
     ConcurrentUpdate,
     Conversation,
     DirectMessage,
+    MessageWithState,
     QuotaCharge,
     QuotaUsage,
     RecipientBlocked,
     StrangerQuota,
 )
 from services.messaging.mapping import message_to_proto
-from services.messaging.storage import MessagingStore
+from services.messaging.storage import MessagingStore, message_id
 
 log = structlog.get_logger("messaging")
 
 DEFAULT_QUOTA_TIMEZONE = "Asia/Shanghai"
-# Deciding and enforcing an admission is retried when another send changed the conversation
-# in between; each retry means some other send got through, so a few always suffice.
-ADMISSION_ATTEMPTS = 20
+# A send tries the seq after the newest message it read; each miss means another message
+# got that seq, so a send runs out of attempts only under a flood into one conversation.
 SEQ_ATTEMPTS = 100
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,31 @@ class SendResult:
     # The conversation after the send (the first send's conversation for a retry).
     conversation: Conversation
     used_stranger_slot: bool
+
+
+@dataclass
+class _Slot:
+    """What one send did to the sender's stranger quota of `day`."""
+
+    day: str
+    asked: bool = False
+    outcome: QuotaCharge | None = None  # None while unknown (the send stopped meanwhile)
+
+    @property
+    def maybe_taken(self) -> bool:
+        return self.asked and self.outcome in (None, QuotaCharge.CHARGED)
+
+
+@dataclass(frozen=True)
+class _Appended:
+    sent: MessageWithState
+    admission: Admission
+    # The events it was stored with; empty when a concurrent retry of the send stored it.
+    events: list[OutgoingEvent]
+
+    @property
+    def fresh(self) -> bool:
+        return bool(self.events)
 
 
 class MessagingApp:
@@ -72,145 +101,146 @@ class MessagingApp:
     ) -> SendResult:
         """Send `text` to `recipient_id`, under the stranger rules (see domain.admit).
 
-        A refused send stores, charges and reserves nothing; a retry with the same
-        client_msg_id returns the first message and charges nothing again."""
+        The send commits in one write: the insert of the message as the conversation's next
+        seq, with the state after it and its event. What follows (the conversation's
+        projection, publishing) is idempotent and done again by the outbox relay if the send
+        stops after its insert. A refused send stores and charges nothing (a stranger slot it
+        took is given back); a retry with the same client_msg_id returns the first message
+        and charges nothing again."""
         domain.validate_message(sender_id, recipient_id, text, client_msg_id)
         key = domain.dedup_key(sender_id, client_msg_id)
         if key and (first := await self._store.message_by_dedup_key(key)):
             return await self._retried(first, recipient_id)
         await self._check_blocks(sender_id, recipient_id)
-        conversation_id = domain.conversation_id(sender_id, recipient_id)
-        admission, last_seq = await self._admit(conversation_id, sender_id, recipient_id)
+        now = self._clock()
+        slot = _Slot(self._quota.day(now))
         try:
-            used_slot = admission is Admission.STRANGER and await self._charge_stranger_slot(
-                sender_id, recipient_id
-            )
-            message, stored = await self._append(
-                conversation_id, sender_id, recipient_id, text, client_msg_id, last_seq
-            )
+            appended = await self._append(sender_id, recipient_id, text, client_msg_id, now, slot)
         except BaseException:
-            if admission is Admission.STRANGER:
-                await self._store.give_back_unanswered(conversation_id, sender_id)
+            if slot.maybe_taken:
+                await self._give_back_unless_used(slot, sender_id, recipient_id)
             raise
-        if not stored:  # a concurrent retry of the same send stored it first
-            if admission is Admission.STRANGER:
-                await self._store.give_back_unanswered(conversation_id, sender_id)
-            return await self._retried(message, recipient_id)
-        return await self._sent(message, admission, used_slot)
+        to_stranger = appended.fresh and appended.admission is Admission.STRANGER
+        try:
+            if not appended.fresh:  # a concurrent retry of the same send stored it first
+                return await self._retried(appended.sent, recipient_id)
+            message = appended.sent.message
+            conversation = await self._store.record_message(appended.sent)
+            self._outbox.committed(self._store.messages, message_id(message), appended.events)
+            used_slot = to_stranger and slot.outcome is QuotaCharge.CHARGED
+            return SendResult(message, conversation, used_slot)
+        finally:
+            if slot.maybe_taken and not to_stranger:  # charged, but stored no stranger message
+                await self._give_back_unless_used(slot, sender_id, recipient_id)
 
-    async def _admit(
-        self, conversation_id: str, sender_id: str, recipient_id: str
-    ) -> tuple[Admission, int]:
-        """Decide how the message enters the conversation and enforce that atomically;
-        decide again when the conversation changed in between. Returns the admission and the
-        conversation's last seq as it was read (a guess at the next seq: it may lag)."""
-        participants = (min(sender_id, recipient_id), max(sender_id, recipient_id))
-        mutual = await self._store.follow_each_other(sender_id, recipient_id)
-        for _ in range(ADMISSION_ATTEMPTS):
-            conversation = await self._store.get_conversation(conversation_id)
+    async def _append(
+        self,
+        sender_id: str,
+        recipient_id: str,
+        text: str,
+        client_msg_id: str,
+        now: int,
+        slot: _Slot,
+    ) -> _Appended:
+        """Admit the message after the conversation's newest one and store it with that seq.
+
+        The seq is taken once (it is the message's _id) and messages never change, so a
+        message stored at seq n followed exactly the message n-1 its admission was decided
+        from: the decision holds without a lock. When another message took the seq first,
+        decide again after it."""
+        conversation_id = domain.conversation_id(sender_id, recipient_id)
+        key = domain.dedup_key(sender_id, client_msg_id)
+        mutual: bool | None = None  # read once, only when the admission depends on it
+        for _ in range(SEQ_ATTEMPTS):
+            last = await self._store.last_message(conversation_id)
+            state = last.state if last else None
+            if mutual is None and domain.follows_matter(state, sender_id):
+                mutual = await self._store.follow_each_other(sender_id, recipient_id)
             try:
                 admission = domain.admit(
-                    conversation,
+                    state,
                     sender_id,
-                    mutual_follow=mutual,
+                    mutual_follow=bool(mutual),
                     unanswered_limit=self._limits.unanswered_limit,
                 )
             except domain.AwaitingReply:
                 log.info("direct_message_refused", reason="AWAITING_REPLY", peer_id=recipient_id)
                 raise
-            if admission is Admission.STRANGER:
-                admitted = await self._store.reserve_unanswered(
-                    conversation_id, participants, sender_id, self._limits.unanswered_limit
-                )
-            elif admission is Admission.ANSWER:
-                admitted = await self._store.mark_answered(
-                    conversation_id, recipient_id, self._clock()
-                )
-            elif conversation is None or conversation.started_by is None:
-                admitted = await self._store.claim_start(conversation_id, participants, sender_id)
-            else:
-                admitted = True
-            if admitted:
-                return admission, conversation.last_seq if conversation else 0
+            if not slot.asked and domain.needs_charge(state, admission, slot.day):
+                await self._charge_stranger_slot(sender_id, recipient_id, now, slot)
+            message = DirectMessage(
+                conversation_id,
+                last.message.seq + 1 if last else 1,
+                sender_id,
+                recipient_id,
+                text,
+                client_msg_id,
+                self._clock(),
+            )
+            sent = MessageWithState(
+                message, domain.next_state(state, sender_id, admission, slot.day)
+            )
+            events = [_sent_event(sent, admission)]
+            if await _unstoppable(self._store.insert_message(sent, events)):
+                return _Appended(sent, admission, events)
+            if key and (first := await self._store.message_by_dedup_key(key)):
+                return _Appended(first, admission, [])
         raise ConcurrentUpdate("the conversation kept changing; try again")
 
-    async def _charge_stranger_slot(self, sender_id: str, recipient_id: str) -> bool:
-        """Charge the stranger to today's quota; True when this send used a slot."""
-        now = self._clock()
-        charge = await self._store.take_stranger_slot(
-            sender_id,
-            self._quota.day(now),
-            recipient_id,
-            self._quota.limit,
-            self._quota.record_expires_at(now),
+    async def _charge_stranger_slot(
+        self, sender_id: str, recipient_id: str, now: int, slot: _Slot
+    ) -> None:
+        """Charge the stranger to today's quota (once per stranger and day, exact under
+        concurrency); raises StrangerQuotaExceeded when the day is full."""
+        slot.asked = True
+        slot.outcome = await _unstoppable(
+            self._store.take_stranger_slot(
+                sender_id,
+                slot.day,
+                recipient_id,
+                self._quota.limit,
+                self._quota.record_expires_at(now),
+            )
         )
-        if charge is QuotaCharge.EXHAUSTED:
+        if slot.outcome is QuotaCharge.EXHAUSTED:
             log.info(
                 "stranger_quota_exhausted",
                 peer_id=recipient_id,
                 limit=self._quota.limit,
-                day=self._quota.day(now),
+                day=slot.day,
             )
             raise self._quota.exceeded(sender_id, now)
-        return charge is QuotaCharge.CHARGED
 
-    async def _append(
-        self,
-        conversation_id: str,
-        sender_id: str,
-        recipient_id: str,
-        text: str,
-        client_msg_id: str,
-        last_seq: int,
-    ) -> tuple[DirectMessage, bool]:
-        """Store the message as the conversation's next seq, first trying the one after
-        `last_seq` (read with the conversation; it never runs ahead of the stored messages,
-        only behind). A seq exists only once its message does, so seqs have no gaps and none
-        is used twice. Returns (message, True), or (the first message, False) when a
-        concurrent retry with the same client_msg_id stored it first."""
-        key = domain.dedup_key(sender_id, client_msg_id)
-        for _ in range(SEQ_ATTEMPTS):
-            seq = last_seq + 1
-            message = DirectMessage(
-                conversation_id, seq, sender_id, recipient_id, text, client_msg_id, self._clock()
-            )
-            if await self._store.insert_message(message):
-                return message, True
-            if key and (first := await self._store.message_by_dedup_key(key)):
-                return first, False
-            last_seq = await self._store.last_message_seq(conversation_id)
-        raise ConcurrentUpdate("the conversation kept changing; try again")
+    async def _give_back_unless_used(self, slot: _Slot, sender_id: str, recipient_id: str) -> None:
+        """Give back the slot this send took but did not use (refused, stopped, or stored as
+        no stranger message after all), unless a stored message uses it: one that another
+        send to the same stranger stored meanwhile, finding the stranger already charged.
 
-    async def _sent(
-        self, message: DirectMessage, admission: Admission, used_slot: bool
-    ) -> SendResult:
-        await self._store.record_message(message)
-        conversation = await self._conversation(message.conversation_id)
-        await self._outbox.publish(
-            [
-                new_event(
-                    "messaging",
-                    "direct_message_sent",
-                    aggregate_id=message.conversation_id,
-                    aggregate_version=message.seq,
-                    user_id=message.recipient_id,
-                    direct_message_sent={
-                        "message": message_to_proto(message),
-                        "established": admission is Admission.ANSWER,
-                        "is_request": conversation.is_request_for(message.recipient_id),
-                    },
-                )
-            ]
-        )
-        return SendResult(message, conversation, used_slot)
+        Such a send that has not stored its message yet is not seen here, so in that race the
+        slot goes back although its message is then stored: the day counts one stranger
+        fewer than it reached, never more than the limit. Best effort: a slot left taken
+        (a failure here, a crash) costs the sender that slot for the day."""
+        conversation_id = domain.conversation_id(sender_id, recipient_id)
+        try:
+            last = await self._store.last_message(conversation_id)
+            if last is not None and last.state.charged(sender_id, slot.day):
+                return
+            await self._store.give_back_stranger_slot(sender_id, slot.day, recipient_id)
+        except Exception:  # best effort: the send's own outcome stands
+            log.warning("stranger_slot_not_given_back", peer_id=recipient_id, exc_info=True)
+            return
+        log.info("stranger_slot_given_back", peer_id=recipient_id, day=slot.day)
 
-    async def _retried(self, first: DirectMessage, recipient_id: str) -> SendResult:
-        if first.recipient_id != recipient_id:
+    async def _retried(self, first: MessageWithState, recipient_id: str) -> SendResult:
+        if first.message.recipient_id != recipient_id:
             raise InvalidArgument(
                 [FieldViolation("client_msg_id", "already used for a message to another user")]
             )
-        conversation = await self._conversation(first.conversation_id)
-        return SendResult(first, conversation, used_stranger_slot=False)
+        conversation = await self._store.get_conversation(first.message.conversation_id)
+        if conversation is None or conversation.last_seq < first.message.seq:
+            # The first send stopped before its follow-up, which the relay would soon do.
+            conversation = await self._store.record_message(first)
+        return SendResult(first.message, conversation, used_stranger_slot=False)
 
     async def _check_blocks(self, sender_id: str, recipient_id: str) -> None:
         blocks = await self._store.blocks_between(sender_id, recipient_id)
@@ -281,8 +311,32 @@ class MessagingApp:
         domain.validate_peer(user_id, target_id, "user_id")
         await self._store.unblock(user_id, target_id)
 
-    async def _conversation(self, conversation_id: str) -> Conversation:
-        conversation = await self._store.get_conversation(conversation_id)
-        if conversation is None:  # written before this read; conversations are never deleted
-            raise ConcurrentUpdate(f"conversation {conversation_id} vanished")
-        return conversation
+
+def _sent_event(sent: MessageWithState, admission: Admission) -> OutgoingEvent:
+    message = sent.message
+    return new_event(
+        "messaging",
+        "direct_message_sent",
+        aggregate_id=message.conversation_id,
+        aggregate_version=message.seq,
+        user_id=message.recipient_id,
+        direct_message_sent={
+            "message": message_to_proto(message),
+            "established": admission is Admission.ANSWER,
+            "is_request": sent.state.is_request_from(message.sender_id),
+        },
+    )
+
+
+async def _unstoppable(write: Awaitable[T]) -> T:
+    """Await `write` to its end even when this task is cancelled meanwhile, then let the
+    cancel through. A write on its way to MongoDB is applied or not whatever becomes of its
+    caller; what a cancelled send undoes must see what its writes did."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: what the cancel leaves undone is handled upstream
+        raise

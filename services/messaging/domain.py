@@ -2,7 +2,9 @@
 quota allows, how many messages may wait for an answer, and what a message must be.
 
 The rules that must hold under concurrency are decided here and enforced by single atomic
-operations in `services.messaging.storage`; nothing here does I/O or reads a clock itself.
+operations in `services.messaging.storage`: a message's admission is decided from the state
+its predecessor carries and holds because its seq can be taken only once; the day's quota is
+one conditional update. Nothing here does I/O or reads a clock itself.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import datetime as dt
 import enum
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
 from services.kit.errors import DomainError, ErrorKind, QuotaExceeded, Validator
@@ -73,19 +75,52 @@ class DirectMessage:
 
 
 @dataclass(frozen=True)
-class Conversation:
-    """A conversation between two users, as stored.
+class ConversationState:
+    """What decides how the next message enters a conversation, as of one of its messages.
 
-    `started_by` is whoever was admitted to write first (None until someone is); `answered`
-    becomes true, for good, when the other participant writes. `unanswered` counts the
-    starter's messages admitted while the recipient was a stranger to them.
+    Each message is stored with the state after it, and the state after message n follows
+    from the state after message n-1 and how message n was admitted (`next_state`), so the
+    newest message alone says how the next one may enter.
+
+    `started_by` wrote the first message; `answered` becomes true, for good, with the other
+    participant's first message. `unanswered` counts the starter's messages admitted while
+    the other was a stranger to them; `charged_day` is the latest stranger-quota day the
+    starter was charged for writing here (None: never).
+    """
+
+    started_by: str
+    answered: bool = False
+    unanswered: int = 0
+    charged_day: str | None = None
+
+    def is_request_from(self, sender_id: str) -> bool:
+        """`sender_id` wrote first and the other has not answered yet: a message request."""
+        return not self.answered and self.started_by == sender_id
+
+    def charged(self, sender_id: str, day: str) -> bool:
+        """Whether `sender_id`'s stranger messages here were charged to the quota of `day`."""
+        return self.started_by == sender_id and self.charged_day == day
+
+
+@dataclass(frozen=True)
+class MessageWithState:
+    """A stored message and the conversation's state after it."""
+
+    message: DirectMessage
+    state: ConversationState
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation between two users as its messages left it: who started it, whether it
+    is answered, the last message and each participant's read position. A projection of the
+    messages for listing and reading; admissions are decided from the messages themselves.
     """
 
     conversation_id: str
     participants: tuple[str, str]
-    started_by: str | None
+    started_by: str
     answered: bool
-    unanswered: int
     last_seq: int
     last_message: DirectMessage | None
     last_activity_ms: int
@@ -122,14 +157,21 @@ class Admission(enum.Enum):
     STRANGER = "stranger"
 
 
+def follows_matter(state: ConversationState | None, sender_id: str) -> bool:
+    """Whether `admit` needs to know if the two follow each other: only for the first
+    message and for the starter of an unanswered conversation."""
+    return state is None or state.is_request_from(sender_id)
+
+
 def admit(
-    conversation: Conversation | None,
+    state: ConversationState | None,
     sender_id: str,
     *,
     mutual_follow: bool,
     unanswered_limit: int,
 ) -> Admission:
-    """Decide how `sender_id`'s next message enters `conversation` (None: nobody wrote yet).
+    """Decide how `sender_id`'s next message enters a conversation in `state` (the state
+    after its newest message; None: nobody wrote yet).
 
     The recipient is a stranger to the sender unless they follow each other or the
     conversation is established; an established conversation stays so whatever happens to
@@ -140,22 +182,43 @@ def admit(
     conversation was never answered. If they stop following each other before an answer,
     the starter is back under the allowance, counting only the messages sent as a stranger.
 
-    Raises AwaitingReply when the starter has used the allowance. The caller must have this
-    decision enforced atomically (the conversation may change meanwhile).
+    Raises AwaitingReply when the starter has used the allowance. The decision holds only if
+    the message is stored right after the one `state` is from (its seq is the next one).
     """
-    if conversation is not None and conversation.answered:
+    if state is not None and state.answered:
         return Admission.FREE
-    starter = conversation.started_by if conversation is not None else None
-    if starter is not None and starter != sender_id:
+    if state is not None and state.started_by != sender_id:
         return Admission.ANSWER
     if mutual_follow:
         return Admission.FREE
-    if conversation is not None and conversation.unanswered >= unanswered_limit:
+    if state is not None and state.unanswered >= unanswered_limit:
         raise AwaitingReply(
             f"wait for an answer: at most {unanswered_limit} messages before the recipient replies",
             limit=str(unanswered_limit),
         )
     return Admission.STRANGER
+
+
+def needs_charge(state: ConversationState | None, admission: Admission, day: str) -> bool:
+    """Whether a message admitted as `admission` must charge the stranger to the sender's
+    quota of `day`: a stranger message, unless an earlier one here was charged that day."""
+    if admission is not Admission.STRANGER:
+        return False
+    return state is None or state.charged_day != day
+
+
+def next_state(
+    state: ConversationState | None, sender_id: str, admission: Admission, day: str
+) -> ConversationState:
+    """The state after `sender_id`'s message, admitted as `admission` on quota day `day`,
+    follows `state` (None: it is the first message)."""
+    if state is None:
+        state = ConversationState(started_by=sender_id)
+    if admission is Admission.ANSWER:
+        return replace(state, answered=True)
+    if admission is Admission.STRANGER:
+        return replace(state, unanswered=state.unanswered + 1, charged_day=day)
+    return state
 
 
 class QuotaCharge(enum.Enum):

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from groupchat.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 
 from services.kit.infrastructure import open_infrastructure
+from services.kit.outbox import Outbox
 from services.kit.server import ServiceContext, ServiceHost
 from services.messaging.api import MessagingServicer
-from services.messaging.app import MessagingApp
+from services.messaging.app import MessagingApp, MessagingLimits
 from services.messaging.config import MessagingConfig
 from services.messaging.consumers import SOCIAL_DURABLE, SOCIAL_SUBJECT, follows_handler
 from services.messaging.storage import MessagingStore
+
+
+async def open_messaging(
+    db: Any, outbox: Outbox, limits: MessagingLimits
+) -> tuple[MessagingStore, MessagingApp]:
+    """The store (indexes created) and the use cases over `db`, with the outbox relay
+    publishing the events sends commit into their messages and finishing, for a send that
+    stopped after its insert, what follows it."""
+    store = MessagingStore(db)
+    await store.create_indexes()
+    await outbox.watch(store.messages, finish=store.finish_message)
+    return store, MessagingApp(store, outbox, limits)
 
 
 def build(config: MessagingConfig) -> ServiceHost:
@@ -18,13 +33,11 @@ def build(config: MessagingConfig) -> ServiceHost:
         infra = await open_infrastructure(
             context, config.server, "messaging", config.stream_replicas
         )
-        store = MessagingStore(infra.db)
-        await store.create_indexes()
+        store, app = await open_messaging(infra.db, infra.outbox, config.limits)
         processed = await infra.processed_events()
         await infra.bus.consume(
             SOCIAL_DURABLE, SOCIAL_SUBJECT, processed.once(follows_handler(store))
         )
-        app = MessagingApp(store, infra.outbox, config.limits)
         messaging_pb2_grpc.add_MessagingServicer_to_server(MessagingServicer(app), context.server)
         return [messaging_pb2.DESCRIPTOR.services_by_name["Messaging"].full_name]
 

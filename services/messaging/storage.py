@@ -1,11 +1,13 @@
 """Messaging's MongoDB documents. Every rule that must hold under concurrency is one atomic
-single-document operation here (a conditional update, an upsert that a unique `_id` turns
-into insert-or-fail, a unique index), never a read followed by a write.
+single-document operation here (an insert that a unique `_id` makes take-once, a
+conditional update or upsert, a unique index), never a read followed by a write.
 
 Collections:
-  conversations   one per pair of users; who started, whether answered, the starter's
-                  unanswered count, the last message, per-user read positions
-  messages        one per message, _id "<conversation>:<seq>"; unique dedup_key
+  messages        one per message, _id "<conversation>:<seq>"; unique dedup_key. Each holds
+                  the conversation's admission state after it, and until the relay has
+                  published it, its direct_message_sent event: the insert is a send's commit
+  conversations   one per pair of users, a projection of its messages (who started, whether
+                  answered, the last message) plus per-user read positions
   stranger_days   one per (sender, local day): strangers charged that day (TTL)
   blocks          one per (blocker, blocked)
   follows         the follow projection: one per edge follower -> followee, versioned
@@ -19,23 +21,34 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from services.kit.documents import upsert_where
+from services.kit.events import OutgoingEvent
+from services.kit.outbox import merged, with_pending
 from services.messaging.domain import (
     ConcurrentUpdate,
     Conversation,
+    ConversationState,
     DirectMessage,
+    MessageWithState,
     QuotaCharge,
+    dedup_key,
     quota_charge,
 )
 
-# Upserts that lose a race with the insert of the same document are retried this often; a
-# retry fails again only if yet another writer changed the document in between.
+# A charge that finds the day changed under it (a slot given back meanwhile) decides again
+# this often; each retry means another writer changed the day in between.
 RACE_ATTEMPTS = 10
+
+
+def message_id(message: DirectMessage) -> str:
+    """A message's `_id`: its seq is taken once per conversation because the `_id` is."""
+    return f"{message.conversation_id}:{message.seq}"
 
 
 class MessagingStore:
     def __init__(self, db: Any) -> None:
         self._conversations = db["conversations"]
-        self._messages = db["messages"]
+        self.messages = db["messages"]
         self._stranger_days = db["stranger_days"]
         self._blocks = db["blocks"]
         self._follows = db["follows"]
@@ -44,124 +57,135 @@ class MessagingStore:
         await self._conversations.create_index(
             [("participants", ASCENDING), ("last_activity_ms", DESCENDING), ("_id", DESCENDING)]
         )
-        # A message's _id is "<conversation>:<seq>": the _id index keeps seqs unique.
-        await self._messages.create_index([("conversation_id", ASCENDING), ("seq", ASCENDING)])
-        await self._messages.create_index("dedup_key", unique=True, sparse=True)
+        # A message's _id is "<conversation>:<seq>": the _id index keeps seqs unique. This
+        # one serves history pages and the newest message a send starts from.
+        await self.messages.create_index([("conversation_id", ASCENDING), ("seq", ASCENDING)])
+        await self.messages.create_index("dedup_key", unique=True, sparse=True)
         await self._stranger_days.create_index("expires_at", expireAfterSeconds=0)
 
-    # Conversations: admission
+    # Messages
 
-    async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        return _conversation(await self._conversations.find_one({"_id": conversation_id}))
-
-    async def reserve_unanswered(
-        self, conversation_id: str, participants: tuple[str, str], sender_id: str, limit: int
-    ) -> bool:
-        """Count one more stranger message from `sender_id` as the starter, while the
-        conversation is unanswered and under `limit`; claims the start when nobody has.
-        False when the conversation is not in that state (any more): decide again."""
-        try:
-            await self._conversations.update_one(
-                {
-                    "_id": conversation_id,
-                    "answered": False,
-                    "$or": [
-                        {"started_by": None},
-                        {"started_by": sender_id, "unanswered": {"$lt": limit}},
-                    ],
-                },
-                {
-                    "$set": {"started_by": sender_id},
-                    "$inc": {"unanswered": 1},
-                    "$setOnInsert": _new_conversation(participants),
-                },
-                upsert=True,
-            )
-        except DuplicateKeyError:  # it exists and the filter missed
-            return False
-        return True
-
-    async def give_back_unanswered(self, conversation_id: str, sender_id: str) -> None:
-        """Undo a reservation whose message was not stored. When nothing else is reserved
-        and nothing was stored, the sender no longer counts as the one who started it."""
-        await self._conversations.update_one(
-            {"_id": conversation_id, "started_by": sender_id, "unanswered": {"$gt": 0}},
-            {"$inc": {"unanswered": -1}},
+    async def last_message(self, conversation_id: str) -> MessageWithState | None:
+        """The conversation's newest message, with the state after it; None before the first."""
+        docs = (
+            await self.messages.find({"conversation_id": conversation_id})
+            .sort("seq", DESCENDING)
+            .limit(1)
+            .to_list(None)
         )
-        await self._conversations.update_one(
-            {
-                "_id": conversation_id,
-                "started_by": sender_id,
-                "answered": False,
-                "unanswered": 0,
-                "last_seq": 0,
-            },
-            {"$set": {"started_by": None}},
-        )
+        return _with_state(docs[0]) if docs else None
 
-    async def claim_start(
-        self, conversation_id: str, participants: tuple[str, str], sender_id: str
-    ) -> bool:
-        """Record `sender_id` as the starter unless someone is; False when someone is."""
+    async def insert_message(self, sent: MessageWithState, events: list[OutgoingEvent]) -> bool:
+        """Store `sent` with its events, the commit of a send. False when its seq is taken or
+        its dedup key exists (the caller finds out which)."""
+        message = sent.message
+        doc = {"_id": message_id(message), **_message_doc(message), **_state_doc(sent.state)}
+        if key := dedup_key(message.sender_id, message.client_msg_id):
+            doc["dedup_key"] = key
         try:
-            await self._conversations.update_one(
-                {"_id": conversation_id, "started_by": None},
-                {
-                    "$set": {"started_by": sender_id},
-                    "$setOnInsert": {**_new_conversation(participants), "unanswered": 0},
-                },
-                upsert=True,
-            )
+            await self.messages.insert_one(with_pending(doc, events))
         except DuplicateKeyError:
             return False
         return True
 
-    async def mark_answered(self, conversation_id: str, starter_id: str, now_ms: int) -> bool:
-        """The other participant answers `starter_id`; False unless it was still unanswered."""
-        result = await self._conversations.update_one(
-            {"_id": conversation_id, "started_by": starter_id, "answered": False},
-            {"$set": {"answered": True, "answered_at_ms": now_ms}},
+    async def message_by_dedup_key(self, key: str) -> MessageWithState | None:
+        doc = await self.messages.find_one({"dedup_key": key})
+        return _with_state(doc) if doc else None
+
+    async def messages_after(
+        self, conversation_id: str, after_seq: int, limit: int
+    ) -> list[DirectMessage]:
+        docs = (
+            await self.messages.find(
+                {"conversation_id": conversation_id, "seq": {"$gt": after_seq}}
+            )
+            .sort("seq", ASCENDING)
+            .limit(limit)
+            .to_list(None)
         )
-        return bool(result.modified_count)
+        return [_message(d) for d in docs]
 
-    # Conversations: after a message is stored
+    async def messages_before(
+        self, conversation_id: str, before_seq: int, after_seq: int, limit: int
+    ) -> list[DirectMessage]:
+        docs = (
+            await self.messages.find(
+                {"conversation_id": conversation_id, "seq": {"$lt": before_seq, "$gt": after_seq}}
+            )
+            .sort("seq", DESCENDING)
+            .limit(limit)
+            .to_list(None)
+        )
+        return [_message(d) for d in reversed(docs)]
 
-    async def record_message(self, message: DirectMessage) -> None:
-        """Make `message` the conversation's last one unless a newer one is, and move the
-        sender's read position past it (they have seen what they wrote)."""
-        read_key = f"read_seqs.{message.sender_id}"
-        result = await self._conversations.update_one(
-            {"_id": message.conversation_id, "last_seq": {"$lt": message.seq}},
+    # Conversations: the projection of their messages
+
+    async def record_message(self, sent: MessageWithState) -> Conversation:
+        """Project a stored message onto its conversation, creating it with the first one:
+        the last message and the state after it unless a newer message is there already, and
+        the sender's read position moved past it (they have seen what they wrote). Idempotent
+        and order-free, so the relay may do it again for a send that stopped after its
+        insert. Returns the conversation after it."""
+        message, state = sent.message, sent.state
+        conversation_id = message.conversation_id
+        read = {"$max": {f"read_seqs.{message.sender_id}": message.seq}}
+        newer = merged(
             {
                 "$set": {
+                    "started_by": state.started_by,
+                    "answered": state.answered,
                     "last_seq": message.seq,
                     "last_message": _message_doc(message),
                     "last_activity_ms": message.sent_at_ms,
-                },
-                "$max": {read_key: message.seq},
+                }
             },
+            read,
         )
-        if not result.matched_count:  # a newer message landed first
-            await self._conversations.update_one(
-                {"_id": message.conversation_id}, {"$max": {read_key: message.seq}}
+        older = {"last_seq": {"$lt": message.seq}}
+        if message.seq > 1:  # usually the conversation exists: one round trip
+            doc = await self._conversations.find_one_and_update(
+                {"_id": conversation_id, **older}, newer, return_document=ReturnDocument.AFTER
             )
+            if doc is not None:
+                return _conversation_of(doc)
+        # The first message, or this one's projection is late (its follow-ups have not run
+        # yet, or a newer message's already have).
+        participants = sorted((message.sender_id, message.recipient_id))
+        created = merged(newer, {"$setOnInsert": {"participants": participants}})
+        if await upsert_where(self._conversations, conversation_id, older, created):
+            doc = await self._conversations.find_one({"_id": conversation_id})
+        else:
+            doc = await self._conversations.find_one_and_update(
+                {"_id": conversation_id}, read, return_document=ReturnDocument.AFTER
+            )
+        if doc is None:  # written just now; conversations are never deleted
+            raise ConcurrentUpdate(f"conversation {conversation_id} vanished")
+        return _conversation_of(doc)
+
+    async def finish_message(self, doc: dict[str, Any]) -> None:
+        """What follows a stored message, for the outbox relay to do again when its send
+        stopped after the insert."""
+        await self.record_message(_with_state(doc))
+
+    async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        doc = await self._conversations.find_one({"_id": conversation_id})
+        return _conversation_of(doc) if doc is not None else None
 
     async def advance_read_seq(
         self, conversation_id: str, user_id: str, seq: int
     ) -> Conversation | None:
-        return _conversation(
-            await self._conversations.find_one_and_update(
-                {"_id": conversation_id},
-                {"$max": {f"read_seqs.{user_id}": seq}},
-                return_document=ReturnDocument.AFTER,
-            )
+        doc = await self._conversations.find_one_and_update(
+            {"_id": conversation_id},
+            {"$max": {f"read_seqs.{user_id}": seq}},
+            return_document=ReturnDocument.AFTER,
         )
+        return _conversation_of(doc) if doc is not None else None
 
     async def conversations_page(
         self, user_id: str, before_activity_ms: int, before_conversation_id: str, limit: int
     ) -> list[Conversation]:
-        """The user's conversations with messages, newest activity first, strictly after the
-        keyset position (before_activity_ms, before_conversation_id); 0 starts at the newest."""
+        """The user's conversations, newest activity first, strictly after the keyset
+        position (before_activity_ms, before_conversation_id); 0 starts at the newest."""
         query: dict[str, Any] = {"participants": user_id, "last_activity_ms": {"$gt": 0}}
         if before_activity_ms:
             query["$or"] = [
@@ -176,87 +200,40 @@ class MessagingStore:
         )
         return [_conversation_of(d) for d in docs]
 
-    # Messages
-
-    async def last_message_seq(self, conversation_id: str) -> int:
-        docs = (
-            await self._messages.find({"conversation_id": conversation_id}, {"seq": 1})
-            .sort("seq", DESCENDING)
-            .limit(1)
-            .to_list(None)
-        )
-        return int(docs[0]["seq"]) if docs else 0
-
-    async def insert_message(self, message: DirectMessage) -> bool:
-        """False when the seq is taken or the dedup key exists: the caller finds out which."""
-        doc = {"_id": f"{message.conversation_id}:{message.seq}", **_message_doc(message)}
-        if key := _dedup_key(message):
-            doc["dedup_key"] = key
-        try:
-            await self._messages.insert_one(doc)
-        except DuplicateKeyError:
-            return False
-        return True
-
-    async def message_by_dedup_key(self, key: str) -> DirectMessage | None:
-        doc = await self._messages.find_one({"dedup_key": key})
-        return _message(doc) if doc else None
-
-    async def messages_after(
-        self, conversation_id: str, after_seq: int, limit: int
-    ) -> list[DirectMessage]:
-        docs = (
-            await self._messages.find(
-                {"conversation_id": conversation_id, "seq": {"$gt": after_seq}}
-            )
-            .sort("seq", ASCENDING)
-            .limit(limit)
-            .to_list(None)
-        )
-        return [_message(d) for d in docs]
-
-    async def messages_before(
-        self, conversation_id: str, before_seq: int, after_seq: int, limit: int
-    ) -> list[DirectMessage]:
-        docs = (
-            await self._messages.find(
-                {"conversation_id": conversation_id, "seq": {"$lt": before_seq, "$gt": after_seq}}
-            )
-            .sort("seq", DESCENDING)
-            .limit(limit)
-            .to_list(None)
-        )
-        return [_message(d) for d in reversed(docs)]
-
     # The stranger quota
 
     async def take_stranger_slot(
         self, sender_id: str, day: str, recipient_id: str, limit: int, expires_at: dt.datetime
     ) -> QuotaCharge:
         """Charge `recipient_id` to the sender's day unless charged already or the day is
-        full. The filter only matches while both hold, so the charge is one atomic update;
-        a miss makes the upsert collide with the day's `_id`, and the day as it now stands
-        says why it missed."""
+        full. The condition only matches while both hold, so the charge is one atomic
+        conditional upsert; when it misses, the day as it now stands says why."""
         day_id = _day_id(sender_id, day)
         for _ in range(RACE_ATTEMPTS):
-            try:
-                await self._stranger_days.update_one(
-                    {"_id": day_id, "count": {"$lt": limit}, "recipients": {"$ne": recipient_id}},
-                    {
-                        "$inc": {"count": 1},
-                        "$push": {"recipients": recipient_id},
-                        "$setOnInsert": {"expires_at": expires_at},
-                    },
-                    upsert=True,
-                )
-            except DuplicateKeyError:
-                doc = await self._stranger_days.find_one({"_id": day_id})
-                outcome = quota_charge(doc["recipients"] if doc else [], recipient_id, limit)
-                if outcome is not QuotaCharge.CHARGED:
-                    return outcome
-                continue  # lost the race to create the day's document: charge again
-            return QuotaCharge.CHARGED
+            if await upsert_where(
+                self._stranger_days,
+                day_id,
+                {"count": {"$lt": limit}, "recipients": {"$ne": recipient_id}},
+                {
+                    "$inc": {"count": 1},
+                    "$push": {"recipients": recipient_id},
+                    "$setOnInsert": {"expires_at": expires_at},
+                },
+            ):
+                return QuotaCharge.CHARGED
+            doc = await self._stranger_days.find_one({"_id": day_id})
+            outcome = quota_charge(doc["recipients"] if doc else [], recipient_id, limit)
+            if outcome is not QuotaCharge.CHARGED:
+                return outcome
+            # a slot was given back between the two: charge again
         raise ConcurrentUpdate("the day's quota kept changing; try again")
+
+    async def give_back_stranger_slot(self, sender_id: str, day: str, recipient_id: str) -> None:
+        """Uncharge `recipient_id` from the sender's day (nothing when not charged)."""
+        await self._stranger_days.update_one(
+            {"_id": _day_id(sender_id, day), "recipients": recipient_id},
+            {"$inc": {"count": -1}, "$pull": {"recipients": recipient_id}},
+        )
 
     async def stranger_slots_used(self, sender_id: str, day: str) -> int:
         doc = await self._stranger_days.find_one({"_id": _day_id(sender_id, day)})
@@ -265,10 +242,11 @@ class MessagingStore:
     # Blocks
 
     async def block(self, blocker_id: str, blocked_id: str, now_ms: int) -> None:
-        await self._blocks.update_one(
-            {"_id": _edge_id(blocker_id, blocked_id)},
+        await upsert_where(
+            self._blocks,
+            _edge_id(blocker_id, blocked_id),
+            {},
             {"$setOnInsert": {"blocker_id": blocker_id, "blocked_id": blocked_id, "at_ms": now_ms}},
-            upsert=True,
         )
 
     async def unblock(self, blocker_id: str, blocked_id: str) -> None:
@@ -288,39 +266,23 @@ class MessagingStore:
     ) -> bool:
         """Set the edge as of `version`; False (nothing changed) when the stored edge is as
         new or newer, whatever order events arrive in."""
-        try:
-            await self._follows.update_one(
-                {"_id": _edge_id(follower_id, followee_id), "version": {"$lt": version}},
-                {
-                    "$set": {
-                        "follower_id": follower_id,
-                        "followee_id": followee_id,
-                        "following": following,
-                        "version": version,
-                    }
-                },
-                upsert=True,
-            )
-        except DuplicateKeyError:  # stored version >= this one: a stale or repeated event
-            return False
-        return True
+        return await upsert_where(
+            self._follows,
+            _edge_id(follower_id, followee_id),
+            {"version": {"$lt": version}},
+            {
+                "$set": {
+                    "follower_id": follower_id,
+                    "followee_id": followee_id,
+                    "following": following,
+                    "version": version,
+                }
+            },
+        )
 
     async def follow_each_other(self, user_a: str, user_b: str) -> bool:
         edges = [_edge_id(user_a, user_b), _edge_id(user_b, user_a)]
         return await self._follows.count_documents({"_id": {"$in": edges}, "following": True}) == 2
-
-
-def _new_conversation(participants: tuple[str, str]) -> dict[str, Any]:
-    """The fields a conversation starts with, but `started_by` and `unanswered`, which the
-    admission that creates it sets."""
-    return {
-        "participants": list(participants),
-        "answered": False,
-        "last_seq": 0,
-        "last_message": None,
-        "last_activity_ms": 0,
-        "read_seqs": {},
-    }
 
 
 def _edge_id(from_user: str, to_user: str) -> str:
@@ -329,10 +291,6 @@ def _edge_id(from_user: str, to_user: str) -> str:
 
 def _day_id(sender_id: str, day: str) -> str:
     return f"{sender_id}:{day}"
-
-
-def _dedup_key(message: DirectMessage) -> str | None:
-    return f"{message.sender_id}:{message.client_msg_id}" if message.client_msg_id else None
 
 
 def _message_doc(m: DirectMessage) -> dict[str, Any]:
@@ -359,8 +317,25 @@ def _message(doc: dict[str, Any]) -> DirectMessage:
     )
 
 
-def _conversation(doc: dict[str, Any] | None) -> Conversation | None:
-    return _conversation_of(doc) if doc is not None else None
+def _state_doc(state: ConversationState) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "started_by": state.started_by,
+        "answered": state.answered,
+        "unanswered": state.unanswered,
+    }
+    if state.charged_day is not None:
+        doc["charged_day"] = state.charged_day
+    return doc
+
+
+def _with_state(doc: dict[str, Any]) -> MessageWithState:
+    state = ConversationState(
+        started_by=doc["started_by"],
+        answered=bool(doc["answered"]),
+        unanswered=int(doc["unanswered"]),
+        charged_day=doc.get("charged_day"),
+    )
+    return MessageWithState(_message(doc), state)
 
 
 def _conversation_of(doc: dict[str, Any]) -> Conversation:
@@ -369,9 +344,8 @@ def _conversation_of(doc: dict[str, Any]) -> Conversation:
     return Conversation(
         conversation_id=doc["_id"],
         participants=(first, second),
-        started_by=doc.get("started_by"),
+        started_by=doc["started_by"],
         answered=bool(doc.get("answered")),
-        unanswered=int(doc.get("unanswered", 0)),
         last_seq=int(doc.get("last_seq", 0)),
         last_message=_message(last) if last else None,
         last_activity_ms=int(doc.get("last_activity_ms", 0)),

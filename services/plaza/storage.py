@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
+from services.kit.documents import upsert_where
 from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent
 from services.kit.mongo import ProcessedEvents
@@ -60,14 +61,6 @@ def _shown_category(state: GroupState, listing: Listing) -> str | None:
 
 def _expires(at_ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC)
-
-
-async def _upsert(write: Callable[[], Awaitable[T]]) -> T:
-    """Run an upsert, once more if a concurrent upsert of the same key won the insert."""
-    try:
-        return await write()
-    except DuplicateKeyError:
-        return await write()
 
 
 class StoredCard:
@@ -153,11 +146,7 @@ class PlazaStore:
         if was is not None:
             await self._category_counts.update_one({"_id": was}, {"$inc": {"shown": -1}})
         if now is not None:
-            await _upsert(
-                lambda: self._category_counts.update_one(
-                    {"_id": now}, {"$inc": {"shown": 1}}, upsert=True
-                )
-            )
+            await upsert_where(self._category_counts, now, {}, {"$inc": {"shown": 1}})
 
     async def cards_linking(self, post_id: str) -> list[str]:
         docs = await self._cards.find({"linked_post_id": post_id}, {"_id": 1}).to_list(None)
@@ -166,19 +155,14 @@ class PlazaStore:
     async def set_selected(self, group_id: str, selected: bool, version: int) -> bool:
         """Apply an editor's choice if newer than the card's; False when stale."""
         fields = {"selected": selected, "selection_version": version}
-        try:
-            await _upsert(
-                lambda: self._cards.update_one(
-                    {"_id": group_id, "selection_version": {"$lt": version}},
-                    {"$set": fields, "$setOnInsert": _blank_card(group_id, but=fields)},
-                    upsert=True,
-                )
-            )
-        except DuplicateKeyError:
+        if not await upsert_where(
+            self._cards,
+            group_id,
+            {"selection_version": {"$lt": version}},
+            {"$set": fields, "$setOnInsert": _blank_card(group_id, but=fields)},
+        ):
             return False
-        await self.selection_versions.update_one(
-            {"_id": group_id}, {"$max": {"version": version}}, upsert=True
-        )
+        await upsert_where(self.selection_versions, group_id, {}, {"$max": {"version": version}})
         return True
 
     async def record_selection(
@@ -310,15 +294,7 @@ class PlazaStore:
         update: dict[str, Any] = {"$set": {**fields, "version": version}}
         if insert_only:
             update["$setOnInsert"] = insert_only
-        try:
-            await _upsert(
-                lambda: self._posts.update_one(
-                    {"_id": post_id, "version": {"$lt": version}}, update, upsert=True
-                )
-            )
-        except DuplicateKeyError:
-            return False
-        return True
+        return await upsert_where(self._posts, post_id, {"version": {"$lt": version}}, update)
 
     # Activity buckets
 
@@ -335,11 +311,7 @@ class PlazaStore:
         }
         if speaker:
             update["$addToSet"] = {"speakers": speaker}
-        await _upsert(
-            lambda: self._activity.update_one(
-                {"_id": f"{group_id}:{start_ms}"}, update, upsert=True
-            )
-        )
+        await upsert_where(self._activity, f"{group_id}:{start_ms}", {}, update)
 
     async def buckets(
         self, since_ms: int, group_id: str | None = None
@@ -378,9 +350,7 @@ class PlazaStore:
         }
         if speaker:
             update["$addToSet"] = {"speakers": speaker}
-        await _upsert(
-            lambda: self._daily.update_one({"_id": f"{group_id}:{date}"}, update, upsert=True)
-        )
+        await upsert_where(self._daily, f"{group_id}:{date}", {}, update)
 
     async def days(self, group_id: str, dates: list[str]) -> dict[str, DayCounts]:
         docs = await self._daily.find({"_id": {"$in": [f"{group_id}:{d}" for d in dates]}}).to_list(

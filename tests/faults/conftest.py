@@ -75,10 +75,31 @@ class Published:
 
 
 @pytest.fixture
+async def jetstream(nats_url: str) -> AsyncIterator[Any]:
+    """A JetStream context, to see what the streams stored."""
+    nc = await nats.connect(nats_url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.drain()
+
+
+@pytest.fixture
 async def group_events(nats_url: str) -> AsyncIterator[Published]:
     """The groups service's events, from before the test acts."""
     published = Published()
     await published.start(nats_url, "groupchat.groups.>")
+    try:
+        yield published
+    finally:
+        await published.close()
+
+
+@pytest.fixture
+async def direct_events(nats_url: str) -> AsyncIterator[Published]:
+    """The messaging service's events, from before the test acts."""
+    published = Published()
+    await published.start(nats_url, "groupchat.messaging.>")
     try:
         yield published
     finally:

@@ -1,4 +1,5 @@
-"""The direct-message rules: strangers, the daily stranger quota and the unanswered limit."""
+"""The daily stranger quota: its day boundary, its charges, and the settings and input it
+works from. How a message is admitted: test_direct_admission.py."""
 
 from __future__ import annotations
 
@@ -11,15 +12,7 @@ from services.kit.config import ConfigError, Env
 from services.kit.errors import InvalidArgument
 from services.messaging import domain
 from services.messaging.config import MessagingConfig
-from services.messaging.domain import (
-    Admission,
-    AwaitingReply,
-    Conversation,
-    QuotaCharge,
-    StrangerQuota,
-    admit,
-    quota_charge,
-)
+from services.messaging.domain import QuotaCharge, StrangerQuota, quota_charge
 from tests.conftest import TEST_JWT_SECRET
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -29,21 +22,6 @@ def at(moment: str, zone: ZoneInfo = SHANGHAI) -> int:
     """A clock reading (ms) for a local time in `zone`."""
     local = dt.datetime.fromisoformat(moment).replace(tzinfo=zone)
     return int(local.timestamp() * 1000)
-
-
-def conversation(
-    started_by: str | None = "alice", answered: bool = False, unanswered: int = 1
-) -> Conversation:
-    return Conversation(
-        conversation_id="alice:bob",
-        participants=("alice", "bob"),
-        started_by=started_by,
-        answered=answered,
-        unanswered=unanswered,
-        last_seq=unanswered,
-        last_message=None,
-        last_activity_ms=1,
-    )
 
 
 # The day boundary
@@ -72,49 +50,6 @@ def test_the_refusal_says_whose_quota_and_when_it_resets() -> None:
     error = StrangerQuota(5, SHANGHAI).exceeded("alice", at("2026-03-01T12:00"))
     assert (error.reason, error.subject) == ("STRANGER_QUOTA_EXCEEDED", "user:alice")
     assert error.metadata == {"resets_at": "2026-03-01T16:00:00Z", "limit": "5"}
-
-
-# Strangers
-
-
-def test_a_first_message_without_a_mutual_follow_is_to_a_stranger() -> None:
-    assert admit(None, "alice", mutual_follow=False, unanswered_limit=3) is Admission.STRANGER
-
-
-def test_a_mutual_follow_is_not_a_stranger() -> None:
-    assert admit(None, "alice", mutual_follow=True, unanswered_limit=3) is Admission.FREE
-
-
-def test_answering_someone_who_wrote_first_is_free_and_establishes() -> None:
-    assert admit(conversation(), "bob", mutual_follow=False, unanswered_limit=3) is (
-        Admission.ANSWER
-    )
-
-
-def test_an_established_conversation_stays_free_after_an_unfollow() -> None:
-    established = conversation(answered=True, unanswered=3)
-    for user in ("alice", "bob"):
-        assert admit(established, user, mutual_follow=False, unanswered_limit=3) is (Admission.FREE)
-
-
-def test_the_starter_may_send_only_the_unanswered_limit_before_an_answer() -> None:
-    assert admit(conversation(unanswered=2), "alice", mutual_follow=False, unanswered_limit=3) is (
-        Admission.STRANGER
-    )
-    with pytest.raises(AwaitingReply):
-        admit(conversation(unanswered=3), "alice", mutual_follow=False, unanswered_limit=3)
-
-
-def test_the_unanswered_limit_does_not_apply_while_they_follow_each_other() -> None:
-    waiting = conversation(unanswered=3)
-    assert admit(waiting, "alice", mutual_follow=True, unanswered_limit=3) is Admission.FREE
-
-
-def test_a_request_is_seen_as_one_only_by_its_recipient() -> None:
-    request = conversation()
-    assert request.is_request_for("bob")
-    assert not request.is_request_for("alice")
-    assert not conversation(answered=True).is_request_for("bob")
 
 
 # The daily quota
