@@ -13,12 +13,15 @@ from typing import Any
 import grpc
 import pytest
 from groupchat.groups.v1 import groups_pb2 as pb
+from groupchat.messaging.v1 import messaging_pb2
 
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.conftest import gateway_at, running_suite
 from tests.e2e.metrics import rpcs, scrape
 from tests.e2e.streams import OpenStream, open_stream
+from tests.e2e.test_direct_messages import quota
+from tests.e2e.test_direct_messages import send as send_direct
 from tests.e2e.test_gateway import create_group, join, send, unique
 from tools.suite import Suite
 
@@ -28,6 +31,7 @@ REPLICAS = {"gateway": 2, "groups": 2, "messaging": 2}
 GATEWAY_JOIN = "/groupchat.gateway.v1.Gateway/JoinGroup"
 GROUPS_JOIN = "/groupchat.groups.v1.Groups/JoinGroup"
 SEND_GROUP = "/groupchat.groups.v1.Groups/SendGroupMessage"
+SEND_DIRECT = "/groupchat.messaging.v1.Messaging/SendDirectMessage"
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,33 @@ async def test_group_messages_sent_on_one_gateway_reach_streams_on_both_once_in_
         await asyncio.gather(*(s.close() for s in streams))
     sends = since(before, served(suite, "groups", SEND_GROUP))
     assert all(n > 0 for n in sends), sends  # both groups processes took seqs in the group
+
+
+async def test_parallel_first_messages_over_both_messaging_processes_start_exactly_five(
+    gateways: list[Any], suite: Suite
+) -> None:
+    sender = unique("spammer")
+    # The quota starts full through either gateway; asking also wakes each gateway's
+    # round_robin channel to messaging, which then connects to both processes.
+    assert [(await quota(gateway, sender)).remaining for gateway in gateways] == [5, 5]
+    answered = ("OK", "RESOURCE_EXHAUSTED")
+    before = served(suite, "messaging", SEND_DIRECT, *answered)
+
+    results = await asyncio.gather(
+        *(send_direct(gateways[n % 2], sender, unique("target"), "hi") for n in range(20)),
+        return_exceptions=True,
+    )
+
+    sent = [r for r in results if isinstance(r, messaging_pb2.SendDirectMessageResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert (len(sent), len(refused)) == (5, 15)
+    assert {(r.code(), error_info(r).reason) for r in refused} == {  # type: ignore[union-attr]
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "STRANGER_QUOTA_EXCEEDED")
+    }
+    left = await quota(gateways[1], sender)
+    assert (left.used, left.remaining) == (5, 0)
+    sends = since(before, served(suite, "messaging", SEND_DIRECT, *answered))
+    assert sum(sends) == 20 and all(n > 0 for n in sends), sends  # both processes decided
 
 
 async def test_joins_over_both_gateways_and_groups_processes_stop_exactly_at_the_cap(
