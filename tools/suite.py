@@ -224,6 +224,7 @@ class Suite:
         cls,
         work_dir: Path,
         jwt_secret: str,
+        *,
         replicas: Mapping[str, int] | None = None,
         **extra_env: str,
     ) -> Suite:

@@ -26,7 +26,10 @@ def running_suite(
     # 1,000-join storm keeps it busy for 10 s and more, beyond the gateway's 5 s default cap
     # on downstream calls. These tests are about outcomes, not that deadline.
     suite = Suite.isolated(
-        data_dir, TEST_JWT_SECRET, replicas, **{"DOWNSTREAM_TIMEOUT_SECONDS": "60", **extra_env}
+        data_dir,
+        TEST_JWT_SECRET,
+        replicas=replicas,
+        **{"DOWNSTREAM_TIMEOUT_SECONDS": "60", **extra_env},
     )
     suite.start()
     try:
