@@ -898,7 +898,7 @@ def run_against_suite(
     the suite; its data and logs are kept when something failed. Returns the exit code."""
     secret = secrets.token_hex(20)  # 40 characters
     work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
-    suite = Suite.isolated(work_dir, secret, **extra_env)
+    suite = Suite.isolated(work_dir, secret, replicas={}, **extra_env)  # one process each
     ok = False
     try:
         suite.start()

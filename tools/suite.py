@@ -1,6 +1,7 @@
 """Run the whole suite locally: a real nats-server with JetStream, a local MongoDB server
 (SecantusDB, from the dev extra; or the MongoDB that MONGODB_URI names), then every service
-as its own process. `make run` calls this; the end-to-end tests use `Suite` the same way.
+as its own process, or as several (replicas). `make run` calls this; the end-to-end tests use
+`Suite` the same way.
 
 Ctrl-C (or SIGTERM) stops the services first, then NATS, then MongoDB.
 """
@@ -106,6 +107,18 @@ def without_password(uri: str) -> str:
     return f"{scheme}{separator}{user}:***@{hosts}{slash}{tail}"
 
 
+def process_names(service: str, count: int) -> list[str]:
+    """The names of `count` processes of `service`, unique in a suite (logs, stop()):
+    `groups`, `groups-2`, ..."""
+    return [service, *(f"{service}-{n}" for n in range(2, count + 1))]
+
+
+def balanced_target(addresses: list[str]) -> str:
+    """One gRPC target for all of `addresses` (IPv4 host:port): a round_robin channel to it
+    spreads its calls over every one, as over the pods behind a headless Service."""
+    return "ipv4:" + ",".join(addresses)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,7 +188,10 @@ def running_mongodb_server(storage_dir: Path) -> Iterator[str]:
 
 @dataclass
 class Suite:
-    """nats-server, the local MongoDB server and the services as child processes."""
+    """nats-server, the local MongoDB server and the services as child processes: one per
+    service, or as many as `replicas` asks for. Replicas of a storing service share its
+    database and NATS; each process listens on a port of its own and serves metrics on
+    another; the gateway reaches all replicas of a service through one balanced target."""
 
     gateway_port: int = 50051
     nats_port: int = 4222
@@ -188,6 +204,9 @@ class Suite:
     data_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+    # Processes per service, 1 for a service not named.
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    # By process name (`groups`, `groups-2`, ...; `process_names`), set by start.
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
@@ -195,8 +214,20 @@ class Suite:
     mongodb_uri: str = ""
     external_mongodb: bool = False
 
+    def __post_init__(self) -> None:
+        unknown = set(self.replicas) - set(SERVICES)
+        if unknown or any(count < 1 for count in self.replicas.values()):
+            raise ValueError(f"replicas: one or more processes of {SERVICES}, got {self.replicas}")
+
     @classmethod
-    def isolated(cls, work_dir: Path, jwt_secret: str, **extra_env: str) -> Suite:
+    def isolated(
+        cls,
+        work_dir: Path,
+        jwt_secret: str,
+        *,
+        replicas: Mapping[str, int] | None = None,
+        **extra_env: str,
+    ) -> Suite:
         """A suite on free ports and databases of its own, with its data and logs under
         work_dir (tests, benchmarks). On a shared MongoDB server (MONGODB_URI), its databases
         are dropped when it stops."""
@@ -209,11 +240,22 @@ class Suite:
             data_dir=work_dir,
             log_dir=work_dir / "logs",
             extra_env={"LOG_LEVEL": "warning", **extra_env},
+            replicas=replicas or {},
         )
+
+    def process_names(self, service: str) -> list[str]:
+        """The names of `service`'s processes in this suite."""
+        return process_names(service, self.replicas.get(service, 1))
 
     @property
     def gateway_address(self) -> str:
+        """The first gateway's address (on `gateway_port`)."""
         return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def gateway_addresses(self) -> list[str]:
+        """Every gateway's address, the first one first (once started)."""
+        return [self.addresses[name] for name in self.process_names("gateway")]
 
     @property
     def nats_url(self) -> str:
@@ -239,29 +281,36 @@ class Suite:
         self._spawn("nats", nats, dict(os.environ), server=True)
         wait_port(self.nats_port)
         self._start_mongodb(data_dir / "mongodb")
+        names = {service: self.process_names(service) for service in SERVICES}
         self.addresses = {
-            **{service: f"127.0.0.1:{free_port()}" for service in ADDRESS_VARIABLES},
-            "gateway": self.gateway_address,
+            name: f"127.0.0.1:{free_port()}" for service in SERVICES for name in names[service]
         }
-        self.metrics_ports = {service: free_port() for service in SERVICES}
+        self.addresses["gateway"] = self.gateway_address
+        self.metrics_ports = {name: free_port() for name in self.addresses}
         env = {
             **os.environ,
             "JWT_SECRET": self.jwt_secret,
             "NATS_URL": self.nats_url,
             "MONGODB_URI": self.mongodb_uri,
-            **{name: self.addresses[service] for service, name in ADDRESS_VARIABLES.items()},
+            **{
+                variable: balanced_target([self.addresses[name] for name in names[service]])
+                for service, variable in ADDRESS_VARIABLES.items()
+            },
             **self.extra_env,
         }
         for service in SERVICES:
-            service_env = {
-                **env,
-                "GRPC_LISTEN": self.addresses[service],
-                "METRICS_PORT": str(self.metrics_ports[service]),
-            }
-            if service in self.databases:
-                service_env["MONGODB_DATABASE"] = self.databases[service]
-            self._spawn(service, [sys.executable, "-m", f"services.{service}"], service_env)
-            wait_healthy(self.addresses[service])
+            # A service's replicas start side by side, as a Deployment's pods do.
+            for name in names[service]:
+                service_env = {
+                    **env,
+                    "GRPC_LISTEN": self.addresses[name],
+                    "METRICS_PORT": str(self.metrics_ports[name]),
+                }
+                if service in self.databases:
+                    service_env["MONGODB_DATABASE"] = self.databases[service]
+                self._spawn(name, [sys.executable, "-m", f"services.{service}"], service_env)
+            for name in names[service]:
+                wait_healthy(self.addresses[name])
 
     def _start_mongodb(self, storage_dir: Path) -> None:
         """The local MongoDB server, unless MONGODB_URI names one to use instead."""
@@ -300,24 +349,28 @@ class Suite:
         """SIGTERM each process, services before NATS, MongoDB last; returns their exit
         codes. An isolated suite on a shared MongoDB server drops its databases."""
         codes: dict[str, int | None] = {}
-        for name in [*reversed(SERVICES), "nats"]:
-            self._stop_process(name, timeout, codes)
+        for service in reversed(SERVICES):
+            self._stop_processes(self.process_names(service), timeout, codes)
+        self._stop_processes(["nats"], timeout, codes)
         if self.external_mongodb and self.database_prefix:
             self._drop_databases()
-        self._stop_process("mongodb", timeout, codes)
+        self._stop_processes(["mongodb"], timeout, codes)
         return codes
 
-    def _stop_process(self, name: str, timeout: float, codes: dict[str, int | None]) -> None:
-        process = self.processes.pop(name, None)
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            codes[name] = process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            codes[name] = process.wait()
+    def _stop_processes(
+        self, names: list[str], timeout: float, codes: dict[str, int | None]
+    ) -> None:
+        """SIGTERM every one of `names` at once, then wait for each (kill after `timeout`)."""
+        stopping = {name: self.processes.pop(name) for name in names if name in self.processes}
+        for process in stopping.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in stopping.items():
+            try:
+                codes[name] = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = process.wait()
 
     def _drop_databases(self) -> None:
         client: pymongo.MongoClient[dict[str, Any]]
@@ -331,12 +384,15 @@ def main() -> None:
     nats_port = int(os.environ.get("NATS_PORT", "4222"))
     mongodb_port = int(os.environ.get("MONGODB_PORT", "27017"))
     secret = os.environ.get("JWT_SECRET", DEV_JWT_SECRET)
+    # One process of each service unless e.g. GROUPS_PROCESSES=2 asks for more.
+    replicas = {s: int(os.environ.get(f"{s.upper()}_PROCESSES", "1")) for s in SERVICES}
     suite = Suite(
         gateway_port=port,
         nats_port=nats_port,
         mongodb_port=mongodb_port,
         jwt_secret=secret,
         data_dir=ROOT / ".run",
+        replicas=replicas,
     )
     stop_requested = False
 
@@ -352,7 +408,8 @@ def main() -> None:
             f"{name} http://127.0.0.1:{port}/metrics" for name, port in suite.metrics_ports.items()
         )
         print(
-            f"\ngroupchat is up: gateway on {suite.gateway_address}, NATS on {suite.nats_url}\n"
+            f"\ngroupchat is up: gateway on {', '.join(suite.gateway_addresses)}, "
+            f"NATS on {suite.nats_url}\n"
             f"  mongodb: {without_password(suite.mongodb_uri)}   (mongosh, Compass)\n"
             f"  metrics: {metrics}\n"
             f"  token:  make token USER=alice\n"

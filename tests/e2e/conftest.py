@@ -3,9 +3,10 @@ session."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,13 +17,19 @@ from tools.suite import Suite
 
 
 @contextmanager
-def running_suite(data_dir: Path, **extra_env: str) -> Iterator[Suite]:
-    """An isolated suite under `data_dir`, stopped at the end."""
+def running_suite(
+    data_dir: Path, replicas: Mapping[str, int] | None = None, **extra_env: str
+) -> Iterator[Suite]:
+    """An isolated suite under `data_dir` (with `replicas` processes of some services),
+    stopped at the end."""
     # The local MongoDB server is one Python process (about 1,000 operations/s here): a
     # 1,000-join storm keeps it busy for 10 s and more, beyond the gateway's 5 s default cap
     # on downstream calls. These tests are about outcomes, not that deadline.
     suite = Suite.isolated(
-        data_dir, TEST_JWT_SECRET, **{"DOWNSTREAM_TIMEOUT_SECONDS": "60", **extra_env}
+        data_dir,
+        TEST_JWT_SECRET,
+        replicas=replicas,
+        **{"DOWNSTREAM_TIMEOUT_SECONDS": "60", **extra_env},
     )
     suite.start()
     try:
@@ -37,14 +44,24 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         yield running
 
 
-@pytest.fixture
-async def gateway(suite: Suite, token: Callable[..., str]):  # type: ignore[no-untyped-def]
-    """`gateway(user)` returns (stub, metadata) for calls as that user."""
-    channel = grpc.aio.insecure_channel(suite.gateway_address)
+@asynccontextmanager
+async def gateway_at(address: str, token: Callable[..., str]) -> AsyncIterator[Any]:
+    """`gateway(user)` returns (stub, metadata) for calls as that user to the gateway at
+    `address`."""
+    channel = grpc.aio.insecure_channel(address)
     stub = gateway_pb2_grpc.GatewayStub(channel)
 
     def as_user(user_id: str, roles: list[str] | None = None):  # type: ignore[no-untyped-def]
         return stub, (("authorization", f"Bearer {token(user_id, roles)}"),)
 
-    yield as_user
-    await channel.close()
+    try:
+        yield as_user
+    finally:
+        await channel.close()
+
+
+@pytest.fixture
+async def gateway(suite: Suite, token: Callable[..., str]):  # type: ignore[no-untyped-def]
+    """`gateway(user)` returns (stub, metadata) for calls as that user."""
+    async with gateway_at(suite.gateway_address, token) as as_user:
+        yield as_user

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from groupchat.groups.v1 import groups_pb2 as pb
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.conftest import running_suite
+from tests.e2e.metrics import scrape
 from tests.e2e.streams import OpenStream, open_stream
 from tools.suite import Suite
 
@@ -178,18 +178,6 @@ async def test_the_gateway_returns_the_request_id_it_used(gateway: Any) -> None:
     call = stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=(*md, ("x-request-id", "trace-42")))
     await call
     assert ("x-request-id", "trace-42") in tuple(await call.initial_metadata())
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The samples of a /metrics page, keyed by name and labels as printed."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-        text = page.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
 
 
 async def test_metrics_count_rpcs_events_and_streams(gateway: Any, suite: Any) -> None:

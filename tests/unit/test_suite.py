@@ -1,4 +1,5 @@
-"""The local suite's pure parts: what it prints and which databases it names."""
+"""The local suite's pure parts: what it prints, which databases it names, and how it names
+and reaches the replicas of a service."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tools.suite import STORING_SERVICES, Suite, local_mongodb_uri, without_password
+from tools.suite import (
+    STORING_SERVICES,
+    Suite,
+    balanced_target,
+    local_mongodb_uri,
+    process_names,
+    without_password,
+)
 
 
 @pytest.mark.parametrize(
@@ -33,3 +41,25 @@ def test_isolated_suites_name_databases_of_their_own(tmp_path: Path) -> None:
     first, second = (Suite.isolated(tmp_path, "secret") for _ in range(2))
     assert set(first.databases.values()).isdisjoint(second.databases.values())
     assert set(first.databases.values()).isdisjoint(Suite().databases.values())
+
+
+def test_a_services_processes_have_names_of_their_own() -> None:
+    assert process_names("groups", 1) == ["groups"]
+    assert process_names("groups", 3) == ["groups", "groups-2", "groups-3"]
+
+
+def test_the_gateway_reaches_every_replica_through_one_target() -> None:
+    target = balanced_target(["127.0.0.1:5001", "127.0.0.1:5002"])
+    assert target == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
+
+
+def test_a_suite_runs_one_process_of_each_service_unless_told_otherwise(tmp_path: Path) -> None:
+    suite = Suite.isolated(tmp_path, "secret", replicas={"gateway": 2})
+    assert suite.process_names("gateway") == ["gateway", "gateway-2"]
+    assert suite.process_names("groups") == ["groups"]
+
+
+@pytest.mark.parametrize("replicas", [{"group": 2}, {"groups": 0}])
+def test_a_suite_refuses_replicas_it_cannot_run(replicas: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="replicas"):
+        Suite(replicas=replicas)
