@@ -17,6 +17,7 @@ from groupchat.messaging.v1 import messaging_pb2
 
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
+from tests.e2e.commands import doctor_finds_nothing_off
 from tests.e2e.conftest import gateway_at, running_suite
 from tests.e2e.metrics import rpcs, scrape
 from tests.e2e.streams import OpenStream, open_stream
@@ -36,14 +37,9 @@ SEND_DIRECT = "/groupchat.messaging.v1.Messaging/SendDirectMessage"
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    # A high join rate limit keeps the per-user limit out of what is measured. On a busy
-    # machine the 1,000-join storm can take close to a minute, the suites' usual cap on a
-    # downstream call (seen: 56 s); these tests are about outcomes, not that deadline.
+    # A high join rate limit keeps the per-user limit out of what is measured.
     with running_suite(
-        tmp_path_factory.mktemp("replicas_suite"),
-        REPLICAS,
-        JOIN_RATE_LIMIT="100000",
-        DOWNSTREAM_TIMEOUT_SECONDS="120",
+        tmp_path_factory.mktemp("replicas_suite"), REPLICAS, JOIN_RATE_LIMIT="100000"
     ) as running:
         yield running
 
@@ -154,6 +150,7 @@ async def test_joins_over_both_gateways_and_groups_processes_stop_exactly_at_the
     seated = since(before[1], served(suite, "groups", GROUPS_JOIN))
     assert gateway_answers == [500, 500]  # each gateway answered its half
     assert sum(seated) == 499 and all(n > 0 for n in seated), seated  # both groups seated
+    await doctor_finds_nothing_off(suite)
 
 
 async def member_ids(stub: Any, md: Any, group_id: str) -> set[str]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import uuid
 from typing import Any
 
@@ -12,32 +9,11 @@ import pytest
 from groupchat.messaging.v1 import messaging_pb2
 from groupchat.plaza.v1 import plaza_pb2
 
-from tests.conftest import TEST_JWT_SECRET, eventually
-from tools.suite import ROOT, Suite
+from tests.conftest import eventually
+from tests.e2e.commands import doctor_finds_nothing_off, run_tool
+from tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
-
-
-async def run_tool(suite: Suite, *args: str) -> str:
-    """Run `python -m <args>` against the suite, as the Makefile does; returns its output."""
-    env = {
-        **os.environ,
-        "GATEWAY_ADDRESS": suite.gateway_address,
-        "NATS_URL": suite.nats_url,
-        "JWT_SECRET": TEST_JWT_SECRET,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        *args,
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode()
-    return output.decode()
 
 
 async def test_seed_fills_the_plaza_with_linked_groups_members_and_picks(
@@ -48,6 +24,7 @@ async def test_seed_fills_the_plaza_with_linked_groups_members_and_picks(
     output = await run_tool(suite, "tools.seed", "--groups", "12", "--picks", "3", "--seed", seed)
 
     summary = dict(line.strip().rsplit(maxsplit=1) for line in output.splitlines()[1:])
+    await doctor_finds_nothing_off(suite)
     assert summary["groups"] == "12"
     assert int(summary["groups linked to a post"]) > 0
     assert int(summary["joins"]) > 0 and int(summary["messages"]) > 0

@@ -1,0 +1,48 @@
+"""The commands a developer or an operator runs against a running suite, run as the
+Makefile runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from tests.conftest import TEST_JWT_SECRET
+from tools.suite import ROOT, Suite
+
+
+async def run_tool(suite: Suite, *args: str) -> str:
+    """Run `python -m <args>` against the suite, as the Makefile does; returns its output."""
+    env = {
+        **os.environ,
+        "GATEWAY_ADDRESS": suite.gateway_address,
+        "NATS_URL": suite.nats_url,
+        "JWT_SECRET": TEST_JWT_SECRET,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output.decode()
+    return output.decode()
+
+
+async def doctor_finds_nothing_off(suite: Suite) -> None:
+    """`make doctor` on the suite's databases: every stored invariant holds (exit 0)."""
+    databases = suite.databases
+    await run_tool(
+        suite,
+        "tools.doctor",
+        "--uri",
+        suite.mongodb_uri,
+        "--groups-db",
+        databases["groups"],
+        "--messaging-db",
+        databases["messaging"],
+    )
