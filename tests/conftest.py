@@ -7,13 +7,15 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pymongo
 import pytest
 
 from services.kit.auth import mint_token
+from services.kit.events import EventBus
+from services.kit.mongo import open_database
 from tools.suite import running_mongodb_server, running_nats_server
 
 TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
@@ -81,3 +83,22 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def mongo_db(mongodb_uri: str, database: str) -> AsyncIterator[Any]:
+    """A fresh database of its own (dropped afterwards), through Motor."""
+    client, db = open_database(mongodb_uri, database)
+    try:
+        yield db
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[EventBus]:
+    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
+    try:
+        yield bus
+    finally:
+        await bus.close()

@@ -14,28 +14,7 @@ import nats
 import pytest
 from groupchat.events.v1 import events_pb2
 
-from services.kit.events import EventBus
-from services.kit.mongo import open_database
 from tests.conftest import eventually
-
-
-@pytest.fixture
-async def mongo_db(mongodb_uri: str, database: str) -> AsyncIterator[Any]:
-    """A fresh database of its own (dropped afterwards), through Motor."""
-    client, db = open_database(mongodb_uri, database)
-    try:
-        yield db
-    finally:
-        client.close()
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[EventBus]:
-    bus = await EventBus.connect(nats_url, "faults", stream_replicas=1)
-    try:
-        yield bus
-    finally:
-        await bus.close()
 
 
 class Published:

@@ -7,7 +7,6 @@ import asyncio
 import uuid
 from typing import Any
 
-import nats
 from groupchat.events.v1 import events_pb2
 
 from services.groups.app import GroupsApp, GroupsLimits
@@ -15,7 +14,7 @@ from services.groups.domain import GroupSettings, Message
 from services.groups.mapping import message_to_proto
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus, OutgoingEvent, new_event
-from services.kit.mongo import ProcessedEvents, open_database
+from services.kit.mongo import ProcessedEvents
 from services.kit.outbox import HOLDS_EVENTS, Outbox
 from tests.conftest import eventually
 
@@ -62,120 +61,90 @@ def sample_event() -> OutgoingEvent:
 
 
 async def test_two_processes_sending_to_one_group_share_one_gapless_sequence(
-    nats_url: str, mongodb_uri: str, database: str
+    mongo_db: Any, bus: EventBus
 ) -> None:
-    client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
-    try:
-        # Two app instances over one store stand for two groups processes.
-        first, second = [await groups_app(db, Outbox(bus)) for _ in range(2)]
-        group, _ = await first.create_group("owner", SETTINGS, "")
-        sends = [
-            app.send_message("owner", group.group_id, f"{name} {n}", [], "")
-            for n in range(20)
-            for app, name in ((first, "first"), (second, "second"))
-        ]
-        messages = await asyncio.gather(*sends)
-        assert sorted(m.seq for m in messages) == list(range(1, 41))
-        stored, _ = await first.list_messages("owner", group.group_id, 0, 0, 100)
-        assert [m.seq for m in stored] == list(range(1, 41))
-        assert len({m.text for m in stored}) == 40
-    finally:
-        await bus.close()
-        client.close()
+    # Two app instances over one store stand for two groups processes.
+    first, second = [await groups_app(mongo_db, Outbox(bus)) for _ in range(2)]
+    group, _ = await first.create_group("owner", SETTINGS, "")
+    sends = [
+        app.send_message("owner", group.group_id, f"{name} {n}", [], "")
+        for n in range(20)
+        for app, name in ((first, "first"), (second, "second"))
+    ]
+    messages = await asyncio.gather(*sends)
+    assert sorted(m.seq for m in messages) == list(range(1, 41))
+    stored, _ = await first.list_messages("owner", group.group_id, 0, 0, 100)
+    assert [m.seq for m in stored] == list(range(1, 41))
+    assert len({m.text for m in stored}) == 40
 
 
 async def test_a_write_while_nats_is_down_answers_and_its_event_is_published_later(
-    nats_url: str, mongodb_uri: str, database: str
+    mongo_db: Any, bus: EventBus, nats_client: Any
 ) -> None:
-    client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
-    listener = await nats.connect(nats_url)
-    try:
-        down = await groups_app(db, Outbox(UnreachableBus(), retry_after_seconds=0))  # type: ignore[arg-type]
-        group, _ = await down.create_group("owner", SETTINGS, "")
-        received = await collect(listener, f"groupchat.groups.*.{group.group_id}.*")
-        message = await down.send_message("owner", group.group_id, "while NATS is down", [], "")
-        assert await db["messages"].count_documents(HOLDS_EVENTS) == 1
+    db, listener = mongo_db, nats_client
+    down = await groups_app(db, Outbox(UnreachableBus(), retry_after_seconds=0))  # type: ignore[arg-type]
+    group, _ = await down.create_group("owner", SETTINGS, "")
+    received = await collect(listener, f"groupchat.groups.*.{group.group_id}.*")
+    message = await down.send_message("owner", group.group_id, "while NATS is down", [], "")
+    assert await db["messages"].count_documents(HOLDS_EVENTS) == 1
 
-        recovered = Outbox(bus, retry_after_seconds=0)
-        await groups_app(db, recovered)
-        assert await recovered.relay_once() == 2  # the group's creation and the message
-        await eventually(lambda: len(received) == 2)
-        assert {e.type for e in received} == {"groups.group_created", "groups.group_message_posted"}
-        posted = next(e for e in received if e.type == "groups.group_message_posted")
-        assert posted.group_message_posted.message.seq == message.seq
-        assert await db["messages"].count_documents(HOLDS_EVENTS) == 0
-        assert await db["groups"].count_documents(HOLDS_EVENTS) == 0
-        assert await recovered.relay_once() == 0
-    finally:
-        await listener.drain()
-        await bus.close()
-        client.close()
+    recovered = Outbox(bus, retry_after_seconds=0)
+    await groups_app(db, recovered)
+    assert await recovered.relay_once() == 2  # the group's creation and the message
+    await eventually(lambda: len(received) == 2)
+    assert {e.type for e in received} == {"groups.group_created", "groups.group_message_posted"}
+    posted = next(e for e in received if e.type == "groups.group_message_posted")
+    assert posted.group_message_posted.message.seq == message.seq
+    assert await db["messages"].count_documents(HOLDS_EVENTS) == 0
+    assert await db["groups"].count_documents(HOLDS_EVENTS) == 0
+    assert await recovered.relay_once() == 0
 
 
 async def test_a_message_stored_by_a_process_that_died_is_finished_and_published(
-    nats_url: str, mongodb_uri: str, database: str
+    mongo_db: Any, bus: EventBus, nats_client: Any
 ) -> None:
-    client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
-    listener = await nats.connect(nats_url)
-    try:
-        app = await groups_app(db, Outbox(bus))
-        group, _ = await app.create_group("owner", SETTINGS, "")
-        received = await collect(
-            listener, f"groupchat.groups.group_message_posted.{group.group_id}.*"
-        )
-        # The process died right after the insert: nothing after it ran.
-        store = GroupsStore(db)
-        message = Message(group.group_id, 1, "owner", "last words", (), "", 1_000)
-        event = new_event(
-            "groups",
-            "group_message_posted",
-            aggregate_id=group.group_id,
-            aggregate_version=1,
-            user_id="owner",
-            group_message_posted={"message": message_to_proto(message)},
-        )
-        assert await store.insert_message(message, [event])
-        assert (await app.get_group(group.group_id)).last_seq == 0
+    db, listener = mongo_db, nats_client
+    app = await groups_app(db, Outbox(bus))
+    group, _ = await app.create_group("owner", SETTINGS, "")
+    received = await collect(listener, f"groupchat.groups.group_message_posted.{group.group_id}.*")
+    # The process died right after the insert: nothing after it ran.
+    store = GroupsStore(db)
+    message = Message(group.group_id, 1, "owner", "last words", (), "", 1_000)
+    event = new_event(
+        "groups",
+        "group_message_posted",
+        aggregate_id=group.group_id,
+        aggregate_version=1,
+        user_id="owner",
+        group_message_posted={"message": message_to_proto(message)},
+    )
+    assert await store.insert_message(message, [event])
+    assert (await app.get_group(group.group_id)).last_seq == 0
 
-        survivor = Outbox(bus, retry_after_seconds=0)
-        await groups_app(db, survivor)
-        await survivor.relay_once()
-        await eventually(lambda: len(received) == 1)
-        assert received[0].event_id == event.envelope.event_id
-        finished = await app.get_group(group.group_id)
-        assert (finished.last_seq, finished.last_message) == (1, message)
-        _, unread = await app.mark_read("owner", group.group_id, 0)
-        assert unread == 0  # the sender has read what they wrote
-    finally:
-        await listener.drain()
-        await bus.close()
-        client.close()
+    survivor = Outbox(bus, retry_after_seconds=0)
+    await groups_app(db, survivor)
+    await survivor.relay_once()
+    await eventually(lambda: len(received) == 1)
+    assert received[0].event_id == event.envelope.event_id
+    finished = await app.get_group(group.group_id)
+    assert (finished.last_seq, finished.last_message) == (1, message)
+    _, unread = await app.mark_read("owner", group.group_id, 0)
+    assert unread == 0  # the sender has read what they wrote
 
 
-async def test_a_republished_event_is_stored_once(nats_url: str) -> None:
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
-    nc = await nats.connect(nats_url)
-    try:
-        event = sample_event()
-        await bus.publish(event)
-        await bus.publish(event)  # the relay racing the inline publish
-        js = nc.jetstream()
-        info = await js.stream_info("GROUPCHAT_GROUPS", subjects_filter=event.subject)
-        assert info.state.subjects == {event.subject: 1}
-    finally:
-        await nc.drain()
-        await bus.close()
+async def test_a_republished_event_is_stored_once(bus: EventBus, nats_client: Any) -> None:
+    event = sample_event()
+    await bus.publish(event)
+    await bus.publish(event)  # the relay racing the inline publish
+    js = nats_client.jetstream()
+    info = await js.stream_info("GROUPCHAT_GROUPS", subjects_filter=event.subject)
+    assert info.state.subjects == {event.subject: 1}
 
 
 async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(
-    nats_url: str, mongodb_uri: str, database: str
+    mongo_db: Any, bus: EventBus
 ) -> None:
-    client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
-    processed = ProcessedEvents(db["processed_events"])
+    processed = ProcessedEvents(mongo_db["processed_events"])
     event = sample_event()
     attempts: list[str] = []
     applied: list[str] = []
@@ -187,14 +156,10 @@ async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(
         if await processed.first_time(envelope.event_id):
             applied.append(envelope.event_id)
 
-    try:
-        durable = f"test_{uuid.uuid4().hex[:8]}"
-        await bus.consume(durable, event.subject, handle)
-        await bus.publish(event)
-        await eventually(lambda: len(applied) == 1)
-        assert applied == [event.envelope.event_id]
-        assert attempts == [event.envelope.event_id] * 2
-        assert not await processed.first_time(event.envelope.event_id)
-    finally:
-        await bus.close()
-        client.close()
+    durable = f"test_{uuid.uuid4().hex[:8]}"
+    await bus.consume(durable, event.subject, handle)
+    await bus.publish(event)
+    await eventually(lambda: len(applied) == 1)
+    assert applied == [event.envelope.event_id]
+    assert attempts == [event.envelope.event_id] * 2
+    assert not await processed.first_time(event.envelope.event_id)

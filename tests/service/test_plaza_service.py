@@ -48,13 +48,6 @@ async def plaza(
         yield as_user
 
 
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[EventBus]:
-    bus = await EventBus.connect(nats_url, "test-groups", stream_replicas=1)
-    yield bus
-    await bus.close()
-
-
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
