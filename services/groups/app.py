@@ -509,11 +509,7 @@ class GroupsApp:
     ) -> tuple[list[Message], bool]:
         domain.validate_seqs(after_seq=after_seq, before_seq=before_seq)
         self._member(await self._load(group_id, user_id, activity=False), user_id)
-        if before_seq:
-            page = await self._store.messages_before(group_id, before_seq, after_seq, limit + 1)
-            return page[-limit:], len(page) > limit
-        page = await self._store.messages_after(group_id, after_seq, limit + 1)
-        return page[:limit], len(page) > limit
+        return await self._store.messages_page(group_id, after_seq, before_seq, limit)
 
     async def mark_read(self, user_id: str, group_id: str, read_seq: int) -> tuple[int, int]:
         """Returns (read position, unread count)."""

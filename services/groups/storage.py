@@ -44,6 +44,7 @@ from services.groups.domain import (
 from services.kit.documents import upsert_and_read, upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, pending, with_pending
+from services.kit.paging import seq_page
 
 _GROUP_FIELDS = (
     "name",
@@ -310,27 +311,14 @@ class GroupsStore:
         doc = await self.messages.find_one({"dedup_key": key})
         return message_from_doc(doc) if doc else None
 
-    async def messages_after(self, group_id: str, after_seq: int, limit: int) -> list[Message]:
-        docs = (
-            await self.messages.find({"group_id": group_id, "seq": {"$gt": after_seq}})
-            .sort("seq", ASCENDING)
-            .limit(limit)
-            .to_list(None)
+    async def messages_page(
+        self, group_id: str, after_seq: int, before_seq: int, limit: int
+    ) -> tuple[list[Message], bool]:
+        """See services.kit.paging.seq_page."""
+        docs, more = await seq_page(
+            self.messages, {"group_id": group_id}, after_seq, before_seq, limit
         )
-        return [message_from_doc(d) for d in docs]
-
-    async def messages_before(
-        self, group_id: str, before_seq: int, after_seq: int, limit: int
-    ) -> list[Message]:
-        docs = (
-            await self.messages.find(
-                {"group_id": group_id, "seq": {"$lt": before_seq, "$gt": after_seq}}
-            )
-            .sort("seq", DESCENDING)
-            .limit(limit)
-            .to_list(None)
-        )
-        return [message_from_doc(d) for d in reversed(docs)]
+        return [message_from_doc(d) for d in docs], more
 
     # Posts
 

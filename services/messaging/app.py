@@ -262,13 +262,7 @@ class MessagingApp:
         domain.validate_peer(user_id, peer_id, "peer_id")
         domain.validate_non_negative(after_seq=after_seq, before_seq=before_seq)
         conversation_id = domain.conversation_id(user_id, peer_id)
-        if before_seq:
-            page = await self._store.messages_before(
-                conversation_id, before_seq, after_seq, limit + 1
-            )
-            return page[-limit:], len(page) > limit
-        page = await self._store.messages_after(conversation_id, after_seq, limit + 1)
-        return page[:limit], len(page) > limit
+        return await self._store.messages_page(conversation_id, after_seq, before_seq, limit)
 
     async def mark_read(self, user_id: str, peer_id: str, read_seq: int) -> tuple[int, int]:
         """Move the caller's read position forward (never back, never past the last

@@ -24,6 +24,7 @@ from pymongo.errors import DuplicateKeyError
 from services.kit.documents import upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, with_pending
+from services.kit.paging import seq_page
 from services.messaging.domain import (
     ConcurrentUpdate,
     Conversation,
@@ -92,31 +93,14 @@ class MessagingStore:
         doc = await self.messages.find_one({"dedup_key": key})
         return _with_state(doc) if doc else None
 
-    async def messages_after(
-        self, conversation_id: str, after_seq: int, limit: int
-    ) -> list[DirectMessage]:
-        docs = (
-            await self.messages.find(
-                {"conversation_id": conversation_id, "seq": {"$gt": after_seq}}
-            )
-            .sort("seq", ASCENDING)
-            .limit(limit)
-            .to_list(None)
+    async def messages_page(
+        self, conversation_id: str, after_seq: int, before_seq: int, limit: int
+    ) -> tuple[list[DirectMessage], bool]:
+        """See services.kit.paging.seq_page."""
+        docs, more = await seq_page(
+            self.messages, {"conversation_id": conversation_id}, after_seq, before_seq, limit
         )
-        return [_message(d) for d in docs]
-
-    async def messages_before(
-        self, conversation_id: str, before_seq: int, after_seq: int, limit: int
-    ) -> list[DirectMessage]:
-        docs = (
-            await self.messages.find(
-                {"conversation_id": conversation_id, "seq": {"$lt": before_seq, "$gt": after_seq}}
-            )
-            .sort("seq", DESCENDING)
-            .limit(limit)
-            .to_list(None)
-        )
-        return [_message(d) for d in reversed(docs)]
+        return [_message(d) for d in docs], more
 
     # Conversations: the projection of their messages
 
