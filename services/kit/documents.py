@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo import ReturnDocument, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+DUPLICATE_KEY = 11000
 
 
 async def upsert_where(
@@ -54,3 +56,16 @@ async def upsert_and_read(
         doc = await collection.find_one({"_id": doc_id}, projection)
     assert doc is not None, f"{collection.name} {doc_id!r} vanished after its upsert"
     return dict(doc)
+
+
+async def bulk_upsert(collection: Any, upserts: list[UpdateOne]) -> None:
+    """Apply unconditional upserts in one unordered bulk write. The ones that collided with
+    a concurrent first insert are applied again: their documents exist by then. Any other
+    failure is raised as it is."""
+    try:
+        await collection.bulk_write(upserts, ordered=False)
+    except BulkWriteError as error:
+        failed = error.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY for e in failed):
+            raise
+        await collection.bulk_write([upserts[e["index"]] for e in failed], ordered=False)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from services.kit.documents import upsert_where
+from services.kit.documents import bulk_upsert, upsert_where
 from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent
 from services.kit.mongo import ProcessedEvents
@@ -370,7 +370,8 @@ class PlazaStore:
         """Add `counts` per (group, date) in one bulk write."""
         if not counts:
             return
-        await self._impressions.bulk_write(
+        await bulk_upsert(
+            self._impressions,
             [
                 UpdateOne(
                     {"_id": f"{group_id}:{date}"},
@@ -386,7 +387,6 @@ class PlazaStore:
                 )
                 for (group_id, date), n in counts.items()
             ],
-            ordered=False,
         )
 
     async def impressions(self, group_id: str, dates: list[str]) -> dict[str, int]:
