@@ -40,6 +40,7 @@ STREAMS: dict[str, list[str]] = {
     "PLATFORM_POSTS": ["posts.>"],
 }
 DUPLICATE_WINDOW_SECONDS = 120.0
+DRAIN_SECONDS = 2
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class EventBus:
             name=name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            # Closing lets the handlers in flight finish, not the backlog buffered behind
+            # them: what a durable consumer did not ack is redelivered (to another replica),
+            # so a plaza with thousands of events queued stops in seconds.
+            drain_timeout=DRAIN_SECONDS,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
