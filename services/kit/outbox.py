@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +108,9 @@ class Outbox:
         self._finishers: dict[str, Finish] = {}
         # Bounded: when the relay falls behind, what does not fit waits for the scan.
         self._queue: asyncio.Queue[_Committed] = asyncio.Queue(queue_limit)
+        # Documents whose events are queued here: the scan leaves them to the queue, so that
+        # a relay running behind under load does not do their work twice.
+        self._in_hand: Counter[tuple[str, Any]] = Counter()
 
     async def watch(self, collection: Any, finish: Finish | None = None) -> None:
         """Let the relay publish the events that commands write into `collection`, finishing
@@ -123,6 +126,7 @@ class Outbox:
             return
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(_Committed(collection.name, doc_id, events))
+            self._in_hand[(collection.name, doc_id)] += 1
 
     async def run(self) -> None:
         """The relay, until cancelled: publish what commands hand over as it comes, and every
@@ -143,9 +147,15 @@ class Outbox:
                     await self._publish(batch)
                 except Exception:
                     log.exception("outbox_publish_failed")
+                finally:
+                    for item in batch:
+                        key = (item.collection, item.doc_id)
+                        self._in_hand[key] -= 1
+                        if not self._in_hand[key]:
+                            del self._in_hand[key]
             if asyncio.get_running_loop().time() >= scan_at:
                 try:
-                    await self.relay_once()
+                    await self._scan(leave_queued=True)
                 except Exception:
                     log.exception("outbox_relay_failed")
                 scan_at = asyncio.get_running_loop().time() + self._scan_interval
@@ -153,6 +163,11 @@ class Outbox:
     async def relay_once(self, limit: int = 500) -> int:
         """Publish the events that have waited longer than the retry delay; returns how many
         went out."""
+        return await self._scan(limit, leave_queued=False)
+
+    async def _scan(self, limit: int = 500, *, leave_queued: bool) -> int:
+        """relay_once; with `leave_queued`, the documents whose events wait in this relay's
+        queue are left to it."""
         cutoff = now_ms() - self._retry_after_ms
         batch: list[_Committed] = []
         for name, collection in self._collections.items():
@@ -174,6 +189,8 @@ class Outbox:
                 .to_list(None)
             )
             for doc in docs:
+                if leave_queued and (name, doc["_id"]) in self._in_hand:
+                    continue
                 if finish is not None:
                     await finish(doc)
                 events = [_outgoing(stored) for stored in doc.get(EVENTS_FIELD) or []]
