@@ -11,9 +11,8 @@ the stream as `group_selected` events.
 The running service does the work, so this is the same wherever its store lives (the local
 server of `make run` or a production replica set); one replica answers. The live consumers
 go on meanwhile: an event published during the replay is applied once, by whichever gets
-there first
-(processed ids). An event being applied at the very moment of the drop may be counted twice
-in the activity figures; scale the plaza to one replica to rule that out.
+there first (processed ids). An event being applied at the very moment of the drop may be
+counted twice in the activity figures; scale the plaza to one replica to rule that out.
 """
 
 from __future__ import annotations
