@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
@@ -61,23 +62,26 @@ async def jetstream(nats_url: str) -> AsyncIterator[Any]:
         await nc.drain()
 
 
-@pytest.fixture
-async def group_events(nats_url: str) -> AsyncIterator[Published]:
-    """The groups service's events, from before the test acts."""
+@asynccontextmanager
+async def published_on(nats_url: str, subject: str) -> AsyncIterator[Published]:
+    """The events published on `subject` from now until the block ends."""
     published = Published()
-    await published.start(nats_url, "groupchat.groups.>")
+    await published.start(nats_url, subject)
     try:
         yield published
     finally:
         await published.close()
+
+
+@pytest.fixture
+async def group_events(nats_url: str) -> AsyncIterator[Published]:
+    """The groups service's events, from before the test acts."""
+    async with published_on(nats_url, "groupchat.groups.>") as published:
+        yield published
 
 
 @pytest.fixture
 async def direct_events(nats_url: str) -> AsyncIterator[Published]:
     """The messaging service's events, from before the test acts."""
-    published = Published()
-    await published.start(nats_url, "groupchat.messaging.>")
-    try:
+    async with published_on(nats_url, "groupchat.messaging.>") as published:
         yield published
-    finally:
-        await published.close()
