@@ -15,7 +15,7 @@ from services.groups.mapping import message_to_proto
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus, OutgoingEvent, new_event
 from services.kit.mongo import ProcessedEvents
-from services.kit.outbox import HOLDS_EVENTS, Outbox
+from services.kit.outbox import HOLDS_EVENTS, Outbox, with_pending
 from tests.conftest import eventually
 
 
@@ -163,3 +163,59 @@ async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(
     assert applied == [event.envelope.event_id]
     assert attempts == [event.envelope.event_id] * 2
     assert not await processed.first_time(event.envelope.event_id)
+
+
+class GatedBus:
+    """An event bus whose publishes wait until the test opens the gate, counting events."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self.gate = asyncio.Event()
+        self.publishing = asyncio.Event()
+        self.published: list[str] = []
+
+    async def publish(self, event: OutgoingEvent) -> None:
+        self.publishing.set()
+        await self.gate.wait()
+        await self._bus.publish(event)
+        self.published.append(event.envelope.event_id)
+
+
+async def test_a_relay_running_behind_publishes_and_finishes_what_waits_in_its_queue_once(
+    mongo_db: Any, bus: EventBus
+) -> None:
+    gated = GatedBus(bus)
+    # No retry delay and a scan on every turn: each scan would take the queued documents if
+    # it did not leave them to the queue.
+    outbox = Outbox(gated, retry_after_seconds=0, scan_interval_seconds=0)  # type: ignore[arg-type]
+    finished: list[str] = []
+    collection = mongo_db["things"]
+    await outbox.watch(collection, finish=lambda doc: _record(finished, doc["_id"]))
+    relay = asyncio.create_task(outbox.run())
+    try:
+        events = {}
+        for name in ("first", "second"):
+            events[name] = sample_event()
+            await collection.insert_one(with_pending({"_id": name}, [events[name]]))
+            outbox.committed(collection, name, [events[name]])
+            if name == "first":
+                await gated.publishing.wait()  # the relay is stuck on the first; the second queues
+        gated.gate.set()
+
+        async def all_published() -> bool:
+            return await collection.count_documents(HOLDS_EVENTS) == 0
+
+        await eventually(all_published)
+        await eventually(lambda: len(gated.published) == 2)
+        assert gated.published == [
+            events["first"].envelope.event_id,
+            events["second"].envelope.event_id,
+        ]
+        assert finished == []  # the commands finished them; the scan had nothing to redo
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+
+
+async def _record(finished: list[str], doc_id: str) -> None:
+    finished.append(doc_id)
