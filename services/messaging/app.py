@@ -180,7 +180,7 @@ class MessagingApp:
             sent = MessageWithState(
                 message, domain.next_state(state, sender_id, admission, slot.day)
             )
-            events = [_sent_event(sent, admission)]
+            events = _sent_events(sent, admission)
             if await _unstoppable(self._store.insert_message(sent, events)):
                 return _Appended(sent, admission, events)
             if key and (first := await self._store.message_by_dedup_key(key)):
@@ -306,20 +306,24 @@ class MessagingApp:
         await self._store.unblock(user_id, target_id)
 
 
-def _sent_event(sent: MessageWithState, admission: Admission) -> OutgoingEvent:
+def _sent_events(sent: MessageWithState, admission: Admission) -> list[OutgoingEvent]:
+    """The message for its recipient, and for its sender's other devices."""
     message = sent.message
-    return new_event(
-        "messaging",
-        "direct_message_sent",
-        aggregate_id=message.conversation_id,
-        aggregate_version=message.seq,
-        user_id=message.recipient_id,
-        direct_message_sent={
-            "message": message_to_proto(message),
-            "established": admission is Admission.ANSWER,
-            "is_request": sent.state.is_request_from(message.sender_id),
-        },
-    )
+    return [
+        new_event(
+            "messaging",
+            "direct_message_sent",
+            aggregate_id=message.conversation_id,
+            aggregate_version=message.seq,
+            user_id=user_id,
+            direct_message_sent={
+                "message": message_to_proto(message),
+                "established": admission is Admission.ANSWER,
+                "is_request": sent.state.is_request_from(message.sender_id),
+            },
+        )
+        for user_id in (message.recipient_id, message.sender_id)
+    ]
 
 
 async def _unstoppable(write: Awaitable[T]) -> T:
