@@ -2,13 +2,17 @@
 
 The gateway subscribes once per group that any of its connected users belongs to, and per
 connected user for that user's joins and direct messages; each event is serialized once and
-handed to the bounded queues of the streams it concerns. A stream whose queue is full is
-ended (the client catches up by sequence), so one slow reader never stalls a group.
+handed to the bounded buffers of the streams it concerns. A group's messages are put in seq
+order once per gateway (a `Sequence` per group): a message past a gap is held a moment for
+the late publish, then the gap is fetched from the groups service; after NATS reconnects
+every followed group is checked the same way. A gap that cannot be filled ends the streams
+that follow the group (STREAM_GAP), so no stream ever misses a message silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +21,12 @@ import structlog
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
 
-from services.kit.metrics import FANOUT_DROPPED
+from services.gateway.config import StreamLimits
+from services.gateway.history import Fetched, direct_key, group_key
+from services.gateway.sequencing import Sequence
+from services.kit.auth import Identity
+from services.kit.errors import DomainError, ErrorKind
+from services.kit.metrics import FANOUT_DROPPED, STREAM_GAPS
 
 log = structlog.get_logger("fanout")
 
@@ -25,61 +34,106 @@ log = structlog.get_logger("fanout")
 MEMBER_EVENTS = frozenset({"member_left", "member_removed", "member_role_changed", "member_muted"})
 # After these the member no longer follows the group.
 DEPARTURES = frozenset({"member_left", "member_removed"})
+REPAIR_CONCURRENCY = 8
+
+# What a stream's buffer holds: (conversation key or None, seq, serialized response). A
+# response of None asks the stream to fetch up to `seq` itself (a conversation that may have
+# moved on while NATS was away).
+Item = tuple[str | None, int, bytes | None]
+Fetch = Callable[[Identity, str, int], Awaitable[Fetched]]
+Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
+
+
+class TooManyStreams(DomainError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_STREAMS"
 
 
 class Session:
-    """One open Subscribe stream: a bounded buffer, then a terminal marker."""
+    """One open Subscribe stream: a buffer bounded in events and bytes, then a terminal
+    marker. Finishing drops what is buffered at once."""
 
     OVERFLOW: Any = object()
     ENDED: Any = object()
+    GAP: Any = object()
 
-    def __init__(self, user_id: str, buffer_size: int) -> None:
-        self.user_id = user_id
-        self._buffer_size = buffer_size
-        # Bounded by offer(); unbounded itself so that the terminal marker always fits.
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+    def __init__(self, identity: Identity, limits: StreamLimits) -> None:
+        self.identity = identity
+        self.started_at = time.time()
+        # The last seq of each conversation that the client holds (or is about to).
+        self.positions: dict[str, int] = {}
+        self._limits = limits
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()  # bounded by offer()
+        self._bytes = 0
         self._finished = False
 
-    def offer(self, response: bytes) -> None:
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    def offer(self, key: str | None, seq: int, response: bytes | None) -> None:
         if self._finished:
             return
-        if self._queue.qsize() >= self._buffer_size:
+        size = len(response) if response else 0
+        if (
+            self._queue.qsize() >= self._limits.buffer_events
+            or self._bytes + size > self._limits.buffer_bytes
+        ):
             FANOUT_DROPPED.inc()
             self._finish(Session.OVERFLOW)
-        else:
-            self._queue.put_nowait(response)
+            return
+        self._bytes += size
+        self._queue.put_nowait((key, seq, response))
 
     def end(self) -> None:
         """Finish the stream after what is buffered (the gateway is shutting down)."""
         self._finish(Session.ENDED)
 
+    def lose(self) -> None:
+        """Finish the stream now: a gap in a conversation it follows could not be filled."""
+        self._finish(Session.GAP)
+
     def _finish(self, marker: Any) -> None:
-        if not self._finished:
-            self._finished = True
-            self._queue.put_nowait(marker)
+        if self._finished:
+            return
+        self._finished = True
+        if marker is not Session.ENDED:
+            while not self._queue.empty():  # free the memory whether or not anyone reads
+                self._queue.get_nowait()
+            self._bytes = 0
+        self._queue.put_nowait(marker)
 
     async def next(self) -> Any:
-        """The next serialized response, or Session.OVERFLOW / Session.ENDED once finished."""
-        return await self._queue.get()
+        """The next Item, or Session.OVERFLOW / ENDED / GAP once finished."""
+        item = await self._queue.get()
+        if isinstance(item, tuple) and item[2]:
+            self._bytes -= len(item[2])
+        return item
 
     @property
     def buffered(self) -> int:
         return self._queue.qsize()
 
 
-Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
-
-
 class FanoutHub:
     def __init__(
-        self, subscribe: Subscribe, flush: Callable[[], Awaitable[None]], buffer_size: int
+        self,
+        subscribe: Subscribe,
+        flush: Callable[[], Awaitable[None]],
+        fetch: Fetch,
+        limits: StreamLimits,
     ) -> None:
         self._subscribe = subscribe
         self._flush = flush
-        self._buffer_size = buffer_size
+        self._fetch = fetch
+        self._limits = limits
         self._sessions: dict[str, set[Session]] = defaultdict(set)
         self._followers: dict[str, set[str]] = defaultdict(set)  # group -> local users
         self._followed: dict[str, set[str]] = defaultdict(set)  # user -> groups
+        self._sequences: dict[str, Sequence[bytes]] = {}  # group -> its messages in order
+        self._repairs: dict[str, asyncio.Task[None]] = {}
+        self._repair_slots = asyncio.Semaphore(REPAIR_CONCURRENCY)
+        self._resyncs: set[asyncio.Task[None]] = set()
         self._group_subs: dict[str, Any] = {}
         self._user_subs: dict[str, list[Any]] = {}
         self._lock = asyncio.Lock()
@@ -91,10 +145,18 @@ class FanoutHub:
         """Events waiting in stream buffers (read at scrape time, not on the hot path)."""
         return sum(s.buffered for sessions in self._sessions.values() for s in sessions)
 
-    async def open(self, user_id: str) -> Session:
+    async def open(self, identity: Identity) -> Session:
         """Register a stream; from now on the user's joins and direct messages are seen."""
-        session = Session(user_id, self._buffer_size)
+        user_id = identity.user_id
+        session = Session(identity, self._limits)
         async with self._lock:
+            if len(self._sessions.get(user_id, ())) >= self._limits.max_per_user:
+                raise TooManyStreams(
+                    f"{self._limits.max_per_user} streams are open for this user on this "
+                    "gateway already: close one first"
+                )
+            for group_id in self._followed.get(user_id, ()):
+                session.positions[group_key(group_id)] = self._sequences[group_id].emitted
             self._sessions[user_id].add(session)
             if user_id not in self._user_subs:
                 self._user_subs[user_id] = [
@@ -108,12 +170,47 @@ class FanoutHub:
                 ]
         return session
 
-    async def follow(self, user_id: str, group_ids: list[str]) -> None:
-        """Follow the user's groups; returns once the subscriptions are live on the server."""
+    async def follow(self, user_id: str, last_seqs: dict[str, int]) -> None:
+        """Follow the user's groups (each with its last seq as the groups service reported
+        it); returns once the subscriptions are live on the server. Each of the user's
+        streams starts a group where this gateway stands in it."""
         async with self._lock:
-            for group_id in group_ids:
-                await self._follow(user_id, group_id)
+            for group_id, last_seq in last_seqs.items():
+                await self._follow(user_id, group_id, last_seq)
         await self._flush()
+
+    def check(self, last_seqs: dict[str, int]) -> None:
+        """The groups service reports these last seqs (read after the subscriptions were
+        live): fetch what this gateway has not seen, it may have been published before."""
+        for group_id, last_seq in last_seqs.items():
+            sequence = self._sequences.get(group_id)
+            if sequence is not None and last_seq > sequence.emitted:
+                self._repair(group_id, wait=False)
+
+    def resync(self) -> None:
+        """NATS reconnected (or dropped messages): what was published meanwhile may never
+        arrive. Check every followed group, and have every stream check the direct
+        conversations it knows."""
+        task = asyncio.create_task(self._resync())
+        self._resyncs.add(task)
+        task.add_done_callback(self._resyncs.discard)
+
+    async def _resync(self) -> None:
+        # Once the server has our subscriptions again, whatever they missed was stored
+        # before: a fetch from now on finds it.
+        try:
+            await self._flush()
+        except Exception as error:  # disconnected again: the next reconnect resyncs
+            log.warning("fanout_resync_deferred", error=repr(error))
+            return
+        log.info("fanout_resync", groups=len(self._sequences), users=len(self._sessions))
+        for group_id in list(self._sequences):
+            self._repair(group_id, wait=False)
+        for sessions in self._sessions.values():
+            for session in sessions:
+                for key, seq in list(session.positions.items()):
+                    if key.startswith("direct:"):
+                        session.offer(key, seq + 1, None)
 
     async def close(self, session: Session) -> None:
         async with self._lock:
@@ -132,7 +229,13 @@ class FanoutHub:
             for session in sessions:
                 session.end()
 
-    async def _follow(self, user_id: str, group_id: str) -> None:
+    async def _follow(self, user_id: str, group_id: str, last_seq: int) -> None:
+        sequence = self._sequences.get(group_id)
+        if sequence is None:
+            sequence = self._sequences[group_id] = Sequence(last_seq)
+        if group_id not in self._followed[user_id]:
+            for session in self._sessions.get(user_id, ()):
+                session.positions[group_key(group_id)] = sequence.emitted
         self._followed[user_id].add(group_id)
         self._followers[group_id].add(user_id)
         if group_id not in self._group_subs:
@@ -142,54 +245,151 @@ class FanoutHub:
 
     async def _unfollow(self, user_id: str, group_id: str) -> None:
         self._followed.get(user_id, set()).discard(group_id)
+        for session in self._sessions.get(user_id, ()):
+            session.positions.pop(group_key(group_id), None)
         followers = self._followers.get(group_id)
         if followers is None:
             return
         followers.discard(user_id)
         if not followers:
             del self._followers[group_id]
+            self._sequences.pop(group_id, None)
+            if repair := self._repairs.pop(group_id, None):
+                repair.cancel()
             if sub := self._group_subs.pop(group_id, None):
                 await sub.unsubscribe()
 
     async def _on_user_event(self, msg: Any) -> None:
         """The user joined a group: follow it before telling the user, so nothing after the
-        join notice is missed."""
+        join notice is missed, and fetch what was sent between the join and now."""
         envelope = events_pb2.Envelope.FromString(msg.data)
         user_id = msg.subject.rsplit(".", 1)[1]
+        group_id = envelope.aggregate_id
         async with self._lock:
             if user_id not in self._sessions:
                 return
-            await self._follow(user_id, envelope.aggregate_id)
+            known = group_id in self._sequences
+            await self._follow(user_id, group_id, envelope.member_joined.member.read_seq)
         await self._flush()
-        self._deliver(user_id, _response(envelope))
+        self._deliver(user_id, None, 0, _response(envelope))
+        if not known:
+            self._repair(group_id, wait=False)
 
     async def _on_direct_message(self, msg: Any) -> None:
-        """A direct message to the user (the last subject token is the recipient)."""
+        """A direct message the user sent or received (the last subject token is the user);
+        each stream puts its conversations in order itself (see SubscribeHandler)."""
         envelope = events_pb2.Envelope.FromString(msg.data)
-        self._deliver(msg.subject.rsplit(".", 1)[1], _response(envelope))
+        user_id = msg.subject.rsplit(".", 1)[1]
+        self._deliver(
+            user_id,
+            direct_key(envelope.aggregate_id),
+            envelope.aggregate_version,
+            _response(envelope),
+        )
 
     async def _on_group_event(self, msg: Any) -> None:
         _, _, event_type, group_id, user_id = msg.subject.split(".", 4)
         if event_type == "member_joined":
             return  # the joiner hears of it on their own subscription
         envelope = events_pb2.Envelope.FromString(msg.data)
+        if event_type == "group_message_posted":
+            self._sequenced(group_id, envelope.aggregate_version, _response(envelope))
+            return
         response = _response(envelope)
         if event_type in MEMBER_EVENTS:
-            self._deliver(user_id, response)
+            self._deliver(user_id, None, 0, response)
             if event_type in DEPARTURES:
                 async with self._lock:
                     await self._unfollow(user_id, group_id)
             return
         for follower in list(self._followers.get(group_id, ())):
-            self._deliver(follower, response)
+            self._deliver(follower, None, 0, response)
         if event_type == "group_dissolved":
             async with self._lock:
                 for follower in list(self._followers.get(group_id, ())):
                     await self._unfollow(follower, group_id)
 
-    def _deliver(self, user_id: str, response: bytes) -> None:
+    def _sequenced(self, group_id: str, seq: int, response: bytes) -> None:
+        sequence = self._sequences.get(group_id)
+        if sequence is None:
+            return  # no longer followed here
+        if sequence.is_duplicate(seq):
+            STREAM_GAPS.labels("duplicate").inc()
+            return
+        self._emit(group_id, sequence.accept(seq, response), sequence)
+        if sequence.has_gap:
+            self._repair(group_id, wait=True)
+
+    def _emit(self, group_id: str, responses: list[bytes], sequence: Sequence[bytes]) -> None:
+        if not responses:
+            return
+        key = group_key(group_id)
+        first = sequence.emitted - len(responses) + 1
+        followers = list(self._followers.get(group_id, ()))
+        for offset, response in enumerate(responses):
+            for follower in followers:
+                self._deliver(follower, key, first + offset, response)
+
+    def _deliver(self, user_id: str, key: str | None, seq: int, response: bytes) -> None:
         for session in self._sessions.get(user_id, ()):
-            session.offer(response)
+            session.offer(key, seq, response)
+
+    def _repair(self, group_id: str, *, wait: bool) -> None:
+        if group_id in self._repairs:
+            return
+        task = asyncio.create_task(self._fill(group_id, wait))
+        self._repairs[group_id] = task
+        task.add_done_callback(lambda _: self._repairs.pop(group_id, None))
+
+    async def _fill(self, group_id: str, wait: bool) -> None:
+        """Fetch the group's messages past what this gateway has handed on, until no gap
+        remains; end the followers' streams if that cannot be done in time."""
+        if wait:  # a late publish usually closes the gap by itself
+            await asyncio.sleep(self._limits.gap_wait_seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._limits.repair_seconds
+        checked = False
+        while (sequence := self._sequences.get(group_id)) is not None:
+            if checked and not sequence.has_gap:
+                return
+            identity = self._member_identity(group_id)
+            if identity is None:
+                return
+            try:
+                async with self._repair_slots:
+                    fetched = await self._fetch(identity, group_key(group_id), sequence.emitted)
+            except Exception as error:
+                if loop.time() >= deadline:
+                    self._give_up(group_id, sequence, repr(error))
+                    return
+                await asyncio.sleep(min(1.0, self._limits.gap_wait_seconds))
+                continue
+            if self._sequences.get(group_id) is not sequence:
+                return
+            before = sequence.emitted
+            for seq, response in fetched.messages:
+                self._emit(group_id, sequence.accept(seq, response), sequence)
+            if sequence.emitted > before:
+                STREAM_GAPS.labels("filled").inc()
+            checked = not fetched.has_more
+            if sequence.has_gap and not fetched.has_more and sequence.emitted == before:
+                self._give_up(group_id, sequence, "the missing messages are not stored")
+                return
+
+    def _give_up(self, group_id: str, sequence: Sequence[bytes], why: str) -> None:
+        STREAM_GAPS.labels("lost").inc()
+        log.warning("stream_gap_lost", group_id=group_id, after_seq=sequence.emitted, why=why)
+        for follower in list(self._followers.get(group_id, ())):
+            for session in self._sessions.get(follower, ()):
+                session.lose()
+        sequence.give_up_gap()
+
+    def _member_identity(self, group_id: str) -> Identity | None:
+        """Someone on this gateway who may read the group's messages."""
+        for follower in self._followers.get(group_id, ()):
+            for session in self._sessions.get(follower, ()):
+                return session.identity
+        return None
 
 
 def _response(envelope: events_pb2.Envelope) -> bytes:

@@ -12,6 +12,7 @@ from groupchat.plaza.v1 import plaza_pb2
 from services.gateway.config import GatewayConfig
 from services.gateway.conversations import ConversationsHandler
 from services.gateway.fanout import FanoutHub
+from services.gateway.history import History
 from services.gateway.subscribe import SubscribeHandler
 from services.kit.downstream import Downstream, proxy_handlers
 from services.kit.events import EventBus
@@ -71,7 +72,9 @@ def build(config: GatewayConfig) -> ServiceHost:
         groups = downstream(config.groups_address, GROUPS, GROUPS_IDEMPOTENT)
         messaging = downstream(config.messaging_address, MESSAGING, MESSAGING_IDEMPOTENT)
         plaza = downstream(config.plaza_address, PLAZA, PLAZA_IDEMPOTENT)
-        hub = FanoutHub(bus.subscribe, bus.flush, config.subscribe_buffer)
+        history = History(groups, messaging)
+        hub = FanoutHub(bus.subscribe, bus.flush, history.fetch, config.streams)
+        bus.on_messages_lost(hub.resync)
         STREAMS_OPEN.set_function(hub.open_streams)
         FANOUT_QUEUED.set_function(hub.buffered_events)
 
@@ -90,7 +93,7 @@ def build(config: GatewayConfig) -> ServiceHost:
             response_serializer=gateway_pb2.ListConversationsResponse.SerializeToString,
         )
         handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
-            SubscribeHandler(hub, groups, config.subscribe_buffer),
+            SubscribeHandler(hub, groups, history, config.streams),
             request_deserializer=gateway_pb2.SubscribeRequest.FromString,
             response_serializer=bytes,  # already serialized by the hub
         )

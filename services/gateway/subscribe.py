@@ -1,17 +1,31 @@
-"""The Subscribe stream: follow the caller's groups, say ready, then push until the end."""
+"""The Subscribe stream: follow the caller's groups, say ready, send what a resuming client
+missed, then push until the end, each conversation in seq order without gap or duplicate.
+
+The hub hands each group's messages on in order once per gateway; a stream keeps the last
+seq of each conversation it delivered, so it drops what it already sent and fetches what
+it would otherwise skip (a direct message that overtook another, a conversation that moved
+on while NATS was away).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 from groupchat.gateway.v1 import gateway_pb2
 from groupchat.groups.v1 import groups_pb2
 
-from services.gateway.fanout import FanoutHub, Session
+from services.gateway.config import StreamLimits
+from services.gateway.fanout import FanoutHub, Item, Session
+from services.gateway.history import Fetched, History, direct_key, group_key
 from services.kit.downstream import Downstream
-from services.kit.errors import DomainError, ErrorKind
+from services.kit.errors import DomainError, ErrorKind, Validator
+from services.kit.metrics import STREAMS_ENDED
 from services.kit.rpc import current_identity
+
+MAX_RESUME_POSITIONS = 1000
+MAX_ID_LENGTH = 200
 
 
 class SlowConsumer(DomainError):
@@ -19,44 +33,174 @@ class SlowConsumer(DomainError):
     reason = "SLOW_CONSUMER"
 
 
+class StreamStalled(DomainError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "STREAM_STALLED"
+
+
+class StreamGap(DomainError):
+    kind = ErrorKind.UNAVAILABLE
+    reason = "STREAM_GAP"
+
+
+class ResumeTooFar(DomainError):
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "RESUME_TOO_FAR"
+
+
 class GatewayShuttingDown(DomainError):
     kind = ErrorKind.UNAVAILABLE
     reason = "GATEWAY_SHUTTING_DOWN"
 
 
+RESUBSCRIBE = "subscribe again with resume_from set to the last seq you hold of each conversation"
+
+
 class SubscribeHandler:
-    def __init__(self, hub: FanoutHub, groups: Downstream, buffer_size: int) -> None:
+    def __init__(
+        self, hub: FanoutHub, groups: Downstream, history: History, limits: StreamLimits
+    ) -> None:
         self._hub = hub
         self._groups = groups
-        self._buffer_size = buffer_size
+        self._history = history
+        self._limits = limits
 
     async def __call__(
         self, request: gateway_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """Yields serialized SubscribeResponses: events are serialized once per gateway,
-        not once per stream (register with an identity response serializer)."""
-        user_id = current_identity().user_id
-        session = await self._hub.open(user_id)
+        """Writes serialized SubscribeResponses (events are serialized once per gateway, not
+        once per stream: register with an identity response serializer). Writes, not
+        yields: each write has a deadline, so a client that stops reading is ended."""
+        resume = resume_positions(request, current_identity().user_id)
+        session = await self._hub.open(current_identity())
         try:
-            group_ids = await self._group_ids(context)
-            await self._hub.follow(user_id, group_ids)
-            ready = gateway_pb2.Ready(group_ids=group_ids)
-            yield gateway_pb2.SubscribeResponse(ready=ready).SerializeToString()
-            while True:
-                item = await session.next()
-                if item is Session.OVERFLOW:
-                    raise SlowConsumer(
-                        f"more than {self._buffer_size} events waited for this stream: "
-                        "catch up with ListGroupMessages(after_seq) and subscribe again"
-                    )
-                if item is Session.ENDED:
-                    raise GatewayShuttingDown("this gateway is shutting down: subscribe again")
-                yield item
+            await self._stream(session, resume, context)
+        except DomainError as error:
+            STREAMS_ENDED.labels(error.reason).inc()
+            raise
         finally:
             await self._hub.close(session)
+        return
+        yield  # an async generator, as the RPC interceptor expects of a stream handler
 
-    async def _group_ids(self, context: grpc.aio.ServicerContext) -> list[str]:
-        group_ids: list[str] = []
+    async def _stream(
+        self, session: Session, resume: dict[str, int], context: grpc.aio.ServicerContext
+    ) -> None:
+        last_seqs = await self._last_seqs(context)
+        await self._hub.follow(session.user_id, last_seqs)
+        # Read again now that the subscriptions are live: what was sent in between.
+        self._hub.check(await self._last_seqs(context))
+        catch_up = self._resume_from(session, resume, last_seqs)
+        ready = gateway_pb2.Ready(
+            group_ids=list(last_seqs),
+            positions=[
+                gateway_pb2.Position(group_id=g, seq=session.positions[group_key(g)])
+                for g in last_seqs
+                if group_key(g) in session.positions
+            ],
+        )
+        await self._write(context, gateway_pb2.SubscribeResponse(ready=ready).SerializeToString())
+        budget = _Budget(self._limits.resume_max_events)
+        for key in catch_up:
+            await self._fill(session, key, None, context, budget)
+        while True:
+            item = await session.next()
+            if item is Session.OVERFLOW:
+                raise SlowConsumer(
+                    "more events waited for this stream than its buffer holds: " + RESUBSCRIBE
+                )
+            if item is Session.GAP:
+                raise StreamGap(
+                    "a message this stream follows could not be fetched: " + RESUBSCRIBE
+                )
+            if item is Session.ENDED:
+                raise GatewayShuttingDown("this gateway is shutting down: " + RESUBSCRIBE)
+            await self._deliver(session, item, context)
+
+    def _resume_from(
+        self, session: Session, resume: dict[str, int], last_seqs: dict[str, int]
+    ) -> list[str]:
+        """Start each resumed conversation where the client stands; the conversations
+        whose missed messages must be sent first."""
+        catch_up: list[str] = []
+        missed = 0
+        for key, seq in resume.items():
+            start = session.positions.get(key)
+            if key.startswith("group:") and start is None:
+                continue  # no longer a member: ListMyGroups tells the client
+            if start is None or seq < start:
+                catch_up.append(key)
+                missed += start - seq if start is not None else 0
+            session.positions[key] = seq
+        if missed > self._limits.resume_max_events:
+            raise ResumeTooFar(
+                f"{missed} messages were missed, more than a resume sends "
+                f"({self._limits.resume_max_events}): page with ListGroupMessages(after_seq) "
+                "and subscribe without resume_from",
+                missed=str(missed),
+            )
+        return catch_up
+
+    async def _deliver(
+        self, session: Session, item: Item, context: grpc.aio.ServicerContext
+    ) -> None:
+        key, seq, response = item
+        if key is None:
+            assert response is not None
+            await self._write(context, response)
+            return
+        position = session.positions.get(key)
+        if position is not None and seq <= position:
+            return  # sent already
+        if position is not None and (seq > position + 1 or response is None):
+            await self._fill(session, key, seq, context, None)
+            if seq <= session.positions.get(key, seq):
+                return
+        if response is not None:
+            session.positions[key] = seq
+            await self._write(context, response)
+
+    async def _fill(
+        self,
+        session: Session,
+        key: str,
+        until: int | None,
+        context: grpc.aio.ServicerContext,
+        budget: _Budget | None,
+    ) -> None:
+        """Send the conversation's messages past the stream's position in it, fetched from
+        the owning service: up to `until`, or all there are."""
+        while (position := session.positions.get(key)) is not None and (
+            until is None or position < until
+        ):
+            try:
+                fetched: Fetched = await self._history.fetch(session.identity, key, position)
+            except grpc.aio.AioRpcError as error:
+                raise StreamGap(
+                    f"missed messages could not be fetched ({error.code().name}): " + RESUBSCRIBE
+                ) from None
+            for seq, response in fetched.messages:
+                if seq <= session.positions.get(key, seq):
+                    continue  # sent already, or the conversation was left meanwhile
+                if budget is not None:
+                    budget.spend()
+                session.positions[key] = seq
+                await self._write(context, response)
+            if not fetched.has_more:
+                return
+
+    async def _write(self, context: grpc.aio.ServicerContext, response: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._limits.stall_seconds):
+                await context.write(response)  # type: ignore[arg-type]
+        except TimeoutError:
+            raise StreamStalled(
+                f"this stream was not read for {self._limits.stall_seconds:g}s: " + RESUBSCRIBE
+            ) from None
+
+    async def _last_seqs(self, context: grpc.aio.ServicerContext) -> dict[str, int]:
+        """The caller's groups, each with its last seq."""
+        last_seqs: dict[str, int] = {}
         token = ""
         while True:
             page = await self._groups.call(
@@ -64,7 +208,51 @@ class SubscribeHandler:
                 groups_pb2.ListMyGroupsRequest(page_size=500, page_token=token),
                 context,
             )
-            group_ids.extend(g.group.group_id for g in page.groups)
+            last_seqs.update((g.group.group_id, g.group.last_seq) for g in page.groups)
             token = page.next_page_token
             if not token:
-                return group_ids
+                return last_seqs
+
+
+class _Budget:
+    """The messages a resume may still send."""
+
+    def __init__(self, events: int) -> None:
+        self._left = events
+
+    def spend(self) -> None:
+        if self._left <= 0:
+            raise ResumeTooFar(
+                "more messages were missed than a resume sends: page with ListGroupMessages "
+                "/ ListDirectMessages(after_seq) and subscribe without resume_from"
+            )
+        self._left -= 1
+
+
+def resume_positions(request: gateway_pb2.SubscribeRequest, user_id: str) -> dict[str, int]:
+    """`resume_from` as conversation key -> seq, or INVALID_ARGUMENT naming what is wrong."""
+    check = Validator()
+    check.check(
+        len(request.resume_from) <= MAX_RESUME_POSITIONS,
+        "resume_from",
+        f"at most {MAX_RESUME_POSITIONS} positions",
+    )
+    positions: dict[str, int] = {}
+    for n, position in enumerate(request.resume_from[:MAX_RESUME_POSITIONS]):
+        field = f"resume_from[{n}]"
+        kind = position.WhichOneof("conversation")
+        conversation = getattr(position, kind) if kind else ""
+        check.check(bool(conversation), field, "set group_id or conversation_id")
+        check.check(len(conversation) <= MAX_ID_LENGTH, field, "id too long")
+        check.check(position.seq >= 0, f"{field}.seq", "must not be negative")
+        if kind == "conversation_id":
+            check.check(
+                user_id in conversation.split(":"),
+                f"{field}.conversation_id",
+                "a direct conversation of the caller (the two user ids, sorted, joined by ':')",
+            )
+            positions[direct_key(conversation)] = position.seq
+        elif kind == "group_id":
+            positions[group_key(conversation)] = position.seq
+    check.raise_if_invalid()
+    return positions

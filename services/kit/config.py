@@ -77,6 +77,8 @@ class ServerConfig:
     log_level: str
     log_format: str
     metrics_port: int | None
+    # HTTP/2 streams one client connection may hold open at once (Subscribe streams too).
+    max_concurrent_streams: int
 
     @classmethod
     def from_env(
@@ -99,6 +101,7 @@ class ServerConfig:
             log_level=env.string("LOG_LEVEL", "info").lower(),
             log_format=log_format,
             metrics_port=env.optional_integer("METRICS_PORT"),
+            max_concurrent_streams=env.integer("GRPC_MAX_CONCURRENT_STREAMS", 1000, minimum=1),
         )
 
 

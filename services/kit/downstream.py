@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
+from services.kit.auth import Identity
 from services.kit.rpc import REQUEST_ID_KEY, current_identity, current_request_id
 
 
@@ -69,15 +70,20 @@ class Downstream:
         return name in self._methods
 
     async def call(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext | None = None
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext | None = None,
+        identity: Identity | None = None,
     ) -> Any:
-        """Call `method` as the current caller, within what is left of its deadline."""
+        """Call `method` as the current caller (or as `identity`, outside an RPC), within
+        what is left of the caller's deadline."""
         timeout = self._timeout_cap
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.0))
         metadata = (
-            ("authorization", f"Bearer {current_identity().token}"),
+            ("authorization", f"Bearer {(identity or current_identity()).token}"),
             (REQUEST_ID_KEY, current_request_id()),
         )
         return await self._methods[method](request, timeout=timeout, metadata=metadata)

@@ -78,6 +78,16 @@ class EventBus:
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._js = nc.jetstream()
+        self._loss_listeners: list[Callable[[], None]] = []
+
+    def on_messages_lost(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever plain subscriptions may have missed messages: after a
+        reconnect (what was published meanwhile is gone) or a client-side overflow."""
+        self._loss_listeners.append(listener)
+
+    def messages_may_be_lost(self) -> None:
+        for listener in self._loss_listeners:
+            listener()
 
     @classmethod
     async def connect(cls, url: str, name: str, stream_replicas: int | None = None) -> EventBus:
@@ -92,9 +102,12 @@ class EventBus:
 
         async def on_reconnect() -> None:
             log.info("nats_reconnected", url=url)
+            bus.messages_may_be_lost()
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats_error", error=str(exc))
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                bus.messages_may_be_lost()  # the client dropped messages of a subscription
 
         nc = await nats.connect(
             url,

@@ -37,6 +37,18 @@ FANOUT_DROPPED = Counter(
     "groupchat_fanout_streams_dropped", "Subscribe streams ended for falling behind."
 )
 
+STREAM_GAPS = Counter(
+    "groupchat_stream_sequencing",
+    "Group messages the gateway put in order: dropped as duplicate, gaps filled from the "
+    "groups service, gaps lost (the streams that follow the group were ended).",
+    ["outcome"],
+)
+STREAMS_ENDED = Counter(
+    "groupchat_subscribe_streams_ended",
+    "Subscribe streams the gateway ended, by reason.",
+    ["reason"],
+)
+
 
 def serve_metrics(port: int) -> Any:
     """Serve /metrics on `port` (0: a free one) in a thread; returns the HTTP server."""

@@ -24,6 +24,7 @@ from services.kit.rpc_status import to_grpc_status
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
+STATUS_WAIT_SECONDS = 1.0
 
 _identity: ContextVar[Identity | None] = ContextVar("identity", default=None)
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
@@ -106,7 +107,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             yield
         except DomainError as error:
             outcome.update(code=error.kind.value, reason=error.reason)
-            await context.abort_with_status(to_grpc_status(error))
+            await _within_status_wait(context.abort_with_status(to_grpc_status(error)))
         except grpc.aio.AioRpcError as error:  # a downstream call failed: pass its status on
             outcome["code"] = error.code().name
             await context.abort(error.code(), error.details() or "", _status_details(error))
@@ -128,6 +129,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             RPCS.labels(method, outcome["code"]).inc()
             RPC_SECONDS.labels(method).observe(seconds)
             log.info("rpc", method=method, duration_ms=round(seconds * 1000, 2), **outcome)
+
+
+async def _within_status_wait(abort: Awaitable[None]) -> None:
+    """Abort the RPC, but end the handler in time even when the client does not read: its
+    status then waits in the transport behind what the client has not read yet, and
+    everything the handler holds is freed now."""
+    try:
+        async with asyncio.timeout(STATUS_WAIT_SECONDS):
+            await abort
+    except TimeoutError:
+        raise grpc.aio.AbortError() from None
 
 
 def _status_details(error: grpc.aio.AioRpcError) -> tuple[tuple[str, Any], ...]:

@@ -83,6 +83,7 @@ class ServiceHost:
                 # Clients reconnect now and then, re-resolve DNS and so find new replicas;
                 # calls already open on the old connection (streams too) run on.
                 ("grpc.max_connection_age_ms", 300_000),
+                ("grpc.max_concurrent_streams", self._config.max_concurrent_streams),
             ],
         )
         self._context = ServiceContext(server, self._stack)
