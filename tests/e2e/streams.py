@@ -34,6 +34,19 @@ class OpenStream:
     def of_type(self, payload: str) -> list[events_pb2.Envelope]:
         return [e for e in self.events if e.WhichOneof("payload") == payload]
 
+    def seqs(self, conversation: str) -> list[int]:
+        """The seqs of the messages received of one group or direct conversation."""
+        return [
+            e.aggregate_version
+            for e in self.events
+            if e.aggregate_id == conversation
+            and e.WhichOneof("payload") in ("group_message_posted", "direct_message_sent")
+        ]
+
+    @property
+    def ended(self) -> bool:
+        return self._task.done()
+
     def texts(self) -> list[str]:
         return [e.group_message_posted.message.text for e in self.of_type("group_message_posted")]
 
@@ -50,7 +63,10 @@ class OpenStream:
             await self._task
 
 
-async def open_stream(stub: Any, metadata: Any) -> OpenStream:
-    stream = OpenStream(stub.Subscribe(gateway_pb2.SubscribeRequest(), metadata=metadata))
+async def open_stream(
+    stub: Any, metadata: Any, resume_from: list[gateway_pb2.Position] | None = None
+) -> OpenStream:
+    request = gateway_pb2.SubscribeRequest(resume_from=resume_from or [])
+    stream = OpenStream(stub.Subscribe(request, metadata=metadata))
     await stream.wait_ready()
     return stream
