@@ -5,6 +5,7 @@ devices, and the limits that end a stream with a reason (stall, cap, resume too 
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 import uuid
@@ -35,7 +36,7 @@ RESUME_MAX = 30
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     with running_suite(
         tmp_path_factory.mktemp("stream_contract"),
-        replicas={"gateway": 2},
+        replicas={"gateway": 2, "groups": 2},
         SUBSCRIBE_STALL_SECONDS=str(STALL_SECONDS),
         MAX_STREAMS_PER_USER=str(MAX_STREAMS),
         SUBSCRIBE_RESUME_MAX_EVENTS=str(RESUME_MAX),
@@ -254,6 +255,28 @@ async def test_a_stalled_reader_is_ended_on_time_and_the_other_499_do_not_wait(
         await asyncio.gather(*(s.close() for s in streams))
 
 
+async def test_streams_stay_whole_while_a_groups_process_is_sigtermed_under_load(
+    suite: Suite, gateway: Any
+) -> None:
+    owner = unique("owner")
+    senders = [unique("s") for _ in range(3)]
+    group_id = await group_of(gateway, owner, *senders)
+    streams = [await open_stream(*gateway(u)) for u in (owner, *senders)]
+    try:
+        sent = [asyncio.create_task(post_many(gateway, s, group_id, 20)) for s in senders]
+        await eventually(lambda: len(streams[0].seqs(group_id)) >= 10, 30)
+        groups = suite.processes["groups"]
+        groups.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(groups.wait, 30)
+        last = max(await asyncio.gather(*sent))
+        assert last == 60  # every send answered once, none twice
+        for stream in streams:
+            await eventually(lambda s=stream: s.seqs(group_id) == list(range(1, 61)), 30)
+            assert stream.error is None
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+
+
 async def test_streams_on_a_lost_gateway_resume_on_the_other_whole(
     suite: Suite, gateway: Any, second_gateway: Any
 ) -> None:
@@ -291,7 +314,20 @@ async def test_streams_on_a_lost_gateway_resume_on_the_other_whole(
 
 
 async def post_many(gateway: Any, user: str, group_id: str, count: int) -> int:
+    """Send `count` messages one after another, each retried with its client_msg_id while
+    a service is unavailable (as clients do); the last seq."""
+    stub, md = gateway(user)
     last = 0
     for n in range(count):
-        last = await post(gateway, user, group_id, f"during {n}")
+        request = pb.SendGroupMessageRequest(
+            group_id=group_id, text=f"during {n}", client_msg_id=uuid.uuid4().hex
+        )
+        for attempt in range(10):
+            try:
+                last = (await stub.SendGroupMessage(request, metadata=md)).message.seq
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == 9:
+                    raise
+                await asyncio.sleep(0.2)  # a client's backoff before its retry
     return last
