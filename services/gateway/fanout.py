@@ -349,20 +349,22 @@ class FanoutHub:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._limits.repair_seconds
         checked = False
+        failures = 0
         while (sequence := self._sequences.get(group_id)) is not None:
             if checked and not sequence.has_gap:
                 return
-            identity = self._member_identity(group_id)
+            identity = self._member_identity(group_id, failures)
             if identity is None:
                 return
             try:
                 async with self._repair_slots:
                     fetched = await self._fetch(identity, group_key(group_id), sequence.emitted)
             except Exception as error:
+                failures += 1
                 if loop.time() >= deadline:
                     self._give_up(group_id, sequence, repr(error))
                     return
-                await asyncio.sleep(min(1.0, self._limits.gap_wait_seconds))
+                await asyncio.sleep(min(1.0, max(self._limits.gap_wait_seconds, 0.05)))
                 continue
             if self._sequences.get(group_id) is not sequence:
                 return
@@ -384,12 +386,15 @@ class FanoutHub:
                 session.lose()
         sequence.give_up_gap()
 
-    def _member_identity(self, group_id: str) -> Identity | None:
-        """Someone on this gateway who may read the group's messages."""
-        for follower in self._followers.get(group_id, ()):
-            for session in self._sessions.get(follower, ()):
-                return session.identity
-        return None
+    def _member_identity(self, group_id: str, failures: int) -> Identity | None:
+        """Someone on this gateway who may read the group's messages: after each failure
+        another follower, in case that one has left meanwhile or their token expired."""
+        identities = [
+            session.identity
+            for follower in self._followers.get(group_id, ())
+            for session in list(self._sessions.get(follower, ()))[:1]
+        ]
+        return identities[failures % len(identities)] if identities else None
 
 
 def _response(envelope: events_pb2.Envelope) -> bytes:

@@ -58,6 +58,7 @@ class FakeGroupsWorld:
         self.handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
         self.stored: dict[int, bytes] = {}
         self.failing = False
+        self.refused: set[str] = set()  # users the groups service no longer lets read
         self.fetches = 0
 
     async def subscribe(self, subject: str, handler: Callable[[Any], Awaitable[None]]) -> Any:
@@ -73,8 +74,8 @@ class FakeGroupsWorld:
     async def fetch(self, identity: Identity, key: str, after_seq: int) -> Fetched:
         assert key == group_key(GROUP)
         self.fetches += 1
-        if self.failing:
-            raise ConnectionError("groups is down")
+        if self.failing or identity.user_id in self.refused:
+            raise ConnectionError("groups is down, or this user may not read")
         seqs = sorted(s for s in self.stored if s > after_seq)
         return Fetched([(s, self.stored[s]) for s in seqs], has_more=False)
 
@@ -137,6 +138,19 @@ async def test_a_message_that_never_arrives_is_fetched_from_the_groups_service()
     await world.publish(1)
     await world.publish(3)  # 2 was published while this gateway was away
     assert await received(session, 3) == [1, 2, 3]
+
+
+async def test_a_gap_is_fetched_as_another_follower_when_one_may_no_longer_read() -> None:
+    world = FakeGroupsWorld()
+    hub, alices = await opened(world, replace(LIMITS, gap_wait_seconds=0.01, repair_seconds=5))
+    bobs = await hub.open(Identity("bob", frozenset(), "token"))
+    await hub.follow("bob", {GROUP: 0})
+    world.refused = {"alice"}
+    for seq in (1, 2):
+        world.store(seq)
+    await world.publish(2)
+    assert await received(alices, 2) == [1, 2]
+    assert await received(bobs, 2) == [1, 2]
 
 
 async def test_a_gap_that_cannot_be_fetched_ends_the_stream_with_a_reason() -> None:
