@@ -191,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return all_delivered(results)
 
     return run_against_suite(
-        {"SUBSCRIBE_BUFFER": "100000"}, measure, failure="some deliveries are missing (see above)"
+        {"SUBSCRIBE_BUFFER": "100000", "SUBSCRIBE_BUFFER_BYTES": str(1 << 30)},
+        measure,
+        failure="some deliveries are missing (see above)",
     )
 
 

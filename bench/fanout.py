@@ -922,7 +922,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve_bare_grpc())
         return 0
     print(machine_header(args), flush=True)
-    extra_env = {"JOIN_RATE_LIMIT": "100000", "SUBSCRIBE_BUFFER": "100000"}
+    extra_env = {
+        "JOIN_RATE_LIMIT": "100000",
+        "SUBSCRIBE_BUFFER": "100000",
+        "SUBSCRIBE_BUFFER_BYTES": str(1 << 30),
+    }
     if args.subscribers > 500:
         extra_env["GROUP_MAX_CAPACITY"] = str(args.subscribers)
 
