@@ -62,6 +62,8 @@ class Session:
         self.started_at = time.time()
         # The last seq of each conversation that the client holds (or is about to).
         self.positions: dict[str, int] = {}
+        # Whether every direct conversation of the user had a position at Ready.
+        self.knows_every_direct = False
         self._limits = limits
         self._queue: asyncio.Queue[Any] = asyncio.Queue()  # bounded by offer()
         self._bytes = 0

@@ -93,7 +93,7 @@ def build(config: GatewayConfig) -> ServiceHost:
             response_serializer=gateway_pb2.ListConversationsResponse.SerializeToString,
         )
         handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
-            SubscribeHandler(hub, groups, history, config.streams),
+            SubscribeHandler(hub, groups, messaging, history, config.streams),
             request_deserializer=gateway_pb2.SubscribeRequest.FromString,
             response_serializer=bytes,  # already serialized by the hub
         )

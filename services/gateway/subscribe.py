@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 from groupchat.gateway.v1 import gateway_pb2
 from groupchat.groups.v1 import groups_pb2
+from groupchat.messaging.v1 import messaging_pb2
 
 from services.gateway.config import StreamLimits
 from services.gateway.fanout import FanoutHub, Item, Session
@@ -25,6 +26,8 @@ from services.kit.metrics import STREAMS_ENDED
 from services.kit.rpc import current_identity
 
 MAX_RESUME_POSITIONS = 1000
+# The newest direct conversations whose positions a stream starts with.
+DIRECT_POSITIONS = 100
 MAX_ID_LENGTH = 200
 
 
@@ -58,10 +61,16 @@ RESUBSCRIBE = "subscribe again with resume_from set to the last seq you hold of 
 
 class SubscribeHandler:
     def __init__(
-        self, hub: FanoutHub, groups: Downstream, history: History, limits: StreamLimits
+        self,
+        hub: FanoutHub,
+        groups: Downstream,
+        messaging: Downstream,
+        history: History,
+        limits: StreamLimits,
     ) -> None:
         self._hub = hub
         self._groups = groups
+        self._messaging = messaging
         self._history = history
         self._limits = limits
 
@@ -90,13 +99,20 @@ class SubscribeHandler:
         await self._hub.follow(session.user_id, last_seqs)
         # Read again now that the subscriptions are live: what was sent in between.
         self._hub.check(await self._last_seqs(context))
+        conversations = await self._direct_last_seqs(session, context)
         catch_up = self._resume_from(session, resume, last_seqs)
         ready = gateway_pb2.Ready(
             group_ids=list(last_seqs),
             positions=[
-                gateway_pb2.Position(group_id=g, seq=session.positions[group_key(g)])
-                for g in last_seqs
-                if group_key(g) in session.positions
+                *(
+                    gateway_pb2.Position(group_id=g, seq=session.positions[group_key(g)])
+                    for g in last_seqs
+                    if group_key(g) in session.positions
+                ),
+                *(
+                    gateway_pb2.Position(conversation_id=c, seq=session.positions[direct_key(c)])
+                    for c in conversations
+                ),
             ],
         )
         await self._write(context, gateway_pb2.SubscribeResponse(ready=ready).SerializeToString())
@@ -150,6 +166,8 @@ class SubscribeHandler:
             await self._write(context, response)
             return
         position = session.positions.get(key)
+        if position is None and session.knows_every_direct and key.startswith("direct:"):
+            position = session.positions[key] = 0  # a conversation begun since Ready
         if position is not None and seq <= position:
             return  # sent already
         if position is not None and (seq > position + 1 or response is None):
@@ -197,6 +215,23 @@ class SubscribeHandler:
             raise StreamStalled(
                 f"this stream was not read for {self._limits.stall_seconds:g}s: " + RESUBSCRIBE
             ) from None
+
+    async def _direct_last_seqs(
+        self, session: Session, context: grpc.aio.ServicerContext
+    ) -> list[str]:
+        """Start the caller's newest direct conversations at their last seq; when those are
+        all there are, a conversation the stream has not heard of is new and starts at 0."""
+        page = await self._messaging.call(
+            "ListDirectConversations",
+            messaging_pb2.ListDirectConversationsRequest(page_size=DIRECT_POSITIONS),
+            context,
+        )
+        for conversation in page.conversations:
+            session.positions.setdefault(
+                direct_key(conversation.conversation_id), conversation.last_seq
+            )
+        session.knows_every_direct = not page.has_more
+        return [c.conversation_id for c in page.conversations]
 
     async def _last_seqs(self, context: grpc.aio.ServicerContext) -> dict[str, int]:
         """The caller's groups, each with its last seq."""

@@ -50,7 +50,7 @@ class OpenStream:
     def texts(self) -> list[str]:
         return [e.group_message_posted.message.text for e in self.of_type("group_message_posted")]
 
-    async def wait_ready(self, within: float = 10.0) -> gateway_pb2.Ready:
+    async def wait_ready(self, within: float = 30.0) -> gateway_pb2.Ready:
         await eventually(lambda: self.ready is not None or self.error is not None, within)
         if self.error is not None:
             raise self.error

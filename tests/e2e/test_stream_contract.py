@@ -94,6 +94,20 @@ def position(seq: int, *, group_id: str = "", conversation_id: str = "") -> gate
     return gateway_pb2.Position(conversation_id=conversation_id, seq=seq)
 
 
+async def test_a_direct_conversation_begun_after_ready_arrives_from_its_first_message(
+    gateway: Any,
+) -> None:
+    bob, carol = unique("bob"), unique("carol")
+    stream = await open_stream(*gateway(bob))
+    try:
+        assert list(stream.ready.positions) == []  # type: ignore[union-attr]
+        sent = await direct(gateway, carol, bob, "first")
+        await direct(gateway, carol, bob, "second")
+        await eventually(lambda: stream.seqs(sent.conversation_id) == [1, 2])
+    finally:
+        await stream.close()
+
+
 async def test_a_users_other_devices_see_what_the_user_sent(gateway: Any) -> None:
     owner, bob, carol = unique("owner"), unique("bob"), unique("carol")
     group_id = await group_of(gateway, owner, bob)
@@ -137,9 +151,10 @@ async def test_a_stream_resumed_after_a_tunnel_gets_what_it_missed_then_live(
     )
     try:
         assert resumed.ready is not None
-        assert {(p.group_id, p.seq) for p in resumed.ready.positions} == {
+        assert {(p.group_id or p.conversation_id, p.seq) for p in resumed.ready.positions} == {
             (group_id, 3),
             (other_id, 0),
+            (conversation, 2),
         }
         await post(gateway, owner, group_id, "live")
         await eventually(lambda: resumed.seqs(group_id) == [4, 5, 6, 7, 8])
