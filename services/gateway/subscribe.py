@@ -100,7 +100,7 @@ class SubscribeHandler:
         # Read again now that the subscriptions are live: what was sent in between.
         self._hub.check(await self._last_seqs(context))
         conversations = await self._direct_last_seqs(session, context)
-        catch_up = self._resume_from(session, resume, last_seqs)
+        catch_up = self._resume_from(session, resume)
         ready = gateway_pb2.Ready(
             group_ids=list(last_seqs),
             positions=[
@@ -133,9 +133,7 @@ class SubscribeHandler:
                 raise GatewayShuttingDown("this gateway is shutting down: " + RESUBSCRIBE)
             await self._deliver(session, item, context)
 
-    def _resume_from(
-        self, session: Session, resume: dict[str, int], last_seqs: dict[str, int]
-    ) -> list[str]:
+    def _resume_from(self, session: Session, resume: dict[str, int]) -> list[str]:
         """Start each resumed conversation where the client stands; the conversations
         whose missed messages must be sent first."""
         catch_up: list[str] = []
