@@ -36,10 +36,9 @@ MEMBER_EVENTS = frozenset({"member_left", "member_removed", "member_role_changed
 DEPARTURES = frozenset({"member_left", "member_removed"})
 REPAIR_CONCURRENCY = 8
 
-# What a stream's buffer holds: (conversation key or None, seq, serialized response). A
-# response of None asks the stream to fetch up to `seq` itself (a conversation that may have
-# moved on while NATS was away).
-Item = tuple[str | None, int, bytes | None]
+# What a stream's buffer holds: (conversation key or None, seq, serialized response), or
+# Session.RECHECK: compare the direct conversations with the messaging service (NATS was away).
+Item = tuple[str | None, int, bytes]
 Fetch = Callable[[Identity, str, int], Awaitable[Fetched]]
 Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
 
@@ -56,6 +55,7 @@ class Session:
     OVERFLOW: Any = object()
     ENDED: Any = object()
     GAP: Any = object()
+    RECHECK: Any = object()
 
     def __init__(self, identity: Identity, limits: StreamLimits) -> None:
         self.identity = identity
@@ -73,10 +73,10 @@ class Session:
     def user_id(self) -> str:
         return self.identity.user_id
 
-    def offer(self, key: str | None, seq: int, response: bytes | None) -> None:
+    def offer(self, key: str | None, seq: int, response: bytes) -> None:
         if self._finished:
             return
-        size = len(response) if response else 0
+        size = len(response)
         if (
             self._queue.qsize() >= self._limits.buffer_events
             or self._bytes + size > self._limits.buffer_bytes
@@ -86,6 +86,10 @@ class Session:
             return
         self._bytes += size
         self._queue.put_nowait((key, seq, response))
+
+    def offer_recheck(self) -> None:
+        if not self._finished:
+            self._queue.put_nowait(Session.RECHECK)
 
     def end(self) -> None:
         """Finish the stream after what is buffered (the gateway is shutting down)."""
@@ -106,9 +110,10 @@ class Session:
         self._queue.put_nowait(marker)
 
     async def next(self) -> Any:
-        """The next Item, or Session.OVERFLOW / ENDED / GAP once finished."""
+        """The next Item or Session.RECHECK, or Session.OVERFLOW / ENDED / GAP once
+        finished."""
         item = await self._queue.get()
-        if isinstance(item, tuple) and item[2]:
+        if isinstance(item, tuple):
             self._bytes -= len(item[2])
         return item
 
@@ -210,9 +215,7 @@ class FanoutHub:
             self._repair(group_id, wait=False)
         for sessions in self._sessions.values():
             for session in sessions:
-                for key, seq in list(session.positions.items()):
-                    if key.startswith("direct:"):
-                        session.offer(key, seq + 1, None)
+                session.offer_recheck()
 
     async def close(self, session: Session) -> None:
         async with self._lock:

@@ -131,6 +131,9 @@ class SubscribeHandler:
                 )
             if item is Session.ENDED:
                 raise GatewayShuttingDown("this gateway is shutting down: " + RESUBSCRIBE)
+            if item is Session.RECHECK:
+                await self._recheck_direct(session, context)
+                continue
             await self._deliver(session, item, context)
 
     def _resume_from(self, session: Session, resume: dict[str, int]) -> list[str]:
@@ -160,7 +163,6 @@ class SubscribeHandler:
     ) -> None:
         key, seq, response = item
         if key is None:
-            assert response is not None
             await self._write(context, response)
             return
         position = session.positions.get(key)
@@ -168,13 +170,24 @@ class SubscribeHandler:
             position = session.positions[key] = 0  # a conversation begun since Ready
         if position is not None and seq <= position:
             return  # sent already
-        if position is not None and (seq > position + 1 or response is None):
+        if position is not None and seq > position + 1:
             await self._fill(session, key, seq, context, None)
-            if seq <= session.positions.get(key, seq):
+            if seq <= session.positions.get(key, seq - 1):
                 return
-        if response is not None:
-            session.positions[key] = seq
-            await self._write(context, response)
+        session.positions[key] = seq
+        await self._write(context, response)
+
+    async def _recheck_direct(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        """NATS was away: send what the caller's newest direct conversations hold past this
+        stream's positions."""
+        for conversation in await self._newest_direct(session, context):
+            key = direct_key(conversation.conversation_id)
+            position = session.positions.get(key, 0 if session.knows_every_direct else None)
+            if position is None:
+                session.positions[key] = conversation.last_seq
+            elif conversation.last_seq > position:
+                session.positions[key] = position
+                await self._fill(session, key, conversation.last_seq, context, None)
 
     async def _fill(
         self,
@@ -219,17 +232,23 @@ class SubscribeHandler:
     ) -> list[str]:
         """Start the caller's newest direct conversations at their last seq; when those are
         all there are, a conversation the stream has not heard of is new and starts at 0."""
+        conversations = await self._newest_direct(session, context)
+        for conversation in conversations:
+            session.positions.setdefault(
+                direct_key(conversation.conversation_id), conversation.last_seq
+            )
+        return [c.conversation_id for c in conversations]
+
+    async def _newest_direct(
+        self, session: Session, context: grpc.aio.ServicerContext
+    ) -> list[messaging_pb2.DirectConversation]:
         page = await self._messaging.call(
             "ListDirectConversations",
             messaging_pb2.ListDirectConversationsRequest(page_size=DIRECT_POSITIONS),
             context,
         )
-        for conversation in page.conversations:
-            session.positions.setdefault(
-                direct_key(conversation.conversation_id), conversation.last_seq
-            )
         session.knows_every_direct = not page.has_more
-        return [c.conversation_id for c in page.conversations]
+        return list(page.conversations)
 
     async def _last_seqs(self, context: grpc.aio.ServicerContext) -> dict[str, int]:
         """The caller's groups, each with its last seq."""
