@@ -50,6 +50,14 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         yield running
 
 
+@pytest.fixture(scope="session")
+def supervised_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    """A suite of its own that restarts a process that dies, as `make run` does: for tests
+    that kill its processes."""
+    with running_suite(tmp_path_factory.mktemp("supervised"), supervised=True) as running:
+        yield running
+
+
 @asynccontextmanager
 async def gateway_at(address: str, token: Callable[..., str]) -> AsyncIterator[Any]:
     """`gateway(user)` returns (stub, metadata) for calls as that user to the gateway at

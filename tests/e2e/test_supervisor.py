@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -14,30 +14,27 @@ from groupchat.groups.v1 import groups_pb2
 from groupchat.plaza.v1 import plaza_pb2
 
 from tests.conftest import eventually
-from tests.e2e.conftest import gateway_at, running_suite
+from tests.e2e.conftest import gateway_at
 from tools import run_files
 from tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def supervised_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    with running_suite(tmp_path_factory.mktemp("supervised"), supervised=True) as running:
-        yield running
-
-
-def kill(suite: Suite, name: str) -> int:
-    """SIGKILL process `name` as an outside tool would, by its pid file; the killed pid."""
+def kill(suite: Suite, name: str) -> tuple[int, int]:
+    """SIGKILL process `name` as an outside tool would, by its pid file; the killed pid, and
+    how often it had been restarted before."""
     pid = run_files.read_pid(suite.run_dir, name)
     assert pid == suite.pid(name)
+    restarts = suite.restarts(name)
     os.kill(pid, signal.SIGKILL)
-    return pid
+    return pid, restarts
 
 
-async def restarted(suite: Suite, name: str, killed: int) -> None:
-    await eventually(lambda: suite.restarts(name) == 1, within=15)
-    assert run_files.read_pid(suite.run_dir, name) == suite.pid(name) != killed
+async def restarted(suite: Suite, name: str, killed: tuple[int, int]) -> None:
+    pid, restarts = killed
+    await eventually(lambda: suite.restarts(name) == restarts + 1, within=15)
+    assert run_files.read_pid(suite.run_dir, name) == suite.pid(name) != pid
 
 
 async def test_a_killed_service_is_restarted_and_answers_again(
