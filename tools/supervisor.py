@@ -22,7 +22,7 @@ class Backoff:
 
     first: float = 0.5
     longest: float = 30.0
-    forgiven_after: float = 60.0
+    forgiven_after: float = 10.0
 
     def delay(self, deaths_in_a_row: int) -> float:
         return min(self.first * 2 ** (deaths_in_a_row - 1), self.longest)
