@@ -26,6 +26,8 @@ class WriteReport:
 
 @dataclass
 class KillReport:
+    """The process killed halfway, when (from the first write) and when it was back."""
+
     process: str
     pid: int
     at_seconds: float
@@ -87,12 +89,12 @@ class RunReport:
             )
         if self.kill and self.kill.new_pid is None:
             self.failures.append(f"{self.kill.process} was not restarted")
-        for stream in self.streams:
-            if stream.silently_broken:
-                self.failures.append(
-                    f"{stream.device} missed {len(stream.missed)} and doubled "
-                    f"{len(stream.doubled)} without a reason"
-                )
+        broken = [stream.device for stream in self.streams if stream.silently_broken]
+        if broken:
+            self.failures.append(
+                f"{len(broken)} of {len(self.streams)} streams missed or doubled without "
+                f"a reason ({', '.join(broken)})"
+            )
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +129,8 @@ def _kill_line(kill: KillReport | None) -> str:
         if kill.new_pid is not None
         else "NOT back"
     )
-    return f"  kill     {kill.process} pid {kill.pid} SIGKILLed at {kill.at_seconds:.1f} s, {back}"
+    into = f"{kill.at_seconds:.1f} s into the storm"
+    return f"  kill     {kill.process} pid {kill.pid} SIGKILLed {into}, {back}"
 
 
 def _plaza_line(plaza: PlazaReport) -> str:

@@ -99,9 +99,10 @@ async def chaos_run(
 
     async def halfway() -> KillReport:
         return await kill_and_await_restart(
-            run_dir, settings.kill, started, addresses.nats_url, settings.restart_timeout
+            run_dir, settings.kill, storm_started, addresses.nats_url, settings.restart_timeout
         )
 
+    storm_started = time.monotonic()
     kill = await storm(writes, settings.concurrency, halfway if settings.kill else None)
     storm_ended = time.monotonic()
     stored = await _read_stored(client, group_id, members[0])

@@ -102,7 +102,7 @@ def _answers(address: tuple[str, int]) -> bool:
 
 
 async def kill_and_await_restart(
-    run_dir: Path, process: str, started: float, nats_url: str, within: float
+    run_dir: Path, process: str, storm_started: float, nats_url: str, within: float
 ) -> KillReport:
     """SIGKILL `process` of the suite running from `run_dir` (its pid file), then wait up to
     `within` seconds for the supervisor to start it again (for nats-server: until its port
@@ -118,6 +118,6 @@ async def kill_and_await_restart(
         new_pid = run_files.read_pid(run_dir, process)
         if new_pid not in (None, pid) and (process != "nats" or _answers(port)):
             back = time.monotonic() - killed_at
-            return KillReport(process, pid, killed_at - started, new_pid, back)
+            return KillReport(process, pid, killed_at - storm_started, new_pid, back)
         await asyncio.sleep(0.05)
-    return KillReport(process, pid, killed_at - started, None, None)
+    return KillReport(process, pid, killed_at - storm_started, None, None)
