@@ -10,7 +10,7 @@ IMAGE ?= groupchat
 VERSION ?= dev
 CONTAINER ?= docker
 
-.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor gen lint image clean
+.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor chaos gen lint image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -42,6 +42,11 @@ plaza-rebuild: $(VENV)/.installed gen/.stamp
 # What does not hold in a live store (MONGODB_URI, else the local suite's); exit 1 if anything.
 doctor: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.doctor
+
+# In a running suite (`make run` first): SIGKILL nats-server amid joins and sends, report what
+# survived; exit 1 if anything was lost. More: `make chaos CHAOS_ARGS="--runs 1 --kill groups"`.
+chaos: $(VENV)/.installed gen/.stamp
+	$(PY) -m tools.chaos $(CHAOS_ARGS)
 
 gen: gen/.stamp
 

@@ -3,6 +3,11 @@
 as its own process, or as several (replicas). `make run` calls this; the end-to-end tests use
 `Suite` the same way.
 
+Under `make run` (and in a `Suite(supervised=True)`) a process that dies is started again the
+same way (tools.supervisor), as Kubernetes would restart its container. Each process's pid is
+in `<data dir>/pids/<name>.pid` and where the suite listens in `<data dir>/suite.json`
+(tools.run_files), for tools outside it such as `make chaos`.
+
 Ctrl-C (or SIGTERM) stops the services first, then NATS, then MongoDB.
 """
 
@@ -27,6 +32,9 @@ from typing import Any
 import grpc
 import pymongo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tools import run_files
+from tools.supervisor import Backoff, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 NATS_CONFIG = ROOT / "deploy" / "nats" / "local.conf"
@@ -186,6 +194,16 @@ def running_mongodb_server(storage_dir: Path) -> Iterator[str]:
         yield local_mongodb_uri(port)
 
 
+@dataclass(frozen=True)
+class ChildCommand:
+    """How a child process is started, kept to start it again the same way."""
+
+    argv: list[str]
+    env: dict[str, str]
+    # NATS and MongoDB: see `Suite._launch`.
+    server: bool
+
+
 @dataclass
 class Suite:
     """nats-server, the local MongoDB server and the services as child processes: one per
@@ -213,6 +231,11 @@ class Suite:
     # Where the services' data lives (set by start): the local server's URI, or MONGODB_URI.
     mongodb_uri: str = ""
     external_mongodb: bool = False
+    # Restart a process that dies once the suite has started (tools.supervisor).
+    supervised: bool = False
+    restart_backoff: Backoff = field(default_factory=Backoff)
+    _commands: dict[str, ChildCommand] = field(default_factory=dict, repr=False)
+    _supervisor: Supervisor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.replicas) - set(SERVICES)
@@ -230,7 +253,8 @@ class Suite:
     ) -> Suite:
         """A suite on free ports and databases of its own, with its data and logs under
         work_dir (tests, benchmarks). On a shared MongoDB server (MONGODB_URI), its databases
-        are dropped when it stops."""
+        are dropped when it stops. Set `supervised` before `start` to have a process that dies
+        restarted, with a shorter backoff than `make run`'s (a test is waiting)."""
         return cls(
             gateway_port=free_port(),
             nats_port=free_port(),
@@ -241,6 +265,7 @@ class Suite:
             log_dir=work_dir / "logs",
             extra_env={"LOG_LEVEL": "warning", **extra_env},
             replicas=replicas or {},
+            restart_backoff=Backoff(first=0.2, longest=5.0),
         )
 
     def process_names(self, service: str) -> list[str]:
@@ -267,14 +292,45 @@ class Suite:
         prefix = f"{self.database_prefix}_" if self.database_prefix else ""
         return {service: f"{prefix}{service}" for service in STORING_SERVICES}
 
+    @property
+    def run_dir(self) -> Path:
+        """Where the suite keeps its data, logs, pid files and addresses (once started)."""
+        assert self.data_dir is not None, "the suite has not started"
+        return self.data_dir
+
+    def pid(self, name: str) -> int:
+        """The pid of process `name` (`nats`, `mongodb`, `groups`, `groups-2`, ...) now: a
+        new one after each restart."""
+        return self.processes[name].pid
+
+    def restarts(self, name: str) -> int:
+        """How often the supervisor has restarted process `name`."""
+        return self._supervisor.restarts[name] if self._supervisor else 0
+
     def start(self) -> None:
-        data_dir = self.data_dir or Path(tempfile.mkdtemp(prefix="groupchat-"))
-        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.data_dir or Path(tempfile.mkdtemp(prefix="groupchat-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start(data_dir)
+            self._start(self.data_dir)
         except BaseException:
             self.stop()  # nothing outlives a failed start (the servers miss the terminal's Ctrl-C)
             raise
+        run_files.write_addresses(
+            self.data_dir,
+            run_files.SuiteAddresses(self.gateway_addresses, self.nats_url, self.databases),
+        )
+        if self.supervised:
+            # Only from here on: a process that dies during the start is a fault to fix, not
+            # one to restart forever.
+            self._supervisor = Supervisor(
+                self.processes, self._launch, self._say, self.restart_backoff
+            )
+            self._supervisor.start()
+
+    def stop_restarting(self) -> None:
+        """Restart nothing from now on (safe in a signal handler); `stop` still stops all."""
+        if self._supervisor:
+            self._supervisor.stop_restarting()
 
     def _start(self, data_dir: Path) -> None:
         nats = nats_server_command(self.nats_port, data_dir / "jetstream")
@@ -331,23 +387,48 @@ class Suite:
     def _spawn(
         self, name: str, argv: list[str], env: dict[str, str], *, server: bool = False
     ) -> None:
+        self._commands[name] = ChildCommand(argv, env, server)
+        self._launch(name)
+
+    def _launch(self, name: str) -> subprocess.Popen[bytes]:
+        """Start process `name` as its command says (the first time, or again)."""
+        command = self._commands[name]
         # A server (NATS, MongoDB) runs in its own process group, so that a Ctrl-C in the
         # terminal reaches only the services: stop() ends the servers after them, in order.
         options: dict[str, Any] = (
-            {"process_group": 0, "stdin": subprocess.DEVNULL} if server else {}
+            {"process_group": 0, "stdin": subprocess.DEVNULL} if command.server else {}
         )
         if self.log_dir is None:
-            self.processes[name] = subprocess.Popen(argv, env=env, cwd=ROOT, **options)
-            return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            self.processes[name] = subprocess.Popen(
-                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **options
-            )
+            process = subprocess.Popen(command.argv, env=command.env, cwd=ROOT, **options)
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps a copy
+                process = subprocess.Popen(
+                    command.argv,
+                    env=command.env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    **options,
+                )
+        self.processes[name] = process
+        run_files.write_pid(self.run_dir, name, process.pid)
+        return process
+
+    def _say(self, line: str) -> None:
+        """A line from the supervisor: on the terminal, and in the logs when kept."""
+        print(f"supervisor: {line}", flush=True)
+        if self.log_dir is not None:
+            with open(self.log_dir / "supervisor.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
     def stop(self, timeout: float = 15.0) -> dict[str, int | None]:
         """SIGTERM each process, services before NATS, MongoDB last; returns their exit
         codes. An isolated suite on a shared MongoDB server drops its databases."""
+        if self._supervisor:
+            self._supervisor.stop()
+        if self.data_dir is not None:
+            run_files.remove_addresses(self.data_dir)
         codes: dict[str, int | None] = {}
         for service in reversed(SERVICES):
             self._stop_processes(self.process_names(service), timeout, codes)
@@ -371,6 +452,7 @@ class Suite:
             except subprocess.TimeoutExpired:
                 process.kill()
                 codes[name] = process.wait()
+            run_files.remove_pid(self.run_dir, name)
 
     def _drop_databases(self) -> None:
         client: pymongo.MongoClient[dict[str, Any]]
@@ -393,12 +475,14 @@ def main() -> None:
         jwt_secret=secret,
         data_dir=ROOT / ".run",
         replicas=replicas,
+        supervised=True,
     )
     stop_requested = False
 
     def request_stop(*_: object) -> None:
         nonlocal stop_requested
         stop_requested = True
+        suite.stop_restarting()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -416,14 +500,12 @@ def main() -> None:
             f"  demo:   make seed   (a living plaza: groups, posts, members, messages)\n"
             f'  try:    grpcurl -plaintext -H "authorization: Bearer $(make -s token USER=alice)" '
             f"{suite.gateway_address} list\n"
+            f"  chaos:  make chaos   (kills nats-server under load, reports what survived)\n"
+            f"A process that dies is restarted; pids in {run_files.pid_file(suite.run_dir, '*')}.\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
         while not stop_requested:
-            for name, process in suite.processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited with code {process.returncode}; stopping", flush=True)
-                    stop_requested = True
             time.sleep(0.2)
     finally:
         suite.stop()

@@ -12,7 +12,16 @@ from tools.suite import ROOT, Suite
 
 
 async def run_tool(suite: Suite, *args: str) -> str:
-    """Run `python -m <args>` against the suite, as the Makefile does; returns its output."""
+    """Run `python -m <args>` against the suite, as the Makefile does; returns its output
+    and fails unless it exits with 0."""
+    code, output = await tool_outcome(suite, *args)
+    assert code == 0, output
+    return output
+
+
+async def tool_outcome(suite: Suite, *args: str) -> tuple[int, str]:
+    """Run `python -m <args>` against the suite, as the Makefile does: its exit code and
+    output."""
     env = {
         **os.environ,
         "GATEWAY_ADDRESS": suite.gateway_address,
@@ -29,8 +38,8 @@ async def run_tool(suite: Suite, *args: str) -> str:
         stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode()
-    return output.decode()
+    assert process.returncode is not None
+    return process.returncode, output.decode()
 
 
 async def doctor_finds_nothing_off(suite: Suite) -> None:

@@ -18,10 +18,14 @@ from tools.suite import Suite
 
 @contextmanager
 def running_suite(
-    data_dir: Path, replicas: Mapping[str, int] | None = None, **extra_env: str
+    data_dir: Path,
+    replicas: Mapping[str, int] | None = None,
+    *,
+    supervised: bool = False,
+    **extra_env: str,
 ) -> Iterator[Suite]:
     """An isolated suite under `data_dir` (with `replicas` processes of some services),
-    stopped at the end."""
+    stopped at the end. Supervised, it restarts a process that dies (tools.supervisor)."""
     # The local MongoDB server is one Python process (about 1,000 operations/s here): a
     # 1,000-join storm keeps it busy for 30 s and more on a loaded machine, beyond the
     # gateway's 5 s default cap on downstream calls. These tests are about outcomes, not
@@ -32,6 +36,7 @@ def running_suite(
         replicas=replicas,
         **{"DOWNSTREAM_TIMEOUT_SECONDS": "120", **extra_env},
     )
+    suite.supervised = supervised
     suite.start()
     try:
         yield suite
@@ -42,6 +47,14 @@ def running_suite(
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     with running_suite(tmp_path_factory.mktemp("suite")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def supervised_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    """A suite of its own that restarts a process that dies, as `make run` does: for tests
+    that kill its processes."""
+    with running_suite(tmp_path_factory.mktemp("supervised"), supervised=True) as running:
         yield running
 
 
