@@ -29,9 +29,8 @@ async def test_a_chaos_run_finds_every_acknowledged_write_stored(
         *("--run-dir", str(supervised_suite.run_dir), "--json", str(reports)),
     )
 
-    # What each stream got and how soon the plaza agreed are reported, not asserted: keeping
-    # the stream's contract through a NATS restart is the gateway's part of issue 11, and on
-    # a loaded machine the plaza may lag behind the timeout.
+    # How soon the plaza agreed is reported, not asserted: on a loaded machine it may lag
+    # behind the timeout.
     print(output)
     [report] = json.loads(reports.read_text())
     assert report["kill"]["process"] == "nats" and report["kill"]["new_pid"] is not None
@@ -41,5 +40,9 @@ async def test_a_chaos_run_finds_every_acknowledged_write_stored(
     assert report["stored_seqs_gap_free"]
     assert report["plaza"]["stored_members"] == 3 + 20
     assert len(report["streams"]) == 4
+    for stream in report["streams"]:  # whole, in order, once; or ended with a reason
+        ended_with_reason = stream["end"] is not None and bool(stream["end"]["reason"])
+        silent = stream["missed"] or stream["doubled"] or stream["out_of_order"]
+        assert ended_with_reason or not silent, stream
     assert code == (1 if report["failures"] else 0)
     assert output.splitlines()[-1].startswith("summary: 1 run,")

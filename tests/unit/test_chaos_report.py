@@ -39,7 +39,7 @@ def test_a_clean_run_passes() -> None:
 
 def test_a_stream_that_missed_while_open_fails_the_run() -> None:
     assert run(stream([43], None), stream([], None)).failures == [
-        "1 of 2 streams missed or doubled without a reason (member-0/phone)"
+        "1 of 2 streams missed, doubled or reordered without a reason (member-0/phone)"
     ]
 
 

@@ -1,6 +1,6 @@
 """`python -m tools.chaos [--runs 5] [--joins 200] [--sends 200] ...`: see tools.chaos.
-Exit code 1 when a run lost an acknowledged write, a stream missed or doubled a seq without
-ending with a reason, or the plaza did not converge in time."""
+Exit code 1 when a run lost an acknowledged write, a stream missed, doubled or reordered a
+seq without ending with a reason, or the plaza did not converge in time."""
 
 from __future__ import annotations
 

@@ -58,8 +58,9 @@ class StreamReport:
 
     @property
     def silently_broken(self) -> bool:
-        """Missed or doubled without ending with a reason: the client cannot know."""
-        return bool(self.missed or self.doubled) and not self.ended_with_reason
+        """Missed, doubled or out of seq order without ending with a reason: the client
+        cannot know."""
+        return bool(self.missed or self.doubled or self.out_of_order) and not self.ended_with_reason
 
 
 @dataclass
@@ -92,8 +93,8 @@ class RunReport:
         broken = [stream.device for stream in self.streams if stream.silently_broken]
         if broken:
             self.failures.append(
-                f"{len(broken)} of {len(self.streams)} streams missed or doubled without "
-                f"a reason ({', '.join(broken)})"
+                f"{len(broken)} of {len(self.streams)} streams missed, doubled or reordered "
+                f"without a reason ({', '.join(broken)})"
             )
 
     def as_json(self) -> dict[str, Any]:
@@ -184,7 +185,7 @@ def format_summary(reports: list[RunReport]) -> str:
     return (
         f"summary: {len(reports)} run{'' if len(reports) == 1 else 's'}, {failed} failed; "
         f"writes acknowledged {acknowledged}, lost {lost}; "
-        f"streams {len(streams)}, silently missed or doubled "
+        f"streams {len(streams)}, silently missed, doubled or reordered "
         f"{sum(s.silently_broken for s in streams)}, "
         f"ended with a reason {sum(s.ended_with_reason for s in streams)}; "
         f"plaza converged {slowest}"
