@@ -37,6 +37,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     with running_suite(
         tmp_path_factory.mktemp("stream_contract"),
         replicas={"gateway": 2, "groups": 2},
+        supervised=True,
         SUBSCRIBE_STALL_SECONDS=str(STALL_SECONDS),
         MAX_STREAMS_PER_USER=str(MAX_STREAMS),
         SUBSCRIBE_RESUME_MAX_EVENTS=str(RESUME_MAX),
@@ -287,6 +288,27 @@ async def test_streams_stay_whole_while_a_groups_process_is_sigtermed_under_load
         assert last == 60  # every send answered once, none twice
         for stream in streams:
             await eventually(lambda s=stream: s.seqs(group_id) == list(range(1, 61)), 30)
+            assert stream.error is None
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+
+
+async def test_streams_stay_whole_while_nats_is_sigkilled_and_restarted_under_load(
+    suite: Suite, gateway: Any
+) -> None:
+    owner = unique("owner")
+    senders = [unique("s") for _ in range(3)]
+    group_id = await group_of(gateway, owner, *senders)
+    streams = [await open_stream(*gateway(u)) for u in (owner, *senders)]
+    try:
+        restarts = suite.restarts("nats")
+        sent = [asyncio.create_task(post_many(gateway, s, group_id, 30)) for s in senders]
+        await eventually(lambda: len(streams[0].seqs(group_id)) >= 10, 30)
+        suite.processes["nats"].kill()
+        await eventually(lambda: suite.restarts("nats") > restarts, 30)
+        assert max(await asyncio.gather(*sent)) == 90
+        for stream in streams:
+            await eventually(lambda s=stream: s.seqs(group_id) == list(range(1, 91)), 30)
             assert stream.error is None
     finally:
         await asyncio.gather(*(s.close() for s in streams))
