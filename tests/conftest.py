@@ -14,6 +14,7 @@ import pymongo
 import pytest
 
 from services.kit.auth import mint_token
+from services.kit.config import EventSettings
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
 from tools.suite import running_mongodb_server, running_nats_server
@@ -97,7 +98,7 @@ async def mongo_db(mongodb_uri: str, database: str) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[EventBus]:
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
+    bus = await EventBus.connect(nats_url, "test", EventSettings())
     try:
         yield bus
     finally:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.groups.app import GroupsLimits
-from services.kit.config import Env, ServerConfig
+from services.kit.config import Env, EventSettings, ServerConfig
 
 
 @dataclass(frozen=True)
 class GroupsConfig:
     server: ServerConfig
     limits: GroupsLimits
-    stream_replicas: int
+    events: EventSettings
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GroupsConfig:
@@ -26,5 +26,5 @@ class GroupsConfig:
                 join_rate_window_seconds=env.integer("JOIN_RATE_WINDOW_SECONDS", 60, minimum=1),
                 max_mute_seconds=env.integer("MAX_MUTE_SECONDS", 30 * 86_400, minimum=1),
             ),
-            stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1, minimum=1),
+            events=EventSettings.from_env(env),
         )

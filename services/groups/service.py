@@ -15,7 +15,7 @@ from services.kit.server import ServiceContext, ServiceHost
 
 def build(config: GroupsConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
-        infra = await open_infrastructure(context, config.server, "groups", config.stream_replicas)
+        infra = await open_infrastructure(context, config.server, "groups", config.events)
         store = GroupsStore(infra.db)
         await store.create_indexes()
         app = GroupsApp(store, infra.outbox, config.limits)

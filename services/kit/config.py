@@ -105,6 +105,32 @@ class ServerConfig:
         )
 
 
+@dataclass(frozen=True)
+class EventSettings:
+    """How a storing service uses JetStream: the streams it creates (and their replicas).
+
+    Every stream keeps events for `retention_seconds` and at most `retention_bytes`,
+    dropping the oldest first, so the disk never fills. JetStream reserves `retention_bytes`
+    per stream on the server: their sum must fit the server's `max_file_store`."""
+
+    stream_replicas: int = 1
+    retention_seconds: float = 7 * 86_400
+    retention_bytes: int = 256 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Env) -> EventSettings:
+        default = cls()
+        return cls(
+            stream_replicas=env.integer("NATS_STREAM_REPLICAS", default.stream_replicas, 1),
+            retention_seconds=env.number(
+                "EVENT_RETENTION_SECONDS", default.retention_seconds, minimum=1.0
+            ),
+            retention_bytes=env.integer(
+                "EVENT_RETENTION_BYTES", default.retention_bytes, minimum=1024 * 1024
+            ),
+        )
+
+
 def _mongodb_uri(env: Env) -> str:
     uri = env.optional_string("MONGODB_URI")
     if uri is None:

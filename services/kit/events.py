@@ -21,9 +21,17 @@ from groupchat.events.v1 import events_pb2
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError
 
+from services.kit.config import EventSettings
 from services.kit.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED, EVENTS_REDELIVERED
 
 log = structlog.get_logger("events")
@@ -90,11 +98,11 @@ class EventBus:
             listener()
 
     @classmethod
-    async def connect(cls, url: str, name: str, stream_replicas: int | None = None) -> EventBus:
-        """Connect as `name`. The services that write to the streams pass `stream_replicas`
-        and create (or update) them; a client that only reads or publishes (the gateway,
+    async def connect(cls, url: str, name: str, streams: EventSettings | None = None) -> EventBus:
+        """Connect as `name`. The services that write to the streams pass `streams` and
+        create (or update) them so; a client that only reads or publishes (the gateway,
         tools) passes nothing and leaves their configuration alone, so that a process
-        started with another replica count never flips a stream's."""
+        started with another replica count or retention never flips a stream's."""
 
         async def on_disconnect() -> None:
             if not (nc.is_draining or nc.is_closed):  # not our own close
@@ -123,20 +131,25 @@ class EventBus:
             error_cb=on_error,
         )
         bus = cls(nc)
-        if stream_replicas is not None:
-            await bus.ensure_streams(stream_replicas)
+        if streams is not None:
+            await bus.ensure_streams(streams)
         log.info("nats_connected", url=url)
         return bus
 
-    async def ensure_streams(self, replicas: int) -> None:
-        """Create (or update) the suite's streams: file storage, deduplicated by event id."""
+    async def ensure_streams(self, settings: EventSettings) -> None:
+        """Create (or update) the suite's streams: file storage, deduplicated by event id,
+        and bounded: past the retention age or size the oldest events go."""
         for name, subjects in STREAMS.items():
             config = StreamConfig(
                 name=name,
                 subjects=subjects,
                 storage=StorageType.FILE,
-                num_replicas=replicas,
-                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                num_replicas=settings.stream_replicas,
+                max_age=settings.retention_seconds,
+                max_bytes=settings.retention_bytes,
+                discard=DiscardPolicy.OLD,
+                # JetStream refuses a duplicate window longer than the retention.
+                duplicate_window=min(DUPLICATE_WINDOW_SECONDS, settings.retention_seconds),
             )
             try:
                 await self._js.add_stream(config)

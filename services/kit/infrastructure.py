@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.kit.config import ConfigError, ServerConfig
+from services.kit.config import ConfigError, EventSettings, ServerConfig
 from services.kit.events import EventBus
 from services.kit.mongo import ProcessedEvents, log_server, open_database, reachable
 from services.kit.outbox import Outbox
@@ -31,7 +31,7 @@ class Infrastructure:
 
 
 async def open_infrastructure(
-    context: ServiceContext, config: ServerConfig, name: str, stream_replicas: int
+    context: ServiceContext, config: ServerConfig, name: str, events: EventSettings
 ) -> Infrastructure:
     stack = context.stack
     if config.mongodb_uri is None:  # only a config read with stores=False leaves it unset
@@ -39,7 +39,7 @@ async def open_infrastructure(
     client, db = open_database(config.mongodb_uri, config.database)
     stack.callback(client.close)
     await log_server(db)
-    bus = await EventBus.connect(config.nats_url, name, stream_replicas=stream_replicas)
+    bus = await EventBus.connect(config.nats_url, name, events)
     stack.push_async_callback(bus.close)
     context.ready_when("mongodb", lambda: reachable(db))
     context.ready_when("nats", bus.reachable)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.kit.config import ConfigError, Env, ServerConfig
+from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
 from services.messaging.app import DEFAULT_QUOTA_TIMEZONE, MessagingLimits
 
 
@@ -13,7 +13,7 @@ from services.messaging.app import DEFAULT_QUOTA_TIMEZONE, MessagingLimits
 class MessagingConfig:
     server: ServerConfig
     limits: MessagingLimits
-    stream_replicas: int
+    events: EventSettings
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> MessagingConfig:
@@ -27,7 +27,7 @@ class MessagingConfig:
                 unanswered_limit=env.integer("UNANSWERED_LIMIT", 3, minimum=1),
                 quota_zone=_zone(env.string("QUOTA_TIMEZONE", DEFAULT_QUOTA_TIMEZONE)),
             ),
-            stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1, minimum=1),
+            events=EventSettings.from_env(env),
         )
 
 

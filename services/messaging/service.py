@@ -30,9 +30,7 @@ async def open_messaging(
 
 def build(config: MessagingConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
-        infra = await open_infrastructure(
-            context, config.server, "messaging", config.stream_replicas
-        )
+        infra = await open_infrastructure(context, config.server, "messaging", config.events)
         store, app = await open_messaging(infra.db, infra.outbox, config.limits)
         processed = await infra.processed_events()
         await infra.bus.consume(

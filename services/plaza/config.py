@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.kit.config import Env, ServerConfig
+from services.kit.config import Env, EventSettings, ServerConfig
 from services.plaza.app import PlazaSettings
 
 
@@ -12,7 +12,7 @@ from services.plaza.app import PlazaSettings
 class PlazaConfig:
     server: ServerConfig
     settings: PlazaSettings
-    stream_replicas: int
+    events: EventSettings
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> PlazaConfig:
@@ -26,5 +26,5 @@ class PlazaConfig:
                 rank_interval_seconds=env.integer("PLAZA_RANK_INTERVAL_SECONDS", 60, minimum=1),
                 ranking_cache_seconds=env.number("PLAZA_RANKING_CACHE_SECONDS", 1.0),
             ),
-            stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1, minimum=1),
+            events=EventSettings.from_env(env),
         )

@@ -21,7 +21,7 @@ def build(config: PlazaConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
         stack = context.stack
         settings = config.settings
-        infra = await open_infrastructure(context, config.server, "plaza", config.stream_replicas)
+        infra = await open_infrastructure(context, config.server, "plaza", config.events)
         bus, outbox = infra.bus, infra.outbox
         store = PlazaStore(infra.db)
         await store.create_indexes()

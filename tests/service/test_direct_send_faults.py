@@ -17,6 +17,7 @@ import pytest
 from groupchat.events.v1 import events_pb2
 from nats.js.api import DeliverPolicy
 
+from services.kit.config import EventSettings
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
 from services.kit.outbox import HOLDS_EVENTS, Outbox
@@ -47,7 +48,7 @@ async def world(
     nats_url: str, nats_client: Any, mongodb_uri: str, database: str
 ) -> AsyncIterator[World]:
     client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "messaging-faults", stream_replicas=1)
+    bus = await EventBus.connect(nats_url, "messaging-faults", EventSettings())
     # A short retry delay, so that the relay soon takes over what a stopped send left.
     outbox = Outbox(bus, retry_after_seconds=0.3, scan_interval_seconds=0.1)
     store, app = await open_messaging(db, outbox, LIMITS)

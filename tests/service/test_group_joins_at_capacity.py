@@ -16,6 +16,7 @@ import pytest
 from services.groups.app import GroupsApp, GroupsLimits
 from services.groups.domain import GroupFull, GroupSettings
 from services.groups.storage import GroupsStore
+from services.kit.config import EventSettings
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
 from services.kit.outbox import HOLDS_EVENTS, Outbox
@@ -29,7 +30,7 @@ async def two_processes(
 ) -> AsyncIterator[tuple[Any, GroupsApp, GroupsApp]]:
     """(database, first, second): a fresh database and two groups apps with their relays."""
     client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "joins-at-capacity", stream_replicas=1)
+    bus = await EventBus.connect(nats_url, "joins-at-capacity", EventSettings())
     await GroupsStore(db).create_indexes()
     apps, relays = [], []
     for _ in range(2):

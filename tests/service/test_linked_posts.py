@@ -17,6 +17,7 @@ from services.groups.app import GroupsApp, GroupsLimits
 from services.groups.consumers import posts_handler
 from services.groups.domain import GroupSettings
 from services.groups.storage import GroupsStore
+from services.kit.config import EventSettings
 from services.kit.events import EventBus
 from services.kit.mongo import ProcessedEvents, open_database
 from services.kit.outbox import Outbox
@@ -238,7 +239,7 @@ async def test_a_redelivered_removal_unlinks_once(
     nats_url: str, mongodb_uri: str, database: str
 ) -> None:
     client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "test", stream_replicas=1)
+    bus = await EventBus.connect(nats_url, "test", EventSettings())
     try:
         store = GroupsStore(db)
         await store.create_indexes()
