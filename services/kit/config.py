@@ -105,17 +105,26 @@ class ServerConfig:
         )
 
 
+# Beyond a handler's deadline: time to ack, nak or park the event over the network.
+ACK_MARGIN_SECONDS = 5.0
+
+
 @dataclass(frozen=True)
 class EventSettings:
-    """How a storing service uses JetStream: the streams it creates (and their replicas).
+    """How a service uses JetStream: the streams it creates and its durable consumers.
 
     Every stream keeps events for `retention_seconds` and at most `retention_bytes`,
     dropping the oldest first, so the disk never fills. JetStream reserves `retention_bytes`
-    per stream on the server: their sum must fit the server's `max_file_store`."""
+    per stream on the server: their sum must fit the server's `max_file_store`. A consumer
+    holds at most `max_in_flight` events at once, gives each `handler_timeout_seconds`, and
+    parks one that failed `max_deliveries` times on the dead-letter stream."""
 
     stream_replicas: int = 1
     retention_seconds: float = 7 * 86_400
     retention_bytes: int = 256 * 1024 * 1024
+    max_deliveries: int = 5
+    max_in_flight: int = 64
+    handler_timeout_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Env) -> EventSettings:
@@ -128,7 +137,18 @@ class EventSettings:
             retention_bytes=env.integer(
                 "EVENT_RETENTION_BYTES", default.retention_bytes, minimum=1024 * 1024
             ),
+            max_deliveries=env.integer("EVENT_MAX_DELIVERIES", default.max_deliveries, 1),
+            max_in_flight=env.integer("EVENT_MAX_IN_FLIGHT", default.max_in_flight, 1),
+            handler_timeout_seconds=env.number(
+                "EVENT_HANDLER_TIMEOUT_SECONDS", default.handler_timeout_seconds, minimum=0.1
+            ),
         )
+
+    @property
+    def ack_wait_seconds(self) -> float:
+        """How long JetStream waits for an ack before it redelivers: longer than a handler
+        may take, so an event still in hand is never delivered a second time meanwhile."""
+        return self.handler_timeout_seconds + ACK_MARGIN_SECONDS
 
 
 def _mongodb_uri(env: Env) -> str:

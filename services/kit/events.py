@@ -8,6 +8,7 @@ drops a republished duplicate; consumers ack only after their work is committed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 import nats
 import nats.errors
 import structlog
+from google.protobuf.message import DecodeError
 from groupchat.events.v1 import events_pb2
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -32,11 +34,21 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 
 from services.kit.config import EventSettings
-from services.kit.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED, EVENTS_REDELIVERED
+from services.kit.locks import KeyedLocks
+from services.kit.metrics import (
+    EVENTS_CONSUMED,
+    EVENTS_DEAD_LETTERED,
+    EVENTS_PUBLISHED,
+    EVENTS_REDELIVERED,
+)
 
 log = structlog.get_logger("events")
 
 SUBJECT_ROOT = "groupchat"
+# Where a consumer parks the events it cannot handle: `<root>.<durable>`, the event as it
+# came, with why and where from in the headers (see `EventBus.consume`).
+DEAD_LETTER_ROOT = f"{SUBJECT_ROOT}.dead_letters"
+DEAD_LETTER_STREAM = "GROUPCHAT_DEAD_LETTERS"
 # JetStream streams: stream name -> subjects it keeps. The suite's own events, and the
 # platform's (follow graph, posts) that the suite consumes; each service ensures them all at
 # start, so whichever starts first creates them.
@@ -46,6 +58,7 @@ STREAMS: dict[str, list[str]] = {
     "GROUPCHAT_PLAZA": [f"{SUBJECT_ROOT}.plaza.>"],
     "PLATFORM_SOCIAL": ["social.>"],
     "PLATFORM_POSTS": ["posts.>"],
+    DEAD_LETTER_STREAM: [f"{DEAD_LETTER_ROOT}.>"],
 }
 DUPLICATE_WINDOW_SECONDS = 120.0
 DRAIN_SECONDS = 2
@@ -80,12 +93,33 @@ def new_event(
 
 
 EventHandler = Callable[[events_pb2.Envelope], Awaitable[None]]
+# A failed attempt is tried again after this long (until the last one).
+RETRY_DELAY_SECONDS = 1.0
+
+
+class Unparseable(Exception):
+    """Bytes on an event subject that are not one of our events."""
+
+
+def parse_envelope(data: bytes) -> events_pb2.Envelope:
+    """The envelope in `data`; Unparseable when it is none (or one without an id or type)."""
+    try:
+        envelope = events_pb2.Envelope.FromString(data)
+    except DecodeError as exc:
+        raise Unparseable(f"not an event envelope: {exc}") from None
+    if not envelope.event_id or not envelope.type:
+        raise Unparseable("an envelope without an event id or type")
+    return envelope
 
 
 class EventBus:
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, settings: EventSettings | None = None) -> None:
         self._nc = nc
         self._js = nc.jetstream()
+        self._settings = settings or EventSettings()
+        self._durables: list[Subscription] = []
+        # Events being handled by this process's durable consumers: close() waits for them.
+        self._in_hand: set[asyncio.Task[None]] = set()
         self._loss_listeners: list[Callable[[], None]] = []
 
     def on_messages_lost(self, listener: Callable[[], None]) -> None:
@@ -130,7 +164,7 @@ class EventBus:
             reconnected_cb=on_reconnect,
             error_cb=on_error,
         )
-        bus = cls(nc)
+        bus = cls(nc, streams)
         if streams is not None:
             await bus.ensure_streams(streams)
         log.info("nats_connected", url=url)
@@ -173,26 +207,31 @@ class EventBus:
         return await self._nc.subscribe(subject, cb=handler, pending_msgs_limit=65_536)
 
     async def consume(self, durable: str, subject: str, handler: EventHandler) -> Subscription:
-        """A durable consumer: each event is acked after `handler` returns, redelivered if
-        it raises. Handlers must be idempotent on the event id (see `ProcessedEvents`).
-        Every replica of a service binds the same durable as one deliver group, so each
-        event goes to one of them."""
+        """A durable consumer: each event is acked after `handler` returns, retried if it
+        raises. Handlers must be idempotent on the event id (see `ProcessedEvents`). Every
+        replica of a service binds the same durable as one deliver group, so each event goes
+        to one of them.
+
+        Bounds, all from EventSettings:
+        - concurrency: JetStream hands out at most `max_in_flight` unacked events of the
+          durable (max_ack_pending, across all replicas), each handled in a task of its own;
+          events of one aggregate run one after another, in delivery order, so a burst on
+          one group queues instead of colliding on its card;
+        - time: a handler gets `handler_timeout_seconds` (queueing behind its aggregate
+          included) and the ack wait is longer, so an event is never redelivered while it is
+          in hand. A deadline rather than in-progress pings: a stuck handler then counts as
+          a failed attempt instead of holding its event for ever;
+        - failures: after `max_deliveries` failed attempts, or at once for bytes that are no
+          event, the event is parked on the dead-letter stream and acked (`_park`)."""
+        serial = KeyedLocks()
 
         async def on_message(msg: Msg) -> None:
-            envelope = events_pb2.Envelope.FromString(msg.data)
-            if msg.metadata.num_delivered > 1:
-                EVENTS_REDELIVERED.labels(durable).inc()
-            try:
-                await handler(envelope)
-            except Exception:
-                log.exception("event_handler_failed", durable=durable, event_id=envelope.event_id)
-                EVENTS_CONSUMED.labels(durable, "failed").inc()
-                await msg.nak(delay=1.0)
-                return
-            await msg.ack()
-            EVENTS_CONSUMED.labels(durable, "ok").inc()
+            task = asyncio.create_task(self._handle(durable, msg, handler, serial))
+            self._in_hand.add(task)
+            task.add_done_callback(self._in_hand.discard)
 
-        return await self._js.subscribe(
+        settings = self._settings
+        subscription = await self._js.subscribe(
             subject,
             queue=durable,
             durable=durable,
@@ -201,9 +240,67 @@ class EventBus:
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
+                ack_wait=settings.ack_wait_seconds,
+                max_ack_pending=settings.max_in_flight,
+                # The consumer, not the server, gives up on an event: it parks it first.
                 max_deliver=-1,
             ),
+        )
+        self._durables.append(subscription)
+        return subscription
+
+    async def _handle(
+        self, durable: str, msg: Msg, handler: EventHandler, serial: KeyedLocks
+    ) -> None:
+        try:
+            try:
+                envelope = parse_envelope(msg.data)
+            except Unparseable as exc:
+                await self._park(durable, msg, str(exc), "unparseable")
+                return
+            if msg.metadata.num_delivered > 1:
+                EVENTS_REDELIVERED.labels(durable).inc()
+            try:
+                async with asyncio.timeout(self._settings.handler_timeout_seconds):
+                    async with serial.hold(envelope.aggregate_id):
+                        await handler(envelope)
+            except Exception as exc:
+                log.exception("event_handler_failed", durable=durable, event_id=envelope.event_id)
+                EVENTS_CONSUMED.labels(durable, "failed").inc()
+                if msg.metadata.num_delivered >= self._settings.max_deliveries:
+                    await self._park(durable, msg, repr(exc), "failed")
+                else:
+                    await msg.nak(delay=RETRY_DELAY_SECONDS)
+                return
+            await msg.ack()
+            EVENTS_CONSUMED.labels(durable, "ok").inc()
+        except Exception:  # NATS refused the ack or the park: JetStream redelivers later
+            log.exception("event_settle_failed", durable=durable, subject=msg.subject)
+
+    async def _park(self, durable: str, msg: Msg, error: str, reason: str) -> None:
+        """Put the event, as it came, on `<dead-letter root>.<durable>` with why and where
+        from in its headers, then ack it: its consumer moves on. Parking twice (a crash
+        before the ack) stores it once: the message id is the original's place."""
+        metadata = msg.metadata
+        headers = {
+            "Nats-Msg-Id": f"{durable}:{metadata.stream}:{metadata.sequence.stream}",
+            "Groupchat-Error": " ".join(error.split())[:1000],  # one header line
+            "Groupchat-Subject": msg.subject,
+            "Groupchat-Stream": metadata.stream,
+            "Groupchat-Durable": durable,
+            "Groupchat-Deliveries": str(metadata.num_delivered),
+        }
+        await self._js.publish(
+            f"{DEAD_LETTER_ROOT}.{durable}", msg.data, headers=headers, timeout=5.0
+        )
+        await msg.ack()
+        EVENTS_DEAD_LETTERED.labels(durable, reason).inc()
+        log.error(
+            "event_dead_lettered",
+            durable=durable,
+            subject=msg.subject,
+            deliveries=metadata.num_delivered,
+            error=headers["Groupchat-Error"],
         )
 
     async def replay(self, stream: str, handler: EventHandler, batch: int = 256) -> int:
@@ -228,8 +325,13 @@ class EventBus:
             while True:
                 msgs = await sub.fetch(batch, timeout=5.0)
                 for msg in msgs:
-                    await handler(events_pb2.Envelope.FromString(msg.data))
-                    replayed += 1
+                    try:
+                        envelope = parse_envelope(msg.data)
+                    except Unparseable as exc:  # its consumers parked it already
+                        log.warning("replay_skipped", subject=msg.subject, error=str(exc))
+                    else:
+                        await handler(envelope)
+                        replayed += 1
                     if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
                         return replayed
         finally:
@@ -265,5 +367,14 @@ class EventBus:
         return bool(self._nc.is_connected)
 
     async def close(self) -> None:
-        if not self._nc.is_closed:
-            await self._nc.drain()
+        """Stop taking events, give those in hand DRAIN_SECONDS to finish (the rest is
+        redelivered, to another replica), then drain and close the connection."""
+        if self._nc.is_closed:
+            return
+        for subscription in self._durables:
+            await subscription.unsubscribe()
+        if self._in_hand:
+            _, unfinished = await asyncio.wait(self._in_hand, timeout=DRAIN_SECONDS)
+            for task in unfinished:
+                task.cancel()
+        await self._nc.drain()

@@ -31,6 +31,11 @@ EVENTS_CONSUMED = Counter(
 EVENTS_REDELIVERED = Counter(
     "groupchat_events_redelivered", "Events a durable consumer got more than once.", ["durable"]
 )
+EVENTS_DEAD_LETTERED = Counter(
+    "groupchat_events_dead_lettered",
+    "Events a durable consumer parked on the dead-letter stream, by why (failed, unparseable).",
+    ["durable", "reason"],
+)
 STREAMS_OPEN = Gauge("groupchat_subscribe_streams_open", "Open Subscribe streams.")
 FANOUT_QUEUED = Gauge("groupchat_fanout_queued", "Events waiting in Subscribe stream buffers.")
 FANOUT_DROPPED = Counter(
