@@ -8,9 +8,11 @@ from services.groups.api import GroupsServicer
 from services.groups.app import GroupsApp
 from services.groups.config import GroupsConfig
 from services.groups.consumers import POSTS_DURABLE, POSTS_SUBJECT, posts_handler
+from services.groups.snapshots import AREA, group_snapshots
 from services.groups.storage import GroupsStore
 from services.kit.infrastructure import open_infrastructure
 from services.kit.server import ServiceContext, ServiceHost
+from services.kit.snapshots import serve_snapshots
 
 
 def build(config: GroupsConfig) -> ServiceHost:
@@ -22,6 +24,7 @@ def build(config: GroupsConfig) -> ServiceHost:
         await app.start()
         processed = await infra.processed_events()
         await infra.bus.consume(POSTS_DURABLE, POSTS_SUBJECT, processed.once(posts_handler(app)))
+        await serve_snapshots(infra.bus, AREA, group_snapshots(store))
         groups_pb2_grpc.add_GroupsServicer_to_server(GroupsServicer(app), context.server)
         return [groups_pb2.DESCRIPTOR.services_by_name["Groups"].full_name]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,17 @@ class GroupsStore:
             (m for u, e in members.items() if (m := _membership(group_id, u, e))),
             key=lambda m: m.user_id,
         )
+
+    async def every_group(self) -> AsyncIterator[tuple[Group, list[Membership], bool]]:
+        """Every group, dissolved ones too, as committed now: the group, its members (by user
+        id) and whether it is dissolved. For snapshots."""
+        projection = {**{field: 1 for field in _GROUP_FIELDS}, "members": 1}
+        async for doc in self.groups.find({}, projection, batch_size=500):
+            entries = doc.get("members") or {}
+            members = [
+                m for u, e in sorted(entries.items()) if (m := _membership(doc["_id"], u, e))
+            ]
+            yield _group(doc, None), members, bool(doc.get("dissolved"))
 
     async def memberships_of_user(self, user_id: str) -> list[tuple[Group, Membership]]:
         """Every group the user is in (at most MAX_GROUPS_PER_USER), with their membership

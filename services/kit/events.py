@@ -49,6 +49,9 @@ SUBJECT_ROOT = "groupchat"
 # came, with why and where from in the headers (see `EventBus.consume`).
 DEAD_LETTER_ROOT = f"{SUBJECT_ROOT}.dead_letters"
 DEAD_LETTER_STREAM = "GROUPCHAT_DEAD_LETTERS"
+# The current state of aggregates, one message kept per aggregate (services/kit/snapshots.py).
+SNAPSHOT_ROOT = "snapshots"
+SNAPSHOT_STREAM = "SNAPSHOTS"
 # JetStream streams: stream name -> subjects it keeps. The suite's own events, and the
 # platform's (follow graph, posts) that the suite consumes; each service ensures them all at
 # start, so whichever starts first creates them.
@@ -59,7 +62,10 @@ STREAMS: dict[str, list[str]] = {
     "PLATFORM_SOCIAL": ["social.>"],
     "PLATFORM_POSTS": ["posts.>"],
     DEAD_LETTER_STREAM: [f"{DEAD_LETTER_ROOT}.>"],
+    SNAPSHOT_STREAM: [f"{SNAPSHOT_ROOT}.>"],
 }
+# Streams whose subjects each name one aggregate and keep only its latest message.
+LATEST_PER_SUBJECT = {SNAPSHOT_STREAM}
 DUPLICATE_WINDOW_SECONDS = 120.0
 DRAIN_SECONDS = 2
 
@@ -95,6 +101,10 @@ def new_event(
 EventHandler = Callable[[events_pb2.Envelope], Awaitable[None]]
 # A failed attempt is tried again after this long (until the last one).
 RETRY_DELAY_SECONDS = 1.0
+
+
+class NobodyAnswers(TimeoutError):
+    """No one is subscribed to answer a request."""
 
 
 class Unparseable(Exception):
@@ -184,6 +194,7 @@ class EventBus:
                 discard=DiscardPolicy.OLD,
                 # JetStream refuses a duplicate window longer than the retention.
                 duplicate_window=min(DUPLICATE_WINDOW_SECONDS, settings.retention_seconds),
+                max_msgs_per_subject=1 if name in LATEST_PER_SUBJECT else -1,
             )
             try:
                 await self._js.add_stream(config)
@@ -355,7 +366,7 @@ class EventBus:
         try:
             reply = await self._nc.request(subject, data, timeout=wait_seconds)
         except nats.errors.NoRespondersError:
-            raise TimeoutError(f"nobody answers on {subject}") from None
+            raise NobodyAnswers(f"nobody answers on {subject}") from None
         return bytes(reply.data)
 
     async def flush(self) -> None:
