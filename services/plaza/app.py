@@ -241,6 +241,7 @@ class PlazaApp:
             raise GroupNotFound(f"no group {group_id}", group_id=group_id)
         event = await self._store.record_selection(
             group_id,
+            selected,
             lambda version: new_event(
                 "plaza",
                 "group_selected",

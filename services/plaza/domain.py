@@ -188,6 +188,23 @@ def apply_dissolved(state: GroupState, version: int) -> GroupState | None:
     return replace(state, dissolved=True, settings_version=max(version, state.settings_version))
 
 
+def apply_snapshot(
+    state: GroupState, facts: GroupFacts, roles: dict[str, int], dissolved: bool, version: int
+) -> GroupState | None:
+    """A group's whole state at `version` (republished for a rebuild: its members' roles,
+    and whether it is dissolved). Each part applies where it is newer than what is held,
+    so the snapshot and the events still in the stream end alike in any order."""
+    changed = apply_group_facts(state, facts, version) or state
+    gone = {
+        user_id: 0 for user_id, (role, _) in changed.roles.items() if role and user_id not in roles
+    }
+    for user_id, role in {**gone, **roles}.items():
+        changed = apply_role(changed, user_id, role, version) or changed
+    if dissolved:
+        changed = apply_dissolved(changed, version) or changed
+    return None if changed is state else changed
+
+
 def shown_post(state: GroupState, post: Post | None) -> Post | None:
     """The post a card shows: the linked one, while published and written by the owner."""
     facts = state.facts

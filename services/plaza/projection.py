@@ -66,6 +66,15 @@ class PlazaProjection:
             )
             if kind == "group_created":
                 await self._refresh_activity(group.group_id)
+        elif kind == "group_snapshot":
+            snapshot = e.group_snapshot
+            facts = mapping.group_facts(snapshot.group)
+            roles = {m.user_id: int(m.role) for m in snapshot.members}
+            await self._change(
+                snapshot.group.group_id,
+                lambda s: domain.apply_snapshot(s, facts, roles, snapshot.dissolved, version),
+            )
+            await self._refresh_activity(snapshot.group.group_id)
         elif kind == "member_joined":
             joined = e.member_joined
             member = (joined.member.user_id, int(joined.member.role))

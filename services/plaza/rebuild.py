@@ -1,12 +1,26 @@
-"""Rebuild the plaza's read model from the event streams.
+"""Rebuild the plaza's read model from the event streams and the owners' snapshots.
 
 `python -m services.plaza.rebuild` (`make plaza-rebuild`) asks the running plaza, over NATS
 (NATS_URL), to drop everything derived from events (cards, posts, activity, daily counters,
-processed event ids, page snapshots) and replay every stream it is fed from, oldest first,
-up to each stream's last sequence at the start, through the same projection its live
-consumers use; then it prints what was replayed. Impressions (the plaza's own observations,
-not events) and selection versions are kept; Selected flags come back because they live in
-the stream as `group_selected` events.
+processed event ids, page snapshots) and fill it again, through the same projection its
+live consumers use:
+
+1. the owners of what the plaza shows republish its current state (services/kit/snapshots.py):
+   the groups service every group, the platform every post; each answers once its snapshots
+   are stored;
+2. the SNAPSHOTS stream is replayed, then every stream the plaza is fed from, oldest first,
+   up to each stream's last sequence at the start. What the streams still hold counts as
+   activity and applies where newer than the snapshots; what expired is in the snapshots;
+3. the editors' selections come back from the plaza's own record of them.
+
+So a rebuild gives the same groups, cards, member counts, linked posts and Selected shelf
+however long ago the events expired. Activity (HOT, messages, active members) and the
+insights' daily counters are counted from events, so they come back only as far as the
+streams still reach: keep EVENT_RETENTION_SECONDS above the two days of activity HOT reads,
+and above the insights window when they matter. The platform must answer snapshot requests
+on admin.snapshots.posts (publishing each post's post_published, or post_removed, at the
+post's version on snapshots.posts.<post id>) for linked posts to survive the expiry of
+PLATFORM_POSTS; while nobody answers there, posts come only from what that stream holds.
 
 The running service does the work, so this is the same wherever its store lives (the local
 server of `make run` or a production replica set); one replica answers. The live consumers
@@ -24,20 +38,36 @@ import os
 import sys
 import time
 
-from services.kit.events import EventBus
+import structlog
+
+from services.kit.events import SNAPSHOT_STREAM, EventBus
 from services.kit.logging import configure_logging
+from services.kit.snapshots import request_snapshots
 from services.plaza.projection import FEEDS, PlazaProjection
 from services.plaza.storage import PlazaStore
 
+log = structlog.get_logger("plaza.rebuild")
+
 # Core NATS, outside every JetStream stream (a stream would capture the request).
 REBUILD_SUBJECT = "admin.groupchat.plaza.rebuild"
+# Whose snapshots the plaza is built from: groups' groups and the platform's posts.
+SNAPSHOT_AREAS = ("groups", "posts")
+SNAPSHOT_WAIT_SECONDS = 300.0
 
 
 async def rebuild(store: PlazaStore, projection: PlazaProjection, bus: EventBus) -> dict[str, int]:
-    """Drop the read model and replay the plaza's streams into it; returns the number of
-    events replayed per stream."""
+    """Drop the read model and fill it again from fresh snapshots, the plaza's streams and
+    its own selections; returns the number of events replayed per stream."""
     await store.drop_read_model()
-    replayed = {stream: await bus.replay(stream, projection.handle) for _, _, stream in FEEDS}
+    for area in SNAPSHOT_AREAS:
+        published = await request_snapshots(bus, area, SNAPSHOT_WAIT_SECONDS)
+        if published is None:
+            log.warning("no_snapshots", area=area, why="nobody answers snapshot requests")
+    replayed = {SNAPSHOT_STREAM: await bus.replay(SNAPSHOT_STREAM, projection.handle)}
+    for _, _, stream in FEEDS:
+        replayed[stream] = await bus.replay(stream, projection.handle)
+    for group_id, selected, version in await store.selections():
+        await store.set_selected(group_id, selected, version)
     await projection.refresh_rankings()
     return replayed
 

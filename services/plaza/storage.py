@@ -1,6 +1,6 @@
 """The plaza's MongoDB documents: the read model (cards, posts, activity buckets, daily
 counters, processed event ids, page snapshots) and the plaza's own records (impressions and
-selection versions), which a rebuild keeps.
+the editors' selections with their versions), which a rebuild keeps.
 
 A card's group state is written with a compare-and-set on its `rev`, so two consumers (or
 two replicas) never overwrite each other's change; counters are single `$inc` upserts.
@@ -162,15 +162,29 @@ class PlazaStore:
             {"$set": fields, "$setOnInsert": _blank_card(group_id, but=fields)},
         ):
             return False
-        await upsert_where(self.selection_versions, group_id, {}, {"$max": {"version": version}})
+        await upsert_where(
+            self.selection_versions,
+            group_id,
+            {"version": {"$lt": version}},
+            {"$set": {"version": version, "selected": selected}},
+        )
         return True
 
+    async def selections(self) -> list[tuple[str, bool, int]]:
+        """The editors' choices as recorded here: (group id, selected, version) per group.
+        The plaza's own record, so the Selected shelf outlives the events that told it."""
+        docs = await self.selection_versions.find(
+            {"selected": {"$exists": True}}, {"selected": 1, "version": 1}
+        ).to_list(None)
+        return [(d["_id"], bool(d["selected"]), int(d["version"])) for d in docs]
+
     async def record_selection(
-        self, group_id: str, selection_event: Callable[[int], OutgoingEvent]
+        self, group_id: str, selected: bool, selection_event: Callable[[int], OutgoingEvent]
     ) -> OutgoingEvent:
-        """Take the group's next selection version and store the editor's choice, made by
-        `selection_event(version)`, with it in one write: the choice is then certain to be
-        published (the relay watches `selection_versions`)."""
+        """Take the group's next selection version and store the editor's choice with it,
+        and its event, made by `selection_event(version)`, in one write: the choice is then
+        kept (see `selections`) and certain to be published (the relay watches
+        `selection_versions`)."""
         for _ in range(SELECTION_ATTEMPTS):
             doc = await self.selection_versions.find_one({"_id": group_id}, {"version": 1})
             version = int(doc["version"]) + 1 if doc else 1
@@ -178,14 +192,16 @@ class PlazaStore:
             if doc is None:
                 try:
                     await self.selection_versions.insert_one(
-                        with_pending({"_id": group_id, "version": version}, [event])
+                        with_pending(
+                            {"_id": group_id, "version": version, "selected": selected}, [event]
+                        )
                     )
                 except DuplicateKeyError:
                     continue
                 return event
             result = await self.selection_versions.update_one(
                 {"_id": group_id, "version": version - 1},
-                merged({"$set": {"version": version}}, pending([event])),
+                merged({"$set": {"version": version, "selected": selected}}, pending([event])),
             )
             if result.matched_count:
                 return event

@@ -151,6 +151,26 @@ def test_member_count_from_a_newer_join_survives_an_older_settings_event() -> No
     assert (created.member_count, created.full, created.shown) == (3, True, True)
 
 
+def test_a_snapshot_sets_the_whole_state_and_drops_members_it_no_longer_lists() -> None:
+    held = domain.apply_member_count(GroupState("g1"), 2, 2, ("bob", 1))
+    assert held is not None
+
+    restored = domain.apply_snapshot(held, facts(member_count=2), {"carol": 2}, False, 5)
+
+    assert restored is not None
+    assert (restored.member_count, restored.settings_version) == (2, 5)
+    assert restored.roles == {"bob": (0, 5), "carol": (2, 5)}
+
+
+def test_a_snapshot_older_than_what_is_held_changes_nothing() -> None:
+    held = domain.apply_member_count(GroupState("g1"), 3, 7, ("bob", 1))
+    assert held is not None
+    held = domain.apply_group_facts(held, facts(name="New"), 8)
+    assert held is not None
+
+    assert domain.apply_snapshot(held, facts(name="Old"), {"bob": 1}, False, 6) is None
+
+
 # Insights
 
 
