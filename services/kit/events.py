@@ -9,6 +9,7 @@ drops a republished duplicate; consumers ack only after their work is committed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from services.kit.config import EventSettings
 from services.kit.locks import KeyedLocks
@@ -241,24 +242,39 @@ class EventBus:
             self._in_hand.add(task)
             task.add_done_callback(self._in_hand.discard)
 
-        settings = self._settings
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self._settings.ack_wait_seconds,
+            max_ack_pending=self._settings.max_in_flight,
+            # The consumer, not the server, gives up on an event: it parks it first.
+            max_deliver=-1,
+        )
+        await self._bound_existing_durable(subject, durable, config)
         subscription = await self._js.subscribe(
-            subject,
-            queue=durable,
-            durable=durable,
-            cb=on_message,
-            manual_ack=True,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=settings.ack_wait_seconds,
-                max_ack_pending=settings.max_in_flight,
-                # The consumer, not the server, gives up on an event: it parks it first.
-                max_deliver=-1,
-            ),
+            subject, queue=durable, durable=durable, cb=on_message, manual_ack=True, config=config
         )
         self._durables.append(subscription)
         return subscription
+
+    async def _bound_existing_durable(
+        self, subject: str, durable: str, bounded: ConsumerConfig
+    ) -> None:
+        """Binding to a durable that exists keeps its configuration as it was created (by
+        an earlier release, or with other settings): bring its bounds in line first."""
+        stream = await self._js.find_stream_name_by_subject(subject)
+        try:
+            current = (await self._js.consumer_info(stream, durable)).config
+        except NotFoundError:
+            return  # subscribing creates it, bounded
+        wanted = dataclasses.replace(
+            current,
+            ack_wait=bounded.ack_wait,
+            max_ack_pending=bounded.max_ack_pending,
+            max_deliver=bounded.max_deliver,
+        )
+        if wanted != current:
+            await self._js.add_consumer(stream, config=wanted)
 
     async def _handle(
         self, durable: str, msg: Msg, handler: EventHandler, serial: KeyedLocks

@@ -20,6 +20,7 @@ from services.kit.config import ACK_MARGIN_SECONDS, EventSettings
 from services.kit.events import (
     DEAD_LETTER_ROOT,
     DEAD_LETTER_STREAM,
+    SNAPSHOT_STREAM,
     STREAMS,
     EventBus,
     OutgoingEvent,
@@ -54,6 +55,8 @@ async def test_every_stream_keeps_events_only_as_long_and_as_much_as_configured(
             64 * MIB,
             DiscardPolicy.OLD,
         ), name
+    snapshots = (await nats_client.jetstream().stream_info(SNAPSHOT_STREAM)).config
+    assert snapshots.max_msgs_per_subject == 1  # the latest state of each aggregate
 
 
 # Consumers: dead letters, bounded concurrency, deadlines
@@ -206,3 +209,19 @@ async def test_a_consumer_holds_at_most_max_in_flight_events_and_waits_longer_th
 
     assert info.config.max_ack_pending == 2
     assert info.config.ack_wait == 10 + ACK_MARGIN_SECONDS
+
+
+async def test_a_durable_created_with_other_bounds_takes_the_configured_ones(
+    nats_url: str, nats_client: Any
+) -> None:
+    durable, owner = unique("rebounded"), unique("owner")
+
+    async def handle(_: events_pb2.Envelope) -> None:
+        pass
+
+    for max_in_flight in (3, 5):
+        async with consumer_bus(nats_url, max_in_flight=max_in_flight) as bus:
+            await bus.consume(durable, f"groupchat.groups.*.*.{owner}", handle)
+
+    info = await nats_client.jetstream().consumer_info("GROUPCHAT_GROUPS", durable)
+    assert info.config.max_ack_pending == 5
