@@ -114,7 +114,8 @@ class EventSettings:
     """How a service uses JetStream: the streams it creates and its durable consumers.
 
     Every stream keeps events for `retention_seconds` and at most `retention_bytes`,
-    dropping the oldest first, so the disk never fills. JetStream reserves `retention_bytes`
+    dropping the oldest first, so the disk never fills (a read model that needs more is
+    rebuilt from snapshots: services/kit/snapshots.py). JetStream reserves `retention_bytes`
     per stream on the server: their sum must fit the server's `max_file_store`. A consumer
     holds at most `max_in_flight` events at once, gives each `handler_timeout_seconds`, and
     parks one that failed `max_deliveries` times on the dead-letter stream."""

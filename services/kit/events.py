@@ -100,8 +100,15 @@ def new_event(
 
 
 EventHandler = Callable[[events_pb2.Envelope], Awaitable[None]]
-# A failed attempt is tried again after this long (until the last one).
+# A failed attempt is tried again after 1 s, then 2, 4, ... (at most a minute): a store
+# that is briefly away costs retries, not the attempts that park an event.
 RETRY_DELAY_SECONDS = 1.0
+MAX_RETRY_DELAY_SECONDS = 60.0
+
+
+def retry_delay(attempts: int) -> float:
+    """How long to wait before the next attempt, after `attempts` failed ones."""
+    return float(min(RETRY_DELAY_SECONDS * 2 ** (attempts - 1), MAX_RETRY_DELAY_SECONDS))
 
 
 class NobodyAnswers(TimeoutError):
@@ -297,7 +304,7 @@ class EventBus:
                 if msg.metadata.num_delivered >= self._settings.max_deliveries:
                     await self._park(durable, msg, repr(exc), "failed")
                 else:
-                    await msg.nak(delay=RETRY_DELAY_SECONDS)
+                    await msg.nak(delay=retry_delay(msg.metadata.num_delivered))
                 return
             await msg.ack()
             EVENTS_CONSUMED.labels(durable, "ok").inc()

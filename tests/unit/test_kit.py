@@ -11,8 +11,9 @@ from google.rpc import error_details_pb2, status_pb2
 from services.gateway.config import GatewayConfig
 from services.groups.config import GroupsConfig
 from services.kit.auth import TokenVerifier, mint_token
-from services.kit.config import ConfigError, Env, ServerConfig
+from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
 from services.kit.errors import FieldViolation, InvalidArgument, QuotaExceeded, Unauthenticated
+from services.kit.events import retry_delay
 from services.kit.mongo import hosts_of
 from services.kit.paging import decode_page_token, encode_page_token, page_size
 from services.kit.rpc_status import to_grpc_status
@@ -132,3 +133,15 @@ def rpc_status_details(status: grpc.Status) -> list[any_pb2.Any]:
         if key == "grpc-status-details-bin":
             return list(status_pb2.Status.FromString(value).details)
     raise AssertionError("no status details")
+
+
+def test_event_retries_back_off_up_to_a_minute() -> None:
+    assert [retry_delay(n) for n in (1, 2, 3, 4, 8)] == [1.0, 2.0, 4.0, 8.0, 60.0]
+
+
+def test_event_settings_come_from_the_environment() -> None:
+    settings = EventSettings.from_env(
+        Env({"EVENT_RETENTION_SECONDS": "60", "EVENT_MAX_DELIVERIES": "2"})
+    )
+    assert (settings.retention_seconds, settings.max_deliveries) == (60.0, 2)
+    assert settings.ack_wait_seconds > settings.handler_timeout_seconds
