@@ -32,9 +32,9 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from services.kit.config import EventSettings
+from services.kit.config import ConfigError, EventSettings
 from services.kit.locks import KeyedLocks
 from services.kit.metrics import (
     EVENTS_CONSUMED,
@@ -68,6 +68,8 @@ STREAMS: dict[str, list[str]] = {
 # Streams whose subjects each name one aggregate and keep only its latest message.
 LATEST_PER_SUBJECT = {SNAPSHOT_STREAM}
 DUPLICATE_WINDOW_SECONDS = 120.0
+# JetStream's error code when the retention of a stream does not fit the server's storage.
+INSUFFICIENT_STORAGE = 10047
 DRAIN_SECONDS = 2
 
 
@@ -184,7 +186,11 @@ class EventBus:
         )
         bus = cls(nc, streams)
         if streams is not None:
-            await bus.ensure_streams(streams)
+            try:
+                await bus.ensure_streams(streams)
+            except BaseException:
+                await nc.close()
+                raise
         log.info("nats_connected", url=url)
         return bus
 
@@ -205,9 +211,21 @@ class EventBus:
                 max_msgs_per_subject=1 if name in LATEST_PER_SUBJECT else -1,
             )
             try:
-                await self._js.add_stream(config)
-            except BadRequestError:
-                await self._js.update_stream(config)
+                await self._create_or_update(config)
+            except APIError as exc:
+                if exc.err_code != INSUFFICIENT_STORAGE:
+                    raise
+                raise ConfigError(
+                    f"NATS cannot reserve EVENT_RETENTION_BYTES={settings.retention_bytes} for "
+                    f"each of the {len(STREAMS)} streams: lower it, or raise the server's "
+                    "JetStream max_file_store"
+                ) from None
+
+    async def _create_or_update(self, config: StreamConfig) -> None:
+        try:
+            await self._js.add_stream(config)
+        except BadRequestError:
+            await self._js.update_stream(config)
 
     async def publish(self, event: OutgoingEvent) -> None:
         """Publish durably: returns once JetStream has stored the event."""

@@ -16,7 +16,7 @@ from nats.js.api import DiscardPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 
-from services.kit.config import ACK_MARGIN_SECONDS, EventSettings
+from services.kit.config import ACK_MARGIN_SECONDS, ConfigError, EventSettings
 from services.kit.events import (
     DEAD_LETTER_ROOT,
     DEAD_LETTER_STREAM,
@@ -57,6 +57,13 @@ async def test_every_stream_keeps_events_only_as_long_and_as_much_as_configured(
         ), name
     snapshots = (await nats_client.jetstream().stream_info(SNAPSHOT_STREAM)).config
     assert snapshots.max_msgs_per_subject == 1  # the latest state of each aggregate
+
+
+async def test_retention_the_server_cannot_reserve_stops_the_service_with_a_message(
+    nats_url: str,
+) -> None:
+    with pytest.raises(ConfigError, match="EVENT_RETENTION_BYTES"):
+        await EventBus.connect(nats_url, "greedy", EventSettings(retention_bytes=1024**4))
 
 
 # Consumers: dead letters, bounded concurrency, deadlines
