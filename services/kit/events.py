@@ -239,5 +239,11 @@ class EventBus:
         return bool(self._nc.is_connected)
 
     async def close(self) -> None:
-        if not self._nc.is_closed:
+        """Drain (handlers in flight finish, what was published goes out), or, while NATS
+        is away, just close: what was not acked is redelivered, the outbox republishes."""
+        if self._nc.is_closed:
+            return
+        if self._nc.is_connected:
             await self._nc.drain()
+        else:
+            await self._nc.close()
