@@ -54,7 +54,10 @@ def build(config: GatewayConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
         bus = await EventBus.connect(config.server.nats_url, "gateway")
         context.stack.push_async_callback(bus.close)
-        context.ready_when("nats", bus.reachable)
+        # No readiness dependency: every unary call is served without NATS, and a NATS
+        # outage is every gateway's at once (the same server), so leaving the Service would
+        # turn a delay of push into a refusal of everything. Internal services each answer
+        # for themselves (SERVICE_UNAVAILABLE when one is down).
 
         def downstream(
             address: str, service: ServiceDescriptor, idempotent: tuple[str, ...]

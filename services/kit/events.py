@@ -24,7 +24,12 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from services.kit.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED, EVENTS_REDELIVERED
+from services.kit.metrics import (
+    EVENTS_CONSUMED,
+    EVENTS_PUBLISHED,
+    EVENTS_REDELIVERED,
+    NATS_CONNECTED,
+)
 
 log = structlog.get_logger("events")
 
@@ -88,9 +93,11 @@ class EventBus:
 
         async def on_disconnect() -> None:
             if not (nc.is_draining or nc.is_closed):  # not our own close
+                NATS_CONNECTED.set(0)
                 log.warning("nats_disconnected", url=url)
 
         async def on_reconnect() -> None:
+            NATS_CONNECTED.set(1)
             log.info("nats_reconnected", url=url)
 
         async def on_error(exc: Exception) -> None:
@@ -109,6 +116,7 @@ class EventBus:
             reconnected_cb=on_reconnect,
             error_cb=on_error,
         )
+        NATS_CONNECTED.set(1)
         bus = cls(nc)
         if stream_replicas is not None:
             await bus.ensure_streams(stream_replicas)
@@ -233,10 +241,6 @@ class EventBus:
     async def flush(self) -> None:
         """Return once the server has processed everything sent so far (subscriptions too)."""
         await self._nc.flush(timeout=5)
-
-    async def reachable(self) -> bool:
-        """Whether NATS is connected (readiness)."""
-        return bool(self._nc.is_connected)
 
     async def close(self) -> None:
         """Drain (handlers in flight finish, what was published goes out), or, while NATS
