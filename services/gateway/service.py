@@ -22,7 +22,9 @@ GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
 GROUPS = groups_pb2.DESCRIPTOR.services_by_name["Groups"]
 MESSAGING = messaging_pb2.DESCRIPTOR.services_by_name["Messaging"]
 PLAZA = plaza_pb2.DESCRIPTOR.services_by_name["Plaza"]
-# Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design.
+# Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design. A write that
+# carries its idempotency key (client_msg_id, request_id) is retried as well: see
+# services.kit.downstream.
 GROUPS_IDEMPOTENT = (
     "GetGroup",
     "ListMembers",

@@ -1,37 +1,34 @@
 """Calls from one service to another: the caller's token and request id travel along, every
-call has a deadline (what the caller has left, capped), and only idempotent methods are
-retried, and only on UNAVAILABLE (gRPC's own retry policy)."""
+call has a deadline (what the caller has left, capped), and a call that is safe to send
+twice is retried once on UNAVAILABLE."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from services.kit.rpc import REQUEST_ID_KEY, current_identity, current_request_id
 
+log = structlog.get_logger("downstream")
 
-def _service_config(service: str, idempotent: Iterable[str]) -> str:
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": service, "method": m} for m in idempotent],
-                    "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+# Request fields a service deduplicates on: a request that carries one, non-empty, gets the
+# first call's answer when it is sent again (SendGroupMessage, SendDirectMessage: the
+# client's message id; CreateGroup: its request id).
+IDEMPOTENCY_KEYS = ("client_msg_id", "request_id")
+RETRY_PAUSE_SECONDS = 0.05
+
+
+def carries_idempotency_key(request: Message) -> bool:
+    """Whether `request` names itself with a key its service deduplicates on."""
+    fields = request.DESCRIPTOR.fields_by_name
+    return any(key in fields and getattr(request, key) for key in IDEMPOTENCY_KEYS)
 
 
 class Downstream:
@@ -43,15 +40,17 @@ class Downstream:
         timeout_cap_seconds: float,
         idempotent_methods: Iterable[str] = (),
     ) -> None:
-        self._service = service
+        """A client of `service` at `address`; `idempotent_methods` are safe to send twice
+        by design (reads, and writes like a join)."""
+        # "groups", not "groupchat.groups.v1.Groups".
+        self.name = service.name.lower()
         self._timeout_cap = timeout_cap_seconds
+        self._idempotent = frozenset(idempotent_methods)
         self._channel = grpc.aio.insecure_channel(
             address,
             options=[
-                ("grpc.enable_retries", 1),
                 # Spread calls over every replica the (headless) DNS name resolves to.
                 ("grpc.lb_policy_name", "round_robin"),
-                ("grpc.service_config", _service_config(service.full_name, idempotent_methods)),
                 ("grpc.keepalive_time_ms", 30_000),
             ],
         )
@@ -76,11 +75,34 @@ class Downstream:
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.0))
+        deadline = asyncio.get_running_loop().time() + timeout
+        return await self._call_retrying(method, request, deadline)
+
+    async def _call_retrying(self, method: str, request: Any, deadline: float) -> Any:
+        try:
+            return await self._attempt(method, request, deadline)
+        except grpc.aio.AioRpcError as error:
+            time_left = deadline - asyncio.get_running_loop().time()
+            if not self._may_retry(method, request, error) or time_left <= RETRY_PAUSE_SECONDS:
+                raise
+        log.info("downstream_retry", service=self.name, method=method)
+        await asyncio.sleep(RETRY_PAUSE_SECONDS)
+        return await self._attempt(method, request, deadline)
+
+    async def _attempt(self, method: str, request: Any, deadline: float) -> Any:
         metadata = (
             ("authorization", f"Bearer {current_identity().token}"),
             (REQUEST_ID_KEY, current_request_id()),
         )
+        timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
         return await self._methods[method](request, timeout=timeout, metadata=metadata)
+
+    def _may_retry(self, method: str, request: Any, error: grpc.aio.AioRpcError) -> bool:
+        """Only UNAVAILABLE (the call was not served) and only a call that is safe to send
+        twice: its method is idempotent, or the request carries its idempotency key."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        return method in self._idempotent or carries_idempotency_key(request)
 
     async def close(self) -> None:
         await self._channel.close()
