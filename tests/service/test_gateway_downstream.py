@@ -1,8 +1,10 @@
 """What the gateway passes on to an internal service: a deadline, the token, the request id,
-and the service's error untouched; and which calls it sends again on UNAVAILABLE."""
+and the service's error untouched; which calls it sends again on UNAVAILABLE, and what it
+tells the client when the service cannot be reached."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ import pytest
 from google.protobuf.message_factory import GetMessageClass
 from groupchat.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from groupchat.groups.v1 import groups_pb2 as pb
+from structlog.testing import capture_logs
 
 from services.gateway.config import GatewayConfig
 from services.gateway.service import GROUPS, build
@@ -247,3 +250,55 @@ async def test_a_call_is_retried_only_once(
         await flaky_gateway.JoinGroup(pb.JoinGroupRequest(group_id="g1"), metadata=md)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert groups.attempts == {"JoinGroup": 2}
+
+
+def shown_to_the_client(error: grpc.aio.AioRpcError) -> str:
+    """Everything of a failed call a client can read: message, details, trailers."""
+    return f"{error.details()} {error.trailing_metadata()} {error_info(error)}"
+
+
+async def test_a_groups_service_that_is_down_is_named_never_its_address(
+    nats_url: str, service_env: ServiceEnv, token: Callable[..., str]
+) -> None:
+    md = (("authorization", f"Bearer {token('alice')}"),)
+    groups = RecordingGroups()
+    async with in_groups_place({"GetGroup": groups.get_group}) as server:
+        port = server.port  # type: ignore[attr-defined]
+        async with gateway_before(port, nats_url, service_env) as gateway:
+            await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md)
+            await server.stop(0)
+            with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md)
+
+    error = caught.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(error)
+    assert info is not None
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        "SERVICE_UNAVAILABLE",
+        "groupchat",
+        {"service": "groups"},
+    )
+    assert "groups" in error.details()
+    assert "127.0.0.1" not in shown_to_the_client(error)
+    assert str(port) not in shown_to_the_client(error)
+    logged = [e for e in logs if e["event"] == "downstream_failed"]
+    assert logged and logged[0]["service"] == "groups"  # gRPC's own words stay in the log
+
+
+async def test_a_groups_service_that_does_not_answer_in_time_is_named(
+    nats_url: str, service_env: ServiceEnv, token: Callable[..., str]
+) -> None:
+    async def never_answers(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await asyncio.Event().wait()
+
+    md = (("authorization", f"Bearer {token('alice')}"),)
+    async with in_groups_place({"GetGroup": never_answers}) as server:
+        port = server.port  # type: ignore[attr-defined]
+        async with gateway_before(port, nats_url, service_env, cap_seconds=0.2) as gateway:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md)
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error_info(caught.value).reason == "SERVICE_TIMEOUT"  # type: ignore[union-attr]
+    assert str(port) not in shown_to_the_client(caught.value)
