@@ -1,7 +1,7 @@
 """Writes never wait for the bus: while nats-server is down (killed, then started again as it
-was), JoinGroup and SendGroupMessage through the gateway answer as fast as before, every
-answer tells the truth, no pod leaves readiness, and every event reaches the plaza once NATS
-is back."""
+was), JoinGroup and SendGroupMessage through the gateway answer as fast as before (and an
+editor's SetGroupSelected answers too), every answer tells the truth, no pod leaves
+readiness, and every event reaches the plaza once NATS is back."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ OUTAGE_SECONDS = 10.0
 # One group per worker; a worker's rounds (a new member joins, then writes) are paced so
 # that the local MongoDB server, a single Python process, is not what the figures measure.
 WORKERS = 2
-PAUSE_SECONDS = 0.05
+PAUSE_SECONDS = 0.1
 CALL_TIMEOUT_SECONDS = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -173,6 +173,12 @@ async def test_writes_answer_as_fast_while_nats_is_down_and_their_events_arrive_
             write_load(services, group_ids, OUTAGE_SECONDS, outage),
             readiness_seen(services, OUTAGE_SECONDS),
         )
+        select = ppb.SetGroupSelectedRequest(group_id=group_ids[0], selected=True)
+        editor = services.metadata(unique("editor"), ["editor"])
+        call = services.gateway.SetGroupSelected(
+            select, metadata=editor, timeout=CALL_TIMEOUT_SECONDS
+        )
+        await outage.timed("SetGroupSelected", call)
         # The outage shows where it is looked for: the logs and this gauge.
         assert nats_connected() == 0
     finally:
@@ -192,14 +198,18 @@ async def test_writes_answer_as_fast_while_nats_is_down_and_their_events_arrive_
         )
 
     expected = {
-        g: (1 + baseline.joined[g] + outage.joined[g], baseline.sent[g] + outage.sent[g])
+        g: (
+            1 + baseline.joined[g] + outage.joined[g],
+            baseline.sent[g] + outage.sent[g],
+            g == group_ids[0],
+        )
         for g in group_ids
     }
 
     async def plaza_caught_up() -> bool:
         browse = ppb.BrowsePlazaRequest(sort=ppb.NEW, page_size=WORKERS)
         page = await services.gateway.BrowsePlaza(browse, metadata=services.metadata(owner))
-        cards = {c.group_id: (c.member_count, c.messages_last_hour) for c in page.cards}
+        cards = {c.group_id: (c.member_count, c.messages_last_hour, c.selected) for c in page.cards}
         return cards == expected
 
     await eventually(plaza_caught_up, within=30)
