@@ -184,7 +184,15 @@ class FanoutHub:
         async with self._lock:
             for group_id, last_seq in last_seqs.items():
                 await self._follow(user_id, group_id, last_seq)
-        await self._flush()
+        await self._confirm_subscriptions()
+
+    async def _confirm_subscriptions(self) -> None:
+        """Wait until the server has the subscriptions made so far; if NATS goes away
+        meanwhile, go on: the reconnect subscribes again and resyncs every group."""
+        try:
+            await self._flush()
+        except Exception as error:
+            log.warning("subscriptions_unconfirmed", error=repr(error))
 
     def check(self, last_seqs: dict[str, int]) -> None:
         """The groups service reports these last seqs (read after the subscriptions were
@@ -205,11 +213,7 @@ class FanoutHub:
     async def _resync(self) -> None:
         # Once the server has our subscriptions again, whatever they missed was stored
         # before: a fetch from now on finds it.
-        try:
-            await self._flush()
-        except Exception as error:  # disconnected again: the next reconnect resyncs
-            log.warning("fanout_resync_deferred", error=repr(error))
-            return
+        await self._confirm_subscriptions()
         log.info("fanout_resync", groups=len(self._sequences), users=len(self._sessions))
         for group_id in list(self._sequences):
             self._repair(group_id, wait=False)
@@ -275,7 +279,7 @@ class FanoutHub:
                 return
             known = group_id in self._sequences
             await self._follow(user_id, group_id, envelope.member_joined.member.read_seq)
-        await self._flush()
+        await self._confirm_subscriptions()
         self._deliver(user_id, None, 0, _response(envelope))
         if not known:
             self._repair(group_id, wait=False)

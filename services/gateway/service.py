@@ -23,7 +23,9 @@ GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
 GROUPS = groups_pb2.DESCRIPTOR.services_by_name["Groups"]
 MESSAGING = messaging_pb2.DESCRIPTOR.services_by_name["Messaging"]
 PLAZA = plaza_pb2.DESCRIPTOR.services_by_name["Plaza"]
-# Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design.
+# Safe to retry on UNAVAILABLE: reads, and writes that are idempotent by design. A write that
+# carries its idempotency key (client_msg_id, request_id) is retried as well: see
+# services.kit.downstream.
 GROUPS_IDEMPOTENT = (
     "GetGroup",
     "ListMembers",
@@ -55,7 +57,10 @@ def build(config: GatewayConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
         bus = await EventBus.connect(config.server.nats_url, "gateway")
         context.stack.push_async_callback(bus.close)
-        context.ready_when("nats", bus.reachable)
+        # No readiness dependency: every unary call is served without NATS, and a NATS
+        # outage is every gateway's at once (the same server), so leaving the Service would
+        # turn a delay of push into a refusal of everything. Internal services each answer
+        # for themselves (SERVICE_UNAVAILABLE when one is down).
 
         def downstream(
             address: str, service: ServiceDescriptor, idempotent: tuple[str, ...]

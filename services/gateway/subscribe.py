@@ -204,9 +204,10 @@ class SubscribeHandler:
         ):
             try:
                 fetched: Fetched = await self._history.fetch(session.identity, key, position)
-            except grpc.aio.AioRpcError as error:
+            except (grpc.aio.AioRpcError, DomainError) as error:
+                why = error.reason if isinstance(error, DomainError) else error.code().name
                 raise StreamGap(
-                    f"missed messages could not be fetched ({error.code().name}): " + RESUBSCRIBE
+                    f"missed messages could not be fetched ({why}): " + RESUBSCRIBE
                 ) from None
             for seq, response in fetched.messages:
                 if seq <= session.positions.get(key, seq):

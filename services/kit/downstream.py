@@ -1,38 +1,57 @@
 """Calls from one service to another: the caller's token and request id travel along, every
-call has a deadline (what the caller has left, capped), and only idempotent methods are
-retried, and only on UNAVAILABLE (gRPC's own retry policy)."""
+call has a deadline (what the caller has left, capped), and a call that is safe to send
+twice is retried once on UNAVAILABLE. A failure of the connection rather than of the service
+(UNAVAILABLE or DEADLINE_EXCEEDED without the service's own details) reaches the caller as
+an error that names the service, never as gRPC's text, which names internal addresses."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from services.kit.auth import Identity
+from services.kit.errors import DomainError, ErrorKind
 from services.kit.rpc import REQUEST_ID_KEY, current_identity, current_request_id
 
+log = structlog.get_logger("downstream")
 
-def _service_config(service: str, idempotent: Iterable[str]) -> str:
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": service, "method": m} for m in idempotent],
-                    "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+# Request fields a service deduplicates on: a request that carries one, non-empty, gets the
+# first call's answer when it is sent again (SendGroupMessage, SendDirectMessage: the
+# client's message id; CreateGroup: its request id).
+IDEMPOTENCY_KEYS = ("client_msg_id", "request_id")
+RETRY_PAUSE_SECONDS = 0.05
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ServiceUnavailable(DomainError):
+    kind = ErrorKind.UNAVAILABLE
+    reason = "SERVICE_UNAVAILABLE"
+
+
+class ServiceTimedOut(DomainError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+    reason = "SERVICE_TIMEOUT"
+
+
+def carries_idempotency_key(request: Message) -> bool:
+    """Whether `request` names itself with a key its service deduplicates on."""
+    fields = request.DESCRIPTOR.fields_by_name
+    return any(key in fields and getattr(request, key) for key in IDEMPOTENCY_KEYS)
+
+
+def set_by_transport(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the channel, not the service, failed the call: the services put rich details
+    on every status they choose; gRPC's own UNAVAILABLE and DEADLINE_EXCEEDED have none."""
+    details = (key for key, _ in error.trailing_metadata() or ())
+    transport_codes = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return error.code() in transport_codes and STATUS_DETAILS_KEY not in details
 
 
 class Downstream:
@@ -44,15 +63,17 @@ class Downstream:
         timeout_cap_seconds: float,
         idempotent_methods: Iterable[str] = (),
     ) -> None:
-        self._service = service
+        """A client of `service` at `address`; `idempotent_methods` are safe to send twice
+        by design (reads, and writes like a join)."""
+        # What callers are told: "groups", never "groupchat.groups.v1.Groups" or an address.
+        self.name = service.name.lower()
         self._timeout_cap = timeout_cap_seconds
+        self._idempotent = frozenset(idempotent_methods)
         self._channel = grpc.aio.insecure_channel(
             address,
             options=[
-                ("grpc.enable_retries", 1),
                 # Spread calls over every replica the (headless) DNS name resolves to.
                 ("grpc.lb_policy_name", "round_robin"),
-                ("grpc.service_config", _service_config(service.full_name, idempotent_methods)),
                 ("grpc.keepalive_time_ms", 30_000),
             ],
         )
@@ -82,11 +103,63 @@ class Downstream:
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.0))
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            return await self._call_retrying(method, request, deadline, identity)
+        except grpc.aio.AioRpcError as error:
+            if set_by_transport(error):
+                raise self._transport_failure(method, error) from None
+            raise
+
+    async def _call_retrying(
+        self, method: str, request: Any, deadline: float, identity: Identity | None
+    ) -> Any:
+        try:
+            return await self._attempt(method, request, deadline, identity)
+        except grpc.aio.AioRpcError as error:
+            time_left = deadline - asyncio.get_running_loop().time()
+            if not self._may_retry(method, request, error) or time_left <= RETRY_PAUSE_SECONDS:
+                raise
+        log.info("downstream_retry", service=self.name, method=method)
+        await asyncio.sleep(RETRY_PAUSE_SECONDS)
+        return await self._attempt(method, request, deadline, identity)
+
+    async def _attempt(
+        self, method: str, request: Any, deadline: float, identity: Identity | None
+    ) -> Any:
         metadata = (
             ("authorization", f"Bearer {(identity or current_identity()).token}"),
             (REQUEST_ID_KEY, current_request_id()),
         )
+        timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
         return await self._methods[method](request, timeout=timeout, metadata=metadata)
+
+    def _may_retry(self, method: str, request: Any, error: grpc.aio.AioRpcError) -> bool:
+        """Only UNAVAILABLE (the call was not served) and only a call that is safe to send
+        twice: its method is idempotent, or the request carries its idempotency key."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        return method in self._idempotent or carries_idempotency_key(request)
+
+    def _transport_failure(self, method: str, error: grpc.aio.AioRpcError) -> DomainError:
+        """The error to tell the caller, naming this service; gRPC's own detail (addresses,
+        connection errors) goes to the log only."""
+        log.warning(
+            "downstream_failed",
+            service=self.name,
+            method=method,
+            code=error.code().name,
+            detail=error.details(),
+        )
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServiceTimedOut(
+                f"{self.name} did not answer in time; a change may have been made all the "
+                "same: read it back, or retry with the same client_msg_id or request_id",
+                service=self.name,
+            )
+        return ServiceUnavailable(
+            f"{self.name} is unavailable right now; try again shortly", service=self.name
+        )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -22,6 +22,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     ABORTED = "ABORTED"
     UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 class DomainError(Exception):

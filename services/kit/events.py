@@ -41,6 +41,7 @@ from services.kit.metrics import (
     EVENTS_DEAD_LETTERED,
     EVENTS_PUBLISHED,
     EVENTS_REDELIVERED,
+    NATS_CONNECTED,
 )
 
 log = structlog.get_logger("events")
@@ -160,9 +161,11 @@ class EventBus:
 
         async def on_disconnect() -> None:
             if not (nc.is_draining or nc.is_closed):  # not our own close
+                NATS_CONNECTED.set(0)
                 log.warning("nats_disconnected", url=url)
 
         async def on_reconnect() -> None:
+            NATS_CONNECTED.set(1)
             log.info("nats_reconnected", url=url)
             bus.messages_may_be_lost()
 
@@ -184,6 +187,7 @@ class EventBus:
             reconnected_cb=on_reconnect,
             error_cb=on_error,
         )
+        NATS_CONNECTED.set(1)
         bus = cls(nc, streams)
         if streams is not None:
             try:
@@ -411,12 +415,11 @@ class EventBus:
         return bytes(reply.data)
 
     async def flush(self) -> None:
-        """Return once the server has processed everything sent so far (subscriptions too)."""
-        await self._nc.flush(timeout=5)
-
-    async def reachable(self) -> bool:
-        """Whether NATS is connected (readiness)."""
-        return bool(self._nc.is_connected)
+        """Return once the server has processed everything sent so far (subscriptions too);
+        at once while NATS is away: the client subscribes again when it reconnects, and the
+        `on_messages_lost` listeners hear of it then."""
+        if self._nc.is_connected:
+            await self._nc.flush(timeout=5)
 
     async def close(self) -> None:
         """Stop taking events, give those in hand DRAIN_SECONDS to finish (the rest is
@@ -429,4 +432,7 @@ class EventBus:
             _, unfinished = await asyncio.wait(self._in_hand, timeout=DRAIN_SECONDS)
             for task in unfinished:
                 task.cancel()
-        await self._nc.drain()
+        if self._nc.is_connected:
+            await self._nc.drain()
+        else:  # NATS is away: what was not acked is redelivered, the outbox republishes
+            await self._nc.close()

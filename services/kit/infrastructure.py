@@ -1,8 +1,10 @@
 """What every service that stores opens first, the same way: its MongoDB database, the event
 bus (creating the streams with the configured replicas), and the outbox relay, which
 publishes the events that commands commit into the collections the service has it watch.
-Each is a readiness dependency and is closed on the service's exit stack, in reverse: the
-relay stops, the bus drains (events in hand finish), then the database closes."""
+Readiness follows MongoDB alone: without it no command or query can be served, while a NATS
+outage only delays events, which wait in their documents until the relay gets them out.
+Each is closed on the service's exit stack, in reverse: the relay stops, the bus drains
+(events in hand finish), then the database closes."""
 
 from __future__ import annotations
 
@@ -42,7 +44,6 @@ async def open_infrastructure(
     bus = await EventBus.connect(config.nats_url, name, events)
     stack.push_async_callback(bus.close)
     context.ready_when("mongodb", lambda: reachable(db))
-    context.ready_when("nats", bus.reachable)
     outbox = Outbox(bus)
     run_in_background(stack, outbox.run(), "outbox-relay")
     return Infrastructure(db, bus, outbox)

@@ -36,6 +36,11 @@ EVENTS_DEAD_LETTERED = Counter(
     "Events a durable consumer parked on the dead-letter stream, by why (failed, unparseable).",
     ["durable", "reason"],
 )
+NATS_CONNECTED = Gauge(
+    "groupchat_nats_connected",
+    "1 while this process is connected to NATS; readiness does not follow it (the outbox "
+    "holds events while NATS is away).",
+)
 STREAMS_OPEN = Gauge("groupchat_subscribe_streams_open", "Open Subscribe streams.")
 FANOUT_QUEUED = Gauge("groupchat_fanout_queued", "Events waiting in Subscribe stream buffers.")
 FANOUT_DROPPED = Counter(

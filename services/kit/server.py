@@ -50,7 +50,8 @@ class ServiceContext:
         self.stopping_hooks.append(hook)
 
     def ready_when(self, dependency: str, check: Callable[[], Awaitable[bool]]) -> None:
-        """Report NOT_SERVING on readiness while `check` fails (NATS, MongoDB, ...)."""
+        """Report NOT_SERVING on readiness while `check` fails: only for what the service
+        cannot serve without (its database, say; see the README on readiness)."""
         self.readiness_checks[dependency] = check
 
 

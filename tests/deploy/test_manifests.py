@@ -420,7 +420,7 @@ def test_service_containers_use_grpc_health_probes_on_the_grpc_port(target: str)
             assert "grpc" in probe, f"{name}: {probe_name} is not a gRPC probe"
             assert probe["grpc"]["port"] == GRPC_PORT, f"{name}: {probe_name} port"
         # Liveness (and startup) ask for "liveness", which never depends on NATS or
-        # MongoDB; readiness asks for "" (the default), which does.
+        # MongoDB; readiness asks for "" (the default), which follows MongoDB where stored.
         assert container["livenessProbe"]["grpc"].get("service") == "liveness"
         assert container["startupProbe"]["grpc"].get("service") == "liveness"
         assert container["readinessProbe"]["grpc"].get("service", "") == ""

@@ -3,8 +3,11 @@ MongoDB server of the session (`mongodb_uri`: MONGODB_URI when set, else a local
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +21,13 @@ from services.groups.service import build
 from services.kit.config import Env
 from services.kit.server import ServiceHost
 from tests.conftest import TEST_JWT_SECRET, unique_database_name
+from tools.suite import (
+    free_port,
+    local_mongodb_uri,
+    mongodb_server_command,
+    nats_server_command,
+    wait_port,
+)
 
 # service_env(nats_url, **overrides): the environment of one service in a test.
 ServiceEnv = Callable[..., Env]
@@ -98,3 +108,57 @@ async def nats_client(nats_url: str) -> AsyncIterator[Any]:
     nc = await nats.connect(nats_url)
     yield nc
     await nc.drain()
+
+
+class OwnServer:
+    """A server of one test's own (nats-server, the local MongoDB server), which the test
+    stops and starts again as an outage would: on the same port and data directory, with
+    the same command line."""
+
+    def __init__(self, url: str, port: int, command: list[str]) -> None:
+        self.url = url
+        self._port = port
+        self._command = command
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self._port, timeout=30.0)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server with `sig` (SIGKILL: a crash, nothing flushed, no goodbye)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(sig)
+            self._process.wait(10)
+        self._process = None
+
+
+@contextmanager
+def own_server(url: str, port: int, command: list[str]) -> Iterator[OwnServer]:
+    server = OwnServer(url, port, command)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[OwnServer]:
+    """A nats-server with JetStream for this test alone."""
+    port = free_port()
+    command = nats_server_command(port, tmp_path / "jetstream")
+    with own_server(f"nats://127.0.0.1:{port}", port, command) as server:
+        yield server
+
+
+@pytest.fixture
+def own_mongodb(tmp_path: Path) -> Iterator[OwnServer]:
+    """The local MongoDB server for this test alone, even with MONGODB_URI set: a server the
+    test may stop."""
+    port = free_port()
+    command = mongodb_server_command(port, tmp_path / "mongodb")
+    with own_server(local_mongodb_uri(port), port, command) as server:
+        yield server

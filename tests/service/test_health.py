@@ -1,38 +1,33 @@
-"""Readiness follows NATS; liveness does not, so an outage never restarts healthy pods."""
+"""Readiness follows what a pod cannot serve without: a storing service's MongoDB. Liveness
+follows nothing, so an outage never restarts healthy pods. (NATS is followed by neither:
+test_writes_during_nats_outage keeps every service SERVING through a NATS outage.)"""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.server import LIVENESS
 from tests.conftest import eventually
-from tests.service.conftest import ServiceEnv
-from tools.suite import free_port, nats_server_command, wait_port
+from tests.service.conftest import OwnServer, ServiceEnv
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-def start_nats(port: int, store: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        nats_server_command(port, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_port(port)
-    return process
+# status(service name) -> its health status as the server reports it
+Status = Callable[[str], Awaitable[int]]
 
 
-async def test_readiness_drops_while_nats_is_down_and_liveness_stays(
-    tmp_path: Path, service_env: ServiceEnv
-) -> None:
-    port = free_port()
-    nats = start_nats(port, tmp_path / "js")
-    host = build(GroupsConfig.from_env(service_env(f"nats://127.0.0.1:{port}")))
+@pytest.fixture
+async def groups_health(
+    nats_url: str, own_mongodb: OwnServer, service_env: ServiceEnv
+) -> AsyncIterator[Status]:
+    host = build(GroupsConfig.from_env(service_env(nats_url, MONGODB_URI=own_mongodb.url)))
     await host.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -41,20 +36,23 @@ async def test_readiness_drops_while_nats_is_down_and_liveness_stays(
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         return int(reply.status)
 
-    async def reports(service: str, expected: int) -> bool:
-        return await status(service) == expected
-
     try:
-        assert await status("") == SERVING
-        nats.terminate()
-        nats.wait(10)
-        await eventually(lambda: reports("", NOT_SERVING), within=15)
-        assert await status("groupchat.groups.v1.Groups") == NOT_SERVING
-        assert await status(LIVENESS) == SERVING
-        nats = start_nats(port, tmp_path / "js")
-        await eventually(lambda: reports("", SERVING), within=15)
+        yield status
     finally:
         await channel.close()
         await host.stop()
-        nats.terminate()
-        nats.wait(10)
+
+
+async def test_readiness_drops_while_mongodb_is_down_and_liveness_stays(
+    groups_health: Status, own_mongodb: OwnServer
+) -> None:
+    async def reports(expected: int) -> bool:
+        return await groups_health("") == expected
+
+    assert await groups_health("") == SERVING
+    own_mongodb.stop()
+    await eventually(lambda: reports(NOT_SERVING), within=15)
+    assert await groups_health("groupchat.groups.v1.Groups") == NOT_SERVING
+    assert await groups_health(LIVENESS) == SERVING
+    own_mongodb.start()
+    await eventually(lambda: reports(SERVING), within=15)

@@ -7,11 +7,14 @@ import jwt
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from groupchat.groups.v1 import groups_pb2
+from groupchat.messaging.v1 import messaging_pb2
 
 from services.gateway.config import GatewayConfig
 from services.groups.config import GroupsConfig
 from services.kit.auth import TokenVerifier, mint_token
 from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
+from services.kit.downstream import carries_idempotency_key
 from services.kit.errors import FieldViolation, InvalidArgument, QuotaExceeded, Unauthenticated
 from services.kit.events import retry_delay
 from services.kit.mongo import hosts_of
@@ -102,6 +105,23 @@ def test_page_tokens_round_trip_and_garbage_is_refused() -> None:
         decode_page_token("!!garbage")
     assert page_size(0) == 50
     assert page_size(10_000) == 500
+
+
+@pytest.mark.parametrize(
+    ("request_", "keyed"),
+    [
+        (messaging_pb2.SendDirectMessageRequest(recipient_id="bob", client_msg_id="m1"), True),
+        (messaging_pb2.SendDirectMessageRequest(recipient_id="bob"), False),
+        (groups_pb2.SendGroupMessageRequest(group_id="g1", client_msg_id="m1"), True),
+        (groups_pb2.CreateGroupRequest(name="Tea", request_id="r1"), True),
+        (groups_pb2.CreateGroupRequest(name="Tea"), False),
+        (groups_pb2.LeaveGroupRequest(group_id="g1"), False),
+    ],
+)
+def test_a_request_is_safe_to_resend_when_it_carries_its_idempotency_key(
+    request_: object, keyed: bool
+) -> None:
+    assert carries_idempotency_key(request_) is keyed  # type: ignore[arg-type]
 
 
 def test_invalid_argument_maps_to_bad_request_details() -> None:
