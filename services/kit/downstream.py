@@ -46,12 +46,21 @@ def carries_idempotency_key(request: Message) -> bool:
     return any(key in fields and getattr(request, key) for key in IDEMPOTENCY_KEYS)
 
 
+# The codes gRPC itself fails a call with: the service was not reached (UNAVAILABLE), did not
+# answer in time, or stopped while serving it (CANCELLED: a caller's own cancel never reaches
+# here, it cancels the task that waits).
+TRANSPORT_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
 def set_by_transport(error: grpc.aio.AioRpcError) -> bool:
     """Whether the channel, not the service, failed the call: the services put rich details
-    on every status they choose; gRPC's own UNAVAILABLE and DEADLINE_EXCEEDED have none."""
+    on every status they choose; gRPC's own statuses have none."""
     details = (key for key, _ in error.trailing_metadata() or ())
-    transport_codes = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return error.code() in transport_codes and STATUS_DETAILS_KEY not in details
+    return error.code() in TRANSPORT_CODES and STATUS_DETAILS_KEY not in details
 
 
 class Downstream:
@@ -135,9 +144,11 @@ class Downstream:
         return await self._methods[method](request, timeout=timeout, metadata=metadata)
 
     def _may_retry(self, method: str, request: Any, error: grpc.aio.AioRpcError) -> bool:
-        """Only UNAVAILABLE (the call was not served) and only a call that is safe to send
-        twice: its method is idempotent, or the request carries its idempotency key."""
-        if error.code() != grpc.StatusCode.UNAVAILABLE:
+        """Only UNAVAILABLE (the call was not served) or CANCELLED by a service that stopped,
+        and only a call that is safe to send twice: its method is idempotent, or the request
+        carries its idempotency key."""
+        stopped = error.code() == grpc.StatusCode.CANCELLED and set_by_transport(error)
+        if error.code() != grpc.StatusCode.UNAVAILABLE and not stopped:
             return False
         return method in self._idempotent or carries_idempotency_key(request)
 
@@ -151,6 +162,12 @@ class Downstream:
             code=error.code().name,
             detail=error.details(),
         )
+        if error.code() == grpc.StatusCode.CANCELLED:
+            return ServiceUnavailable(
+                f"{self.name} stopped while serving the call; a change may have been made all "
+                "the same: read it back, or retry with the same client_msg_id or request_id",
+                service=self.name,
+            )
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServiceTimedOut(
                 f"{self.name} did not answer in time; a change may have been made all the "

@@ -24,7 +24,7 @@ from services.kit.rpc_status import to_grpc_status
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
-STATUS_WAIT_SECONDS = 1.0
+STATUS_WAIT_SECONDS = 5.0
 
 _identity: ContextVar[Identity | None] = ContextVar("identity", default=None)
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
@@ -139,7 +139,8 @@ async def _within_status_wait(abort: Awaitable[None]) -> None:
         async with asyncio.timeout(STATUS_WAIT_SECONDS):
             await abort
     except TimeoutError:
-        raise grpc.aio.AbortError() from None
+        # The status is on its way; ending as cancelled is what gRPC accepts quietly.
+        raise asyncio.CancelledError() from None
 
 
 def _status_details(error: grpc.aio.AioRpcError) -> tuple[tuple[str, Any], ...]:

@@ -1,6 +1,6 @@
 """A direct message's send stopped at each of its store steps, every way a step can stop,
 leaves the invariants intact once a new process's relay has run: the doctor finds nothing,
-each stored message was published once and nothing else, the message is stored with its
+each stored message was published once per participant and nothing else, stored with its
 event or not at all, the day's stranger quota counts exactly the strangers whose stored
 conversations charged it (a crash between charging and storing may leave a charge without
 its message: never more than the limit, and a retry makes it good), and retrying the send
@@ -158,14 +158,18 @@ async def assert_invariants(world: World, sender: str, exact_quota: bool) -> Non
     await world.events.settle()
     ours = [e for e in world.events.envelopes if world.events.user_of[e.event_id] in world.users]
     assert len(ours) == len({e.event_id for e in ours}), "an event was published twice"
-    published: dict[str, list[int]] = {}
+    # Each message is published for each of its two participants.
+    published: dict[tuple[str, str], list[int]] = {}
     for event in ours:
-        published.setdefault(event.aggregate_id, []).append(event.aggregate_version)
+        participant = world.events.user_of[event.event_id]
+        published.setdefault((event.aggregate_id, participant), []).append(event.aggregate_version)
     stored: dict[str, list[int]] = {}
     async for doc in world.db["messages"].find({}, {"conversation_id": 1, "seq": 1}):
         stored.setdefault(doc["conversation_id"], []).append(doc["seq"])
     # The test's database holds only its own conversations.
-    assert {c: sorted(s) for c, s in published.items()} == {c: sorted(s) for c, s in stored.items()}
+    assert {key: sorted(s) for key, s in published.items()} == {
+        (c, participant): sorted(s) for c, s in stored.items() for participant in c.split(":")
+    }
 
     day = StrangerQuota(LIMITS.stranger_daily_limit, LIMITS.quota_zone).day(now_ms())
     charged = set()
@@ -209,7 +213,9 @@ async def assert_all_or_nothing(world: World, send: Send, was: Before, where: st
         assert new == [], f"{where}: not stored, but published {new}"
         return False
     assert seqs == [*was.seqs, len(was.seqs) + 1], f"{where}: {was.seqs} -> {seqs}"
-    assert [e.aggregate_version for e in new] == [seqs[-1]], f"{where}: published {new}"
+    assert sorted((e.aggregate_version, world.events.user_of[e.event_id]) for e in new) == [
+        (seqs[-1], participant) for participant in sorted(send.conversation_id.split(":"))
+    ], f"{where}: published {new}"
     return True
 
 

@@ -161,6 +161,8 @@ class FlakyGroups:
 
     def __init__(self) -> None:
         self.failures = 1
+        # UNAVAILABLE: not served; CANCELLED: the pod stopped while serving the call.
+        self.code = grpc.StatusCode.UNAVAILABLE
         self.attempts: Counter[str] = Counter()
 
     def behaviors(self, *methods: str) -> dict[str, Behavior]:
@@ -172,7 +174,7 @@ class FlakyGroups:
         async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self.attempts[name] += 1
             if self.attempts[name] <= self.failures:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "groups-0 is going away")
+                await context.abort(self.code, "groups-0 is going away")
             return response_class()
 
         return serve
@@ -236,6 +238,24 @@ async def test_a_write_without_its_idempotency_key_is_not_retried(
         await getattr(flaky_gateway, method_of(request_))(request_, metadata=md)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert groups.attempts == {method_of(request_): 1}
+
+
+async def test_a_call_a_stopping_service_cancelled_is_retried_when_safe_else_unavailable(
+    flaky_gateway: gateway_pb2_grpc.GatewayStub,
+    flaky: tuple[FlakyGroups, int],
+    token: Callable[..., str],
+) -> None:
+    groups, _ = flaky
+    groups.code = grpc.StatusCode.CANCELLED
+    md = (("authorization", f"Bearer {token('alice')}"),)
+    await flaky_gateway.SendGroupMessage(WITH_THEIR_KEY[0], metadata=md)
+    assert groups.attempts == {"SendGroupMessage": 2}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await flaky_gateway.CreateGroup(WITHOUT_A_KEY[1], metadata=md)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "SERVICE_UNAVAILABLE"  # type: ignore[union-attr]
+    assert "retry with the same" in (caught.value.details() or "")
+    assert groups.attempts["CreateGroup"] == 1
 
 
 async def test_a_call_is_retried_only_once(
