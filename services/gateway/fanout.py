@@ -384,8 +384,12 @@ class FanoutHub:
                 STREAM_GAPS.labels("filled").inc()
             checked = not fetched.has_more
             if sequence.has_gap and not fetched.has_more and sequence.emitted == before:
-                self._give_up(group_id, sequence, "the missing messages are not stored")
-                return
+                # Messages past the gap may have arrived while the fetch was on its way, or
+                # the store not show the missing one yet: ask again until the deadline.
+                if loop.time() >= deadline:
+                    self._give_up(group_id, sequence, "the missing messages are not stored")
+                    return
+                await asyncio.sleep(min(1.0, max(self._limits.gap_wait_seconds, 0.05)))
 
     def _give_up(self, group_id: str, sequence: Sequence[bytes], why: str) -> None:
         STREAM_GAPS.labels("lost").inc()

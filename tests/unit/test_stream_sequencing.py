@@ -58,6 +58,7 @@ class FakeGroupsWorld:
         self.handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
         self.stored: dict[int, bytes] = {}
         self.failing = False
+        self.during_fetch: Callable[[], Awaitable[None]] | None = None
         self.refused: set[str] = set()  # users the groups service no longer lets read
         self.fetches = 0
 
@@ -77,6 +78,9 @@ class FakeGroupsWorld:
         if self.failing or identity.user_id in self.refused:
             raise ConnectionError("groups is down, or this user may not read")
         seqs = sorted(s for s in self.stored if s > after_seq)
+        if self.during_fetch is not None:
+            happening, self.during_fetch = self.during_fetch, None
+            await happening()
         return Fetched([(s, self.stored[s]) for s in seqs], has_more=False)
 
     def store(self, seq: int) -> bytes:
@@ -151,6 +155,20 @@ async def test_a_gap_is_fetched_as_another_follower_when_one_may_no_longer_read(
     await world.publish(2)
     assert await received(alices, 2) == [1, 2]
     assert await received(bobs, 2) == [1, 2]
+
+
+async def test_a_gap_that_opens_while_a_check_is_on_its_way_is_not_taken_as_lost() -> None:
+    world = FakeGroupsWorld()
+    hub, session = await opened(world, replace(LIMITS, gap_wait_seconds=0.01, repair_seconds=5))
+
+    async def a_later_message_overtakes_the_first() -> None:
+        world.store(1)  # after the check read the store
+        world.store(2)
+        await world.publish(2)
+
+    world.during_fetch = a_later_message_overtakes_the_first
+    hub.check({GROUP: 1})  # the groups service reports more than this gateway saw
+    assert await received(session, 2) == [1, 2]
 
 
 async def test_a_gap_that_cannot_be_fetched_ends_the_stream_with_a_reason() -> None:
