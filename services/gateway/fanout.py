@@ -12,9 +12,10 @@ that follow the group (STREAM_GAP), so no stream ever misses a message silently.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -40,7 +41,7 @@ REPAIR_CONCURRENCY = 8
 # Session.RECHECK: compare the direct conversations with the messaging service (NATS was away).
 Item = tuple[str | None, int, bytes]
 Fetch = Callable[[Identity, str, int], Awaitable[Fetched]]
-Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
+Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Coroutine[Any, Any, Any]]
 
 
 class TooManyStreams(DomainError):
@@ -167,10 +168,10 @@ class FanoutHub:
             self._sessions[user_id].add(session)
             if user_id not in self._user_subs:
                 self._user_subs[user_id] = [
-                    await self._subscribe(
+                    await self._subscribe_detached(
                         f"groupchat.groups.member_joined.*.{user_id}", self._on_user_event
                     ),
-                    await self._subscribe(
+                    await self._subscribe_detached(
                         f"groupchat.messaging.direct_message_sent.*.{user_id}",
                         self._on_direct_message,
                     ),
@@ -206,7 +207,7 @@ class FanoutHub:
         """NATS reconnected (or dropped messages): what was published meanwhile may never
         arrive. Check every followed group, and have every stream check the direct
         conversations it knows."""
-        task = asyncio.create_task(self._resync())
+        task = asyncio.create_task(self._resync(), context=contextvars.Context())
         self._resyncs.add(task)
         task.add_done_callback(self._resyncs.discard)
 
@@ -248,9 +249,18 @@ class FanoutHub:
         self._followed[user_id].add(group_id)
         self._followers[group_id].add(user_id)
         if group_id not in self._group_subs:
-            self._group_subs[group_id] = await self._subscribe(
+            self._group_subs[group_id] = await self._subscribe_detached(
                 f"groupchat.groups.*.{group_id}.*", self._on_group_event
             )
+
+    async def _subscribe_detached(
+        self, subject: str, handler: Callable[[Any], Awaitable[None]]
+    ) -> Any:
+        """Subscribe outside the calling RPC's context: the subscription's task, which runs
+        the handler for every stream on this gateway, must not log as that RPC."""
+        return await asyncio.create_task(
+            self._subscribe(subject, handler), context=contextvars.Context()
+        )
 
     async def _unfollow(self, user_id: str, group_id: str) -> None:
         self._followed.get(user_id, set()).discard(group_id)
@@ -346,7 +356,7 @@ class FanoutHub:
     def _repair(self, group_id: str, *, wait: bool) -> None:
         if group_id in self._repairs:
             return
-        task = asyncio.create_task(self._fill(group_id, wait))
+        task = asyncio.create_task(self._fill(group_id, wait), context=contextvars.Context())
         self._repairs[group_id] = task
         task.add_done_callback(lambda _: self._repairs.pop(group_id, None))
 
