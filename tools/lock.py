@@ -7,10 +7,11 @@ machine with only python3 and pip installs exactly what was tested:
 - dev.txt: the virtualenv of `make run` and `make test` (the runtime dependencies, the dev
   extra and the build backend, so the project itself installs with `--no-build-isolation`);
 - runtime.txt: the image's /opt/venv (pyproject's [project].dependencies only);
-- protogen.txt: the image builder's grpcio-tools, which generates the code and is left behind.
+- protogen.txt: the image builder's grpcio-tools, which generates the code and is left behind;
+- pip.txt: pip itself, installed first into each of those venvs.
 
-dev.txt is resolved first and the other two are constrained by it, so a package pinned in
-more than one lock has one version everywhere: the image runs what `make test` tested.
+dev.txt is resolved first and runtime.txt and protogen.txt are constrained by it, so a package
+they share has one version everywhere: the image runs what `make test` tested.
 uv resolves once for every Python the project supports (requires-python) and every platform;
 pip evaluates the markers at install time.
 
@@ -48,6 +49,8 @@ class Environment:
     purpose: str
     source: str
     requirements: tuple[str, ...]
+    # Resolved within dev.txt's pins, so that what it shares with dev.txt is what was tested.
+    follows_dev: bool = True
 
     @property
     def lock_file(self) -> Path:
@@ -72,6 +75,7 @@ def environments(pyproject: dict[str, Any]) -> list[Environment]:
             "the virtualenv of `make run` and `make test`",
             "dependencies, the dev extra and build-system.requires",
             runtime + dev + build,
+            follows_dev=False,
         ),
         Environment(
             "runtime", "the image's /opt/venv (deploy/Dockerfile)", "dependencies", runtime
@@ -81,6 +85,15 @@ def environments(pyproject: dict[str, Any]) -> list[Environment]:
             "grpcio-tools in the image's builder stage (deploy/Dockerfile)",
             "grpcio-tools of the dev extra",
             protogen,
+        ),
+        # Not the interpreter's own pip, whose version (and speed) varies from one machine and
+        # base image to the next: each venv installs this one first, then its lock.
+        Environment(
+            "pip",
+            "the pip that installs the other locks",
+            "requires-python (pip is in no table)",
+            ("pip",),
+            follows_dev=False,
         ),
     ]
 
@@ -124,7 +137,7 @@ def _uv_version() -> str:
 def _compile(env: Environment, python: str, digest: str, upgrade: bool) -> None:
     command = ["uv", "pip", "compile", "-", "--universal", "--python-version", python]
     command += ["--generate-hashes", *(["--upgrade"] if upgrade else [])]
-    if env.name != "dev":
+    if env.follows_dev:
         command += ["--constraints", "requirements/dev.txt"]
     # uv writes the lock itself, so it prefers the versions the lock already pins; --no-config:
     # the lock is made from PyPI alone, whatever a uv.toml or UV_* variable says here.

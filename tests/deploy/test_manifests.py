@@ -1111,7 +1111,9 @@ def test_the_final_stage_has_no_build_tools() -> None:
     runs = " ".join(run.value for run in _all(builder, "RUN"))
     commands = [" ".join(c.split()) for run in _all(builder, "RUN") for c in run.value.split("&&")]
     assert sorted(c for c in commands if "pip install" in c) == [
+        "/opt/protogen/bin/pip install --require-hashes -r requirements/pip.txt",
         "/opt/protogen/bin/pip install --require-hashes -r requirements/protogen.txt",
+        "/opt/venv/bin/pip install --require-hashes -r requirements/pip.txt",
         "/opt/venv/bin/pip install --require-hashes -r requirements/runtime.txt",
     ]
     assert "/opt/protogen/bin/python -m tools.protogen" in runs
