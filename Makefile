@@ -10,7 +10,7 @@ IMAGE ?= groupchat
 VERSION ?= dev
 CONTAINER ?= docker
 
-.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor chaos gen lint image clean
+.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor chaos gen lint lock image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -55,13 +55,23 @@ lint: $(VENV)/.installed gen/.stamp
 	$(VENV)/bin/ruff format --check services tools tests bench
 	$(VENV)/bin/mypy
 
-# The virtualenv, with the project installed editable and the generated code on its path.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+# The virtualenv, exactly requirements/dev.txt (made anew, so nothing outlives a changed lock),
+# with the project installed editable and the generated code on its path. Needs only python3:
+# the venv's own pip installs the locked pip, which installs the rest.
+$(VENV)/.installed: pyproject.toml requirements/pip.txt requirements/dev.txt
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install --quiet --require-hashes -r requirements/pip.txt
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	echo "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/groupchat-gen.pth"
 	touch $@
+
+# The lock files of every environment (requirements/*.txt), from pyproject.toml: run it after
+# changing a dependency there, and commit the result. UPGRADE=1 moves every pin to the newest
+# release its range admits. Any existing venv will do (uv is in it): it is not remade first.
+lock:
+	test -e $(VENV)/.installed || $(MAKE) $(VENV)/.installed
+	$(PY) -m tools.lock $(if $(UPGRADE),--upgrade)
 
 # Python (with .pyi stubs) generated from protos/ into gen/, mirroring the proto packages.
 gen/.stamp: $(PROTOS) $(VENV)/.installed tools/protogen.py
