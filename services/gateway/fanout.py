@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -60,7 +59,6 @@ class Session:
 
     def __init__(self, identity: Identity, limits: StreamLimits) -> None:
         self.identity = identity
-        self.started_at = time.time()
         # The last seq of each conversation that the client holds (or is about to).
         self.positions: dict[str, int] = {}
         # Whether every direct conversation of the user had a position at Ready.
