@@ -26,7 +26,7 @@ from services.gateway.history import Fetched, direct_key, group_key
 from services.gateway.sequencing import Sequence
 from services.kit.auth import Identity
 from services.kit.errors import DomainError, ErrorKind
-from services.kit.metrics import FANOUT_DROPPED, STREAM_GAPS
+from services.kit.metrics import FANOUT_DELIVERIES, FANOUT_DROPPED, STREAM_GAPS
 
 log = structlog.get_logger("fanout")
 
@@ -319,8 +319,10 @@ class FanoutHub:
                 async with self._lock:
                     await self._unfollow(user_id, group_id)
             return
-        for follower in list(self._followers.get(group_id, ())):
-            self._deliver(follower, None, 0, response)
+        followers = list(self._followers.get(group_id, ()))
+        FANOUT_DELIVERIES.inc(len(followers))
+        for follower in followers:
+            self._offer(follower, None, 0, response)
         if event_type == "group_dissolved":
             async with self._lock:
                 for follower in list(self._followers.get(group_id, ())):
@@ -343,11 +345,19 @@ class FanoutHub:
         key = group_key(group_id)
         first = sequence.emitted - len(responses) + 1
         followers = list(self._followers.get(group_id, ()))
+        FANOUT_DELIVERIES.inc(len(followers) * len(responses))
         for offset, response in enumerate(responses):
             for follower in followers:
-                self._deliver(follower, key, first + offset, response)
+                self._offer(follower, key, first + offset, response)
 
     def _deliver(self, user_id: str, key: str | None, seq: int, response: bytes) -> None:
+        """Hand one user's streams an event meant for that user alone."""
+        if user_id in self._sessions:
+            FANOUT_DELIVERIES.inc()
+            self._offer(user_id, key, seq, response)
+
+    def _offer(self, user_id: str, key: str | None, seq: int, response: bytes) -> None:
+        # Uncounted: a group's events are counted once per event for all its followers.
         for session in self._sessions.get(user_id, ()):
             session.offer(key, seq, response)
 

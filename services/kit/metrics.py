@@ -43,6 +43,11 @@ NATS_CONNECTED = Gauge(
 )
 STREAMS_OPEN = Gauge("groupchat_subscribe_streams_open", "Open Subscribe streams.")
 FANOUT_QUEUED = Gauge("groupchat_fanout_queued", "Events waiting in Subscribe stream buffers.")
+FANOUT_DELIVERIES = Counter(
+    "groupchat_fanout_deliveries",
+    "Events this gateway handed to a local user's Subscribe streams: one per event and user "
+    "(a user with several streams here counts once).",
+)
 FANOUT_DROPPED = Counter(
     "groupchat_fanout_streams_dropped", "Subscribe streams ended for falling behind."
 )

@@ -12,6 +12,7 @@ import pytest
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
 from groupchat.groups.v1 import groups_pb2
+from prometheus_client import REGISTRY
 
 from services.gateway.config import StreamLimits
 from services.gateway.fanout import FanoutHub, Session, TooManyStreams
@@ -207,3 +208,22 @@ async def test_an_overflowing_stream_frees_its_buffer_at_once() -> None:
         await world.publish(seq)
     assert session.buffered == 1
     assert await session.next() is Session.OVERFLOW
+
+
+def deliveries() -> float:
+    return REGISTRY.get_sample_value("groupchat_fanout_deliveries_total") or 0.0
+
+
+async def test_deliveries_count_each_message_once_per_local_follower_not_per_stream() -> None:
+    world = FakeGroupsWorld()
+    hub, first = await opened(world)
+    second = await hub.open(ALICE)  # alice's other device: the same follower
+    bob = await hub.open(Identity("bob", frozenset(), "token"))
+    await hub.follow("bob", {GROUP: 0})
+    before = deliveries()
+
+    for seq in (1, 2, 3):
+        await world.publish(seq)
+
+    assert deliveries() - before == 3 * 2  # three messages, two users
+    assert (first.buffered, second.buffered, bob.buffered) == (3, 3, 3)
