@@ -63,7 +63,14 @@ STREAMS_ENDED = Counter(
     "Subscribe streams the gateway ended, by reason.",
     ["reason"],
 )
-
+OUTBOX_BACKLOG = Gauge(
+    "groupchat_outbox_backlog",
+    "Events committed but not yet published: in this process's relay queue (where=queue), "
+    "and those its relay's last scan left waiting in the documents (where=documents: every "
+    "replica's scan sees the same documents, so take the max across replicas; at most the "
+    "scan's limit of documents per collection).",
+    ["where"],
+)
 
 def serve_metrics(port: int) -> Any:
     """Serve /metrics on `port` (0: a free one) in a thread; returns the HTTP server."""

@@ -31,7 +31,7 @@ from groupchat.events.v1 import events_pb2
 from pymongo import UpdateOne
 
 from services.kit.events import EventBus, OutgoingEvent
-from services.kit.metrics import EVENTS_DEFERRED
+from services.kit.metrics import EVENTS_DEFERRED, OUTBOX_BACKLOG
 from services.kit.timestamps import now_ms
 
 log = structlog.get_logger("outbox")
@@ -111,6 +111,10 @@ class Outbox:
         # Documents whose events are queued here: the scan leaves them to the queue, so that
         # a relay running behind under load does not do their work twice.
         self._in_hand: Counter[tuple[str, Any]] = Counter()
+        # The backlog (groupchat_outbox_backlog): events in the queue, and those the last
+        # scan found waiting in documents and could not publish.
+        self._queued_events = 0
+        self._waiting_events = 0
 
     async def watch(self, collection: Any, finish: Finish | None = None) -> None:
         """Let the relay publish the events that commands write into `collection`, finishing
@@ -127,10 +131,13 @@ class Outbox:
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(_Committed(collection.name, doc_id, events))
             self._in_hand[(collection.name, doc_id)] += 1
+            self._queued_events += len(events)
 
     async def run(self) -> None:
         """The relay, until cancelled: publish what commands hand over as it comes, and every
         scan interval whatever is still waiting in the documents."""
+        OUTBOX_BACKLOG.labels("queue").set_function(lambda: self._queued_events)
+        OUTBOX_BACKLOG.labels("documents").set_function(lambda: self._waiting_events)
         scan_at = asyncio.get_running_loop().time()
         while True:
             first = None
@@ -149,6 +156,7 @@ class Outbox:
                     log.exception("outbox_publish_failed")
                 finally:
                     for item in batch:
+                        self._queued_events -= len(item.events)
                         key = (item.collection, item.doc_id)
                         self._in_hand[key] -= 1
                         if not self._in_hand[key]:
@@ -196,6 +204,7 @@ class Outbox:
                 events = [_outgoing(stored) for stored in doc.get(EVENTS_FIELD) or []]
                 batch.append(_Committed(name, doc["_id"], events))
         sent = await self._publish(batch)
+        self._waiting_events = sum(len(item.events) for item in batch) - sent
         if sent:
             log.info("outbox_relayed", events=sent)
         return sent
