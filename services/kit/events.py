@@ -32,11 +32,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from services.kit.config import ConfigError, EventSettings
 from services.kit.locks import KeyedLocks
 from services.kit.metrics import (
+    CONSUMER_LAG,
     EVENTS_CONSUMED,
     EVENTS_DEAD_LETTERED,
     EVENTS_PUBLISHED,
@@ -72,6 +74,8 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 # JetStream's error code when the retention of a stream does not fit the server's storage.
 INSUFFICIENT_STORAGE = 10047
 DRAIN_SECONDS = 2
+# How often a process samples the lag (num_pending) of the durables it consumes.
+LAG_SAMPLE_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,11 @@ class EventBus:
         self._nc = nc
         self._js = nc.jetstream()
         self._settings = settings or EventSettings()
-        self._durables: list[Subscription] = []
+        self._durables: list[JetStreamContext.PushSubscription] = []
         # Events being handled by this process's durable consumers: close() waits for them.
         self._in_hand: set[asyncio.Task[None]] = set()
         self._loss_listeners: list[Callable[[], None]] = []
+        self._lag_sampler: asyncio.Task[None] | None = None
 
     def on_messages_lost(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever plain subscriptions may have missed messages: after a
@@ -284,7 +289,22 @@ class EventBus:
             subject, queue=durable, durable=durable, cb=on_message, manual_ack=True, config=config
         )
         self._durables.append(subscription)
+        if self._lag_sampler is None:
+            self._lag_sampler = asyncio.create_task(self._sample_lag(LAG_SAMPLE_SECONDS))
         return subscription
+
+    async def _sample_lag(self, interval: float) -> None:
+        """Until close: every `interval`, set groupchat_events_consumer_lag of each durable
+        this bus consumes to what JetStream has not handed it yet."""
+        while True:
+            for subscription in list(self._durables):
+                try:
+                    info = await subscription.consumer_info()
+                except Exception as exc:  # NATS away: the next sample tells
+                    log.debug("consumer_lag_unknown", error=repr(exc))
+                    continue
+                CONSUMER_LAG.labels(info.name).set(info.num_pending or 0)
+            await asyncio.sleep(interval)
 
     async def _bound_existing_durable(
         self, subject: str, durable: str, bounded: ConsumerConfig
@@ -426,6 +446,8 @@ class EventBus:
         redelivered, to another replica), then drain and close the connection."""
         if self._nc.is_closed:
             return
+        if self._lag_sampler is not None:
+            self._lag_sampler.cancel()
         for subscription in self._durables:
             await subscription.unsubscribe()
         if self._in_hand:

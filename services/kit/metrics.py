@@ -71,6 +71,13 @@ OUTBOX_BACKLOG = Gauge(
     "scan's limit of documents per collection).",
     ["where"],
 )
+CONSUMER_LAG = Gauge(
+    "groupchat_events_consumer_lag",
+    "Events in JetStream a durable consumer has not been handed yet (num_pending), sampled "
+    "every 15 s by each process that consumes it (replicas report the same durable: take "
+    "the max).",
+    ["durable"],
+)
 
 def serve_metrics(port: int) -> Any:
     """Serve /metrics on `port` (0: a free one) in a thread; returns the HTTP server."""
