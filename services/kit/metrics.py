@@ -78,6 +78,13 @@ CONSUMER_LAG = Gauge(
     "the max).",
     ["durable"],
 )
+MONGODB_COMMAND_SECONDS = Histogram(
+    "groupchat_mongodb_command_duration_seconds",
+    "Time from sending a MongoDB command to its reply (failed commands included), by command.",
+    ["command"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
 
 def serve_metrics(port: int) -> Any:
     """Serve /metrics on `port` (0: a free one) in a thread; returns the HTTP server."""

@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from motor.motor_asyncio import AsyncIOMotorClient
+from pymongo import monitoring
 from pymongo.errors import DuplicateKeyError
+
+from services.kit.metrics import MONGODB_COMMAND_SECONDS
 
 if TYPE_CHECKING:
     from groupchat.events.v1 import events_pb2
@@ -22,9 +25,25 @@ PROCESSED_EVENTS_KEPT_SECONDS = 7 * 86_400
 def open_database(uri: str, name: str) -> tuple[Any, Any]:
     """Return (client, database) on the server `uri` names. Motor connects lazily: the first
     command waits for the server, at most 5 s."""
-    client: Any = AsyncIOMotorClient(uri, serverSelectionTimeoutMS=5_000, appname=name)
+    client: Any = AsyncIOMotorClient(
+        uri, serverSelectionTimeoutMS=5_000, appname=name, event_listeners=[CommandLatency()]
+    )
     log.info("mongodb", hosts=hosts_of(uri), database=name)
     return client, client[name]
+
+
+class CommandLatency(monitoring.CommandListener):
+    """Observes how long each command took (pymongo measures it) in
+    groupchat_mongodb_command_duration_seconds, by command name."""
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        MONGODB_COMMAND_SECONDS.labels(event.command_name).observe(event.duration_micros / 1e6)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        MONGODB_COMMAND_SECONDS.labels(event.command_name).observe(event.duration_micros / 1e6)
 
 
 def hosts_of(uri: str) -> list[str]:
