@@ -289,6 +289,10 @@ class EventBus:
             subject, queue=durable, durable=durable, cb=on_message, manual_ack=True, config=config
         )
         self._durables.append(subscription)
+        # Zero from the start, so that the first event parked after a restart is an
+        # increase an alert sees, not the birth of a series.
+        for reason in ("failed", "unparseable"):
+            EVENTS_DEAD_LETTERED.labels(durable, reason)
         if self._lag_sampler is None:
             self._lag_sampler = asyncio.create_task(self._sample_lag(LAG_SAMPLE_SECONDS))
         return subscription
