@@ -180,6 +180,21 @@ async def test_metrics_count_rpcs_events_and_streams(gateway: Any, suite: Any) -
         await stream.close()
 
 
+async def test_the_services_export_what_the_dashboards_read(gateway: Any, suite: Any) -> None:
+    updates = 'groupchat_mongodb_command_duration_seconds_count{command="update"}'
+    before = scrape(suite.metrics_ports["groups"])
+    await join(gateway, unique("m"), await create_group(gateway, unique("owner")))
+
+    groups, plaza = (scrape(suite.metrics_ports[name]) for name in ("groups", "plaza"))
+    assert groups[updates] > before.get(updates, 0)
+    assert {
+        'groupchat_outbox_backlog{where="queue"}',
+        'groupchat_outbox_backlog{where="documents"}',
+    } <= groups.keys()
+    assert any(name.startswith("groupchat_events_consumer_lag{") for name in plaza)
+    assert "groupchat_fanout_deliveries_total" in scrape(suite.metrics_ports["gateway"])
+
+
 async def test_group_changes_reach_every_member_stream(gateway: Any) -> None:
     owner, bob = unique("owner"), unique("bob")
     gid = await create_group(gateway, owner)
