@@ -8,8 +8,25 @@ never changes once clients rely on it.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import ClassVar
+
+# What an id of the suite is: a user, group, post or invite id, a client message id's cousin.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_DESCRIPTION = "1-64 letters, digits, '_' or '-'"
+# The most of a caller's input an error message or ErrorInfo metadata quotes: a status travels
+# in headers, and a 10,000-character id echoed there fails the call as RESOURCE_EXHAUSTED
+# ("metadata size exceeds hard limit") instead of saying what was wrong.
+EXCERPT_MAX = 32
+
+
+def excerpt(value: str, limit: int = EXCERPT_MAX) -> str:
+    """`value` as an error may quote it: whole when short, else its first `limit` characters
+    and how long it was."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}… ({len(value)} characters)"
 
 
 class ErrorKind(enum.Enum):
@@ -77,6 +94,15 @@ class Unauthenticated(DomainError):
     reason = "UNAUTHENTICATED"
 
 
+def validate_ids(**ids: str) -> None:
+    """Each named value is an id: INVALID_ARGUMENT naming those that are not (never quoting
+    them)."""
+    check = Validator()
+    for field, value in ids.items():
+        check.check_id(value, field)
+    check.raise_if_invalid()
+
+
 class Validator:
     """Collects every field violation of a request, then raises them together."""
 
@@ -86,6 +112,11 @@ class Validator:
     def check(self, ok: bool, field: str, description: str) -> None:
         if not ok:
             self.violations.append(FieldViolation(field, description))
+
+    def check_id(self, value: str, field: str, *, required: bool = True) -> None:
+        """`value` is an id (or empty, when not `required`)."""
+        if value or required:
+            self.check(bool(ID_PATTERN.match(value)), field, ID_DESCRIPTION)
 
     def raise_if_invalid(self) -> None:
         if self.violations:

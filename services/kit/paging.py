@@ -10,6 +10,9 @@ from pymongo import ASCENDING, DESCENDING
 
 from services.kit.errors import FieldViolation, InvalidArgument
 
+# Longer than any token this API returns; a longer one is refused before it is decoded.
+PAGE_TOKEN_MAX = 1024
+
 
 def encode_page_token(position: dict[str, Any]) -> str:
     raw = json.dumps(position, separators=(",", ":")).encode()
@@ -20,6 +23,8 @@ def decode_page_token(token: str) -> dict[str, Any] | None:
     """The position a token stands for; None for the first page."""
     if not token:
         return None
+    if len(token) > PAGE_TOKEN_MAX:
+        raise InvalidArgument([FieldViolation("page_token", "not a token this API returned")])
     try:
         padded = token + "=" * (-len(token) % 4)
         position = json.loads(base64.urlsafe_b64decode(padded.encode()))

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
-from services.kit.errors import DomainError, ErrorKind, QuotaExceeded, Validator
+from services.kit.errors import (
+    ID_DESCRIPTION,
+    ID_PATTERN,
+    DomainError,
+    ErrorKind,
+    QuotaExceeded,
+    Validator,
+)
 
 TEXT_MAX = 4_000
 CLIENT_MSG_ID_MAX = 128
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A day's quota record is kept a day past the day's end (TTL), so a late read still finds it.
 QUOTA_RECORD_GRACE = dt.timedelta(days=1)
 
@@ -316,7 +321,7 @@ def validate_non_negative(**values: int) -> None:
 
 
 def _check_peer(check: Validator, user_id: str, peer_id: str, field_name: str) -> None:
-    if not USER_ID_PATTERN.match(peer_id):
-        check.check(False, field_name, "a user id: 1-64 letters, digits, '_' or '-'")
+    if not ID_PATTERN.match(peer_id):
+        check.check(False, field_name, f"a user id: {ID_DESCRIPTION}")
     else:
         check.check(peer_id != user_id, field_name, "another user than yourself")

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from services.kit.errors import FieldViolation, InvalidArgument
+from services.kit.errors import FieldViolation, InvalidArgument, excerpt, validate_ids
 from services.kit.events import new_event
 from services.kit.outbox import Outbox
 from services.kit.timestamps import now_ms
@@ -234,11 +234,10 @@ class PlazaApp:
         rebuild keeps it; it is applied here at once as well, and its later consumption
         changes nothing."""
         domain.ensure_editor(is_editor)
-        if not group_id:
-            raise InvalidArgument([FieldViolation("group_id", "required")])
+        validate_ids(group_id=group_id)
         stored = await self._store.load(group_id)
         if stored is None or not stored.state.known:
-            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
+            raise GroupNotFound(f"no group {excerpt(group_id)}", group_id=excerpt(group_id))
         event = await self._store.record_selection(
             group_id,
             selected,
@@ -260,7 +259,7 @@ class PlazaApp:
         log.info("group_selected", group_id=group_id, selected=selected, editor_id=editor_id)
         card = await self._store.card(group_id)
         if card is None:
-            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
+            raise GroupNotFound(f"no group {excerpt(group_id)}", group_id=excerpt(group_id))
         return card
 
     # Categories
@@ -275,7 +274,8 @@ class PlazaApp:
     async def insights(self, user_id: str, group_id: str, days: int) -> Insights:
         """A group's daily figures over the last `days` UTC days, for its owner and admins."""
         window = domain.insight_window(days, self._clock())
-        stored = await self._store.load(group_id) if group_id else None
+        validate_ids(group_id=group_id)
+        stored = await self._store.load(group_id)
         domain.ensure_can_see_insights(stored.state if stored else None, user_id)
         counts = await self._store.days(group_id, window)
         impressions = await self._store.impressions(group_id, window)
