@@ -13,6 +13,7 @@ import structlog
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.outbox import Outbox
+from services.kit.rate import SendRate, SendRateLimit
 from services.kit.timestamps import now_ms
 from services.messaging import domain
 from services.messaging.domain import (
@@ -45,6 +46,7 @@ class MessagingLimits:
     stranger_daily_limit: int = 5
     unanswered_limit: int = 3
     quota_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_QUOTA_TIMEZONE))
+    send_rate: SendRateLimit = field(default_factory=SendRateLimit)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class MessagingApp:
         self._outbox = outbox
         self._limits = limits
         self._quota = StrangerQuota(limits.stranger_daily_limit, limits.quota_zone)
+        self._send_rate = SendRate(limits.send_rate)
         self._clock = clock
 
     # Sending
@@ -106,13 +109,14 @@ class MessagingApp:
         projection, publishing) is idempotent and done again by the outbox relay if the send
         stops after its insert. A refused send stores and charges nothing (a stranger slot it
         took is given back); a retry with the same client_msg_id returns the first message
-        and charges nothing again."""
+        and charges nothing again (nor counts against the send rate)."""
         domain.validate_message(sender_id, recipient_id, text, client_msg_id)
         key = domain.dedup_key(sender_id, client_msg_id)
         if key and (first := await self._store.message_by_dedup_key(key)):
             return await self._retried(first, recipient_id)
-        await self._check_blocks(sender_id, recipient_id)
         now = self._clock()
+        self._send_rate.take(sender_id, now)
+        await self._check_blocks(sender_id, recipient_id)
         slot = _Slot(self._quota.day(now))
         try:
             appended = await self._append(sender_id, recipient_id, text, client_msg_id, now, slot)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
+from services.kit.rate import SendRateLimit
 from services.messaging.app import DEFAULT_QUOTA_TIMEZONE, MessagingLimits
 
 
@@ -26,6 +27,7 @@ class MessagingConfig:
                 stranger_daily_limit=env.integer("STRANGER_DAILY_LIMIT", 5, minimum=1),
                 unanswered_limit=env.integer("UNANSWERED_LIMIT", 3, minimum=1),
                 quota_zone=_zone(env.string("QUOTA_TIMEZONE", DEFAULT_QUOTA_TIMEZONE)),
+                send_rate=SendRateLimit.from_env(env),
             ),
             events=EventSettings.from_env(env),
         )
