@@ -13,6 +13,7 @@ from services.groups.domain import GroupSettings
 from services.groups.mapping import (
     category_name,
     group_to_proto,
+    invite_to_proto,
     member_to_proto,
     message_to_proto,
     my_group_to_proto,
@@ -31,6 +32,7 @@ def _settings(
     capacity: int,
     listed: bool,
     linked_post_id: str,
+    slow_mode_seconds: int,
 ) -> GroupSettings:
     return GroupSettings(
         name=name,
@@ -40,6 +42,7 @@ def _settings(
         capacity=capacity,
         listed=listed,
         linked_post_id=linked_post_id,
+        slow_mode_seconds=slow_mode_seconds,
     )
 
 
@@ -58,6 +61,7 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             request.capacity,
             request.listed,
             request.linked_post_id,
+            request.slow_mode_seconds,
         )
         group, owner = await self._app.create_group(
             current_identity().user_id, settings, request.request_id
@@ -67,16 +71,24 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
         )
 
     async def GetGroup(self, request: pb.GetGroupRequest, context: Ctx) -> pb.GetGroupResponse:
-        return pb.GetGroupResponse(
-            group=group_to_proto(await self._app.get_group(request.group_id))
+        group = await self._app.get_group(
+            current_identity().user_id, request.group_id, request.invite_code
         )
+        return pb.GetGroupResponse(group=group_to_proto(group))
 
     async def UpdateGroup(
         self, request: pb.UpdateGroupRequest, context: Ctx
     ) -> pb.UpdateGroupResponse:
         g = request.group
         changes = _settings(
-            g.name, g.description, g.category, g.cover_url, g.capacity, g.listed, g.linked_post_id
+            g.name,
+            g.description,
+            g.category,
+            g.cover_url,
+            g.capacity,
+            g.listed,
+            g.linked_post_id,
+            g.slow_mode_seconds,
         )
         group = await self._app.update_group(
             current_identity().user_id, g.group_id, changes, list(request.update_mask.paths)
@@ -85,7 +97,7 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
 
     async def JoinGroup(self, request: pb.JoinGroupRequest, context: Ctx) -> pb.JoinGroupResponse:
         result = await self._app.join_group(
-            current_identity().user_id, request.group_id, request.source
+            current_identity().user_id, request.group_id, request.source, request.invite_code
         )
         return pb.JoinGroupResponse(
             membership=member_to_proto(result.membership),
@@ -207,3 +219,20 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             current_identity().user_id, request.group_id, request.read_seq
         )
         return pb.MarkGroupReadResponse(read_seq=read_seq, unread_count=unread)
+
+    async def CreateInvite(
+        self, request: pb.CreateInviteRequest, context: Ctx
+    ) -> pb.CreateInviteResponse:
+        invite = await self._app.create_invite(
+            current_identity().user_id,
+            request.group_id,
+            request.expires_in_seconds,
+            request.max_uses,
+        )
+        return pb.CreateInviteResponse(invite=invite_to_proto(invite))
+
+    async def RevokeInvite(
+        self, request: pb.RevokeInviteRequest, context: Ctx
+    ) -> pb.RevokeInviteResponse:
+        await self._app.revoke_invite(current_identity().user_id, request.group_id, request.code)
+        return pb.RevokeInviteResponse()

@@ -27,6 +27,7 @@ from services.groups.domain import (
     GroupLimitReached,
     GroupNotFound,
     GroupSettings,
+    Invite,
     JoinRateLimited,
     MemberNotFound,
     Membership,
@@ -35,12 +36,19 @@ from services.groups.domain import (
     PostChange,
     Role,
 )
-from services.groups.mapping import group_to_proto, member_to_proto, message_to_proto
+from services.groups.mapping import (
+    INVITE_SOURCE,
+    group_to_proto,
+    invite_event_payload,
+    member_to_proto,
+    message_to_proto,
+)
 from services.groups.storage import GroupsStore, GroupState
-from services.kit.errors import ConcurrentUpdate
+from services.kit.errors import ConcurrentUpdate, excerpt
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.locks import KeyedLocks
 from services.kit.outbox import Outbox, merged
+from services.kit.rate import SendRate, SendRateLimit, SendRateLimited
 from services.kit.timestamps import now_ms
 
 log = structlog.get_logger("groups")
@@ -51,6 +59,8 @@ COMMIT_ATTEMPTS = 50
 LEASE_GRACE_MS = 120_000
 # Groups whose last seq and version this process remembers (guesses that save reads).
 GUESSES_KEPT = 10_000
+# Invites one group holds at most (revoking one makes room): the group document stays small.
+INVITES_MAX = 100
 
 T = TypeVar("T")
 
@@ -72,6 +82,7 @@ class GroupsLimits:
     join_rate_limit: int = 30
     join_rate_window_seconds: int = 60
     max_mute_seconds: int = 30 * 86_400
+    send_rate: SendRateLimit = field(default_factory=SendRateLimit)
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,7 @@ class GroupsApp:
         self._outbox = outbox
         self._limits = limits
         self._clock = clock
+        self._send_rate = SendRate(limits.send_rate)
         self._writers = KeyedLocks()
         # Serialises this process's senders per group, so seqs are taken without contention
         # and events leave in seq order. Across processes the message _id rules.
@@ -162,6 +174,7 @@ class GroupsApp:
     ) -> tuple[Group, Membership]:
         settings = replace(settings, capacity=settings.capacity or self._limits.max_capacity)
         settings.validate(self._limits.max_capacity)
+        domain.validate_request_id(request_id)
         create_key = f"{user_id}:{request_id}" if request_id else None
         if create_key and (existing := await self._store.group_by_create_key(create_key)):
             return existing, await self._creator_membership(existing, user_id)
@@ -198,7 +211,17 @@ class GroupsApp:
         log.info("group_created", group_id=group.group_id, owner_id=user_id)
         return await self._settle_link(group), owner
 
-    async def get_group(self, group_id: str) -> Group:
+    async def get_group(self, user_id: str, group_id: str, invite_code: str = "") -> Group:
+        """The whole group for a member; for anyone else what its plaza card shows, and of an
+        unlisted group nothing (GROUP_NOT_FOUND) unless they hold a usable invite."""
+        domain.validate_invite_code(invite_code, required=False)
+        state = await self._load(group_id, user_id, invite_code=invite_code)
+        if state.member(user_id):
+            return state.group
+        return domain.ensure_outsider_may_see(state.group, state.invite, self._clock())
+
+    async def get_group_internal(self, group_id: str) -> Group:
+        """The whole group, for the service's own follow-ups (not a caller's view)."""
         return (await self._load(group_id)).group
 
     async def update_group(
@@ -237,11 +260,19 @@ class GroupsApp:
 
     # Membership
 
-    async def join_group(self, user_id: str, group_id: str, source: int) -> JoinResult:
+    async def join_group(
+        self, user_id: str, group_id: str, source: int, invite_code: str = ""
+    ) -> JoinResult:
+        """Join a listed group, or any group with a usable invite (which the join uses up by
+        one, exactly, in the same write); a join with an invite counts as `invite_source`."""
         domain.validate_id(group_id, "group_id")
-        state = await self._load(group_id, user_id)
+        domain.validate_invite_code(invite_code, required=False)
+        if invite_code:
+            source = INVITE_SOURCE
+        state = await self._load(group_id, user_id, invite_code=invite_code)
         if existing := state.member(user_id):
             return JoinResult(existing, state.group, joined=False)
+        domain.ensure_may_enter(state.group, invite_code, state.invite, self._clock())
         self._ensure_may_join(state, user_id)
         await self._check_join_rate(user_id)
         # A refused join keeps its lease until it is found stale: giving it back could race
@@ -251,6 +282,9 @@ class GroupsApp:
         def decide(state: GroupState) -> _Change[JoinResult]:
             if existing := state.member(user_id):  # the same user joined concurrently
                 return _Change({}, JoinResult(existing, state.group, joined=False))
+            # Decided on the version the write is conditional on: an invite's last use goes
+            # to one join only, however many race for it.
+            domain.ensure_may_enter(state.group, invite_code, state.invite, self._clock())
             self._ensure_may_join(state, user_id)
             group = state.group
             member = Membership(group_id, user_id, Role.MEMBER, self._clock(), 0, group.last_seq)
@@ -268,10 +302,60 @@ class GroupsApp:
                 },
             )
             update = storage.add_member(member, lease)
+            if state.invite is not None:
+                update = merged(update, storage.use_invite(state.invite.code))
             return _Change(update, JoinResult(member, seated, True), events.events)
 
         # The group as read above is the first guess: only a change since costs a new read.
-        return await self._change(group_id, [user_id], decide, read=state)
+        return await self._change(group_id, [user_id], decide, read=state, invite_code=invite_code)
+
+    # Invites
+
+    async def create_invite(
+        self, user_id: str, group_id: str, expires_in_seconds: int, max_uses: int
+    ) -> Invite:
+        domain.validate_invite_terms(expires_in_seconds, max_uses)
+        code = secrets.token_urlsafe(12)  # 16 characters of [A-Za-z0-9_-]: an id
+
+        def decide(state: GroupState) -> _Change[Invite]:
+            domain.ensure_can_manage(self._member(state, user_id))
+            if state.invite_count >= INVITES_MAX:
+                raise domain.TooManyInvites(
+                    f"the group holds {INVITES_MAX} invites, the most allowed: revoke some"
+                )
+            now = self._clock()
+            invite = Invite(
+                code=code,
+                group_id=group_id,
+                created_by=user_id,
+                created_at_ms=now,
+                expires_at_ms=now + expires_in_seconds * 1000 if expires_in_seconds else 0,
+                max_uses=max_uses,
+                uses=0,
+            )
+            events = _Events(state)
+            events.add("invite_created", user_id, invite_created=invite_event_payload(invite))
+            return _Change(storage.add_invite(invite), invite, events.events)
+
+        return await self._change(group_id, [user_id], decide)
+
+    async def revoke_invite(self, user_id: str, group_id: str, code: str) -> None:
+        """Delete the invite; one that is gone already changes nothing (a retry is safe)."""
+        domain.validate_invite_code(code, required=True)
+
+        def decide(state: GroupState) -> _Change[None]:
+            domain.ensure_can_manage(self._member(state, user_id))
+            if state.invite is None:
+                return _Change({}, None)
+            events = _Events(state)
+            events.add(
+                "invite_revoked",
+                user_id,
+                invite_revoked={"group_id": group_id, "revoked_by": user_id},
+            )
+            return _Change(storage.remove_invite(code), None, events.events)
+
+        await self._change(group_id, [user_id], decide, invite_code=code)
 
     async def leave_group(self, user_id: str, group_id: str) -> bool:
         """Leave; returns True when the caller was the last member and the group dissolved."""
@@ -316,7 +400,9 @@ class GroupsApp:
             now = self._clock()
             if target is None:
                 if not ban:
-                    raise domain.MemberNotFound(f"{target_id} is not a member of this group")
+                    raise domain.MemberNotFound(
+                        f"{excerpt(target_id)} is not a member of this group"
+                    )
                 # Banning someone who is not (or no longer) a member keeps them out.
                 domain.ensure_can_manage(actor)
                 if target_id in state.banned:
@@ -451,13 +537,17 @@ class GroupsApp:
         self, user_id: str, group_id: str, text: str, mentions: list[str], client_msg_id: str
     ) -> Message:
         domain.validate_message(text, mentions, client_msg_id)
-        member = self._member(await self._load(group_id, user_id, activity=False), user_id)
+        state = await self._load(group_id, user_id, activity=False)
+        member = self._member(state, user_id)
         key = domain.dedup_key(group_id, user_id, client_msg_id)
         try:
-            domain.ensure_can_send(member, self._clock())
-        except domain.Muted:
+            now = self._clock()
+            domain.ensure_can_send(member, now)
+            self._send_rate.take(user_id, now)
+            await self._take_slow_mode_slot(state.group, member, now)
+        except (domain.Muted, SendRateLimited, domain.SlowMode):
             if key and (first := await self._store.message_by_dedup_key(key)):
-                return first  # a retry of what was sent before the mute
+                return first  # a retry of what was sent before: it costs nothing again
             raise
         async with self._senders.hold(group_id):
             message, events = await self._append(group_id, user_id, text, mentions, client_msg_id)
@@ -465,6 +555,17 @@ class GroupsApp:
             await self._finish_message(message)
             self._outbox.committed(self._store.messages, storage.message_id(message), events)
         return message
+
+    async def _take_slow_mode_slot(self, group: Group, member: Membership, now: int) -> None:
+        """Under slow mode, the member's one message of the period (a conditional write, so
+        exact across processes), or SlowMode with how long to wait. A send that fails after
+        this still used its slot: at most one message per period, never more."""
+        if not domain.slow_mode_applies(group, member):
+            return
+        seconds = group.settings.slow_mode_seconds
+        last_sent = await self._store.take_send_slot(group.group_id, member.user_id, now, seconds)
+        if last_sent is not None:
+            raise domain.slow_mode_refusal(group, member, last_sent, now)
 
     async def _append(
         self, group_id: str, user_id: str, text: str, mentions: list[str], client_msg_id: str
@@ -551,7 +652,9 @@ class GroupsApp:
         post = await self._store.get_post(post_id)
         if post is not None and post.published:
             return group
-        return await self._unlink(group.group_id, post_id) or await self.get_group(group.group_id)
+        return await self._unlink(group.group_id, post_id) or await self.get_group_internal(
+            group.group_id
+        )
 
     async def _unlink(self, group_id: str, post_id: str) -> Group | None:
         """Unlink `post_id` if the group still links it; None when it does not (unlinked
@@ -597,6 +700,7 @@ class GroupsApp:
         decide: Callable[[GroupState], _Change[T]],
         *,
         read: GroupState | None = None,
+        invite_code: str = "",
     ) -> T:
         """Read the group with `user_ids`' memberships (or start from `read`, a state the
         caller read already), `decide`, and commit the decided update and events conditional
@@ -606,7 +710,7 @@ class GroupsApp:
             if read is not None and read.group.version < self._versions.get(group_id, 0):
                 read = None  # this process has changed the group since: that read is stale
             for _ in range(COMMIT_ATTEMPTS):
-                state = read or await self._load(group_id, *user_ids)
+                state = read or await self._load(group_id, *user_ids, invite_code=invite_code)
                 read = None
                 change = decide(state)
                 if not change.update:
@@ -619,10 +723,15 @@ class GroupsApp:
                     return change.result
         raise ConcurrentUpdate("the group kept changing; try again")
 
-    async def _load(self, group_id: str, *user_ids: str, activity: bool = True) -> GroupState:
-        state = await self._store.load(group_id, *user_ids, activity=activity)
+    async def _load(
+        self, group_id: str, *user_ids: str, activity: bool = True, invite_code: str = ""
+    ) -> GroupState:
+        domain.validate_id(group_id, "group_id")
+        state = await self._store.load(
+            group_id, *user_ids, activity=activity, invite_code=invite_code
+        )
         if state is None:
-            raise GroupNotFound(f"no group {group_id}", group_id=group_id)
+            raise domain.group_not_found(group_id)
         return state
 
     @staticmethod
@@ -644,7 +753,7 @@ class GroupsApp:
     def _target(state: GroupState, user_id: str) -> Membership:
         member = state.member(user_id)
         if member is None:
-            raise MemberNotFound(f"{user_id} is not a member of this group")
+            raise MemberNotFound(f"{excerpt(user_id)} is not a member of this group")
         return member
 
     @staticmethod

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.groups.app import GroupsLimits
 from services.kit.config import Env, EventSettings, ServerConfig
+from services.kit.rate import SendRateLimit
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class GroupsConfig:
                 join_rate_limit=env.integer("JOIN_RATE_LIMIT", 30, minimum=1),
                 join_rate_window_seconds=env.integer("JOIN_RATE_WINDOW_SECONDS", 60, minimum=1),
                 max_mute_seconds=env.integer("MAX_MUTE_SECONDS", 30 * 86_400, minimum=1),
+                send_rate=SendRateLimit.from_env(env),
             ),
             events=EventSettings.from_env(env),
         )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import enum
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.kit.errors import (
+    ID_DESCRIPTION,
+    ID_PATTERN,
     DomainError,
     ErrorKind,
     QuotaExceeded,
     Validator,
+    excerpt,
 )
 
 NAME_MAX = 50
@@ -18,7 +20,12 @@ DESCRIPTION_MAX = 500
 TEXT_MAX = 4_000
 MENTIONS_MAX = 50
 URL_MAX = 2_048
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+REQUEST_ID_MAX = 128
+# The longest slow mode an owner or admin may set: one message per member per this many seconds.
+SLOW_MODE_MAX_SECONDS = 86_400
+# The longest an invite may stay valid, and the most uses it may allow (0: no limit on uses).
+INVITE_MAX_SECONDS = 365 * 86_400
+INVITE_MAX_USES = 100_000
 
 
 class Role(enum.IntEnum):
@@ -78,6 +85,10 @@ class JoinRateLimited(QuotaExceeded):
     reason = "JOIN_RATE_LIMITED"
 
 
+class SlowMode(QuotaExceeded):
+    reason = "SLOW_MODE"
+
+
 class PostNotFound(DomainError):
     kind = ErrorKind.NOT_FOUND
     reason = "POST_NOT_FOUND"
@@ -103,6 +114,8 @@ class GroupSettings:
     capacity: int
     listed: bool
     linked_post_id: str
+    # One message per member per this many seconds (the owner and admins are exempt); 0: off.
+    slow_mode_seconds: int = 0
 
     def validate(self, max_capacity: int) -> None:
         check = Validator()
@@ -123,7 +136,12 @@ class GroupSettings:
         check.check(
             not self.linked_post_id or bool(ID_PATTERN.match(self.linked_post_id)),
             "linked_post_id",
-            "a post id: 1-64 letters, digits, '_' or '-'",
+            f"a post id: {ID_DESCRIPTION}",
+        )
+        check.check(
+            0 <= self.slow_mode_seconds <= SLOW_MODE_MAX_SECONDS,
+            "slow_mode_seconds",
+            f"between 0 (off) and {SLOW_MODE_MAX_SECONDS}",
         )
         check.raise_if_invalid()
 
@@ -150,6 +168,12 @@ class Group:
     def last_activity_ms(self) -> int:
         """When the newest message was sent, or when the group was created if it has none."""
         return self.last_message.sent_at_ms if self.last_message else self.created_at_ms
+
+    def as_seen_by_outsider(self) -> Group:
+        """What a non-member may see: what the plaza card shows (name, description,
+        category, cover, size, linked post), never the conversation: no last message, no
+        seq, no notice of an unlinked post."""
+        return replace(self, last_message=None, last_seq=0, unlinked_post_id="")
 
 
 @dataclass(frozen=True)
@@ -201,7 +225,7 @@ class PostChange:
 def ensure_can_link(post: Post | None, post_id: str, user_id: str) -> None:
     """A group links only one of its caller's own published posts."""
     if post is None:
-        raise PostNotFound(f"no post {post_id}", post_id=post_id)
+        raise PostNotFound(f"no post {excerpt(post_id)}", post_id=excerpt(post_id))
     if post.author_id != user_id:
         raise PostNotOwned("you can only link your own posts", post_id=post_id)
     if not post.published:
@@ -214,7 +238,16 @@ def unlinked_post_after_update(group: Group, settings: GroupSettings) -> str:
 
 
 UPDATABLE_FIELDS = frozenset(
-    {"name", "description", "category", "cover_url", "capacity", "listed", "linked_post_id"}
+    {
+        "name",
+        "description",
+        "category",
+        "cover_url",
+        "capacity",
+        "listed",
+        "linked_post_id",
+        "slow_mode_seconds",
+    }
 )
 
 
@@ -291,6 +324,109 @@ def ensure_can_send(member: Membership, now_ms: int) -> None:
         raise Muted("you are muted in this group", muted_until_ms=str(member.muted_until_ms))
 
 
+def slow_mode_applies(group: Group, member: Membership) -> bool:
+    """Slow mode holds back members; the owner and admins, who set it, are exempt."""
+    return group.settings.slow_mode_seconds > 0 and member.role < Role.ADMIN
+
+
+def slow_mode_refusal(group: Group, member: Membership, last_sent_ms: int, now_ms: int) -> SlowMode:
+    """The refusal of a member's message within slow mode of their last one."""
+    seconds = group.settings.slow_mode_seconds
+    retry_after = max(1, -(-(last_sent_ms + seconds * 1000 - now_ms) // 1000))
+    return SlowMode(
+        f"slow mode: one message per {seconds}s; try again in {retry_after}s",
+        subject=f"user:{member.user_id}",
+        retry_after_seconds=str(retry_after),
+    )
+
+
+# Invites: how a group that is not listed is joined.
+
+
+class TooManyInvites(DomainError):
+    reason = "TOO_MANY_INVITES"
+
+
+class InviteNotFound(DomainError):
+    """No usable invite by that code (for a listed group; of an unlisted one, the group
+    itself is what is not found)."""
+
+    kind = ErrorKind.NOT_FOUND
+    reason = "INVITE_NOT_FOUND"
+
+
+@dataclass(frozen=True)
+class Invite:
+    """A code that lets its holders join an unlisted group (revoking one deletes it)."""
+
+    code: str
+    group_id: str
+    created_by: str
+    created_at_ms: int
+    # 0: never expires; max_uses 0: no limit on uses.
+    expires_at_ms: int
+    max_uses: int
+    uses: int
+
+    def usable(self, now_ms: int) -> bool:
+        if self.expires_at_ms and now_ms >= self.expires_at_ms:
+            return False
+        return not self.max_uses or self.uses < self.max_uses
+
+    def used_once(self) -> Invite:
+        return replace(self, uses=self.uses + 1)
+
+
+def validate_invite_terms(expires_in_seconds: int, max_uses: int) -> None:
+    check = Validator()
+    check.check(
+        0 <= expires_in_seconds <= INVITE_MAX_SECONDS,
+        "expires_in_seconds",
+        f"between 0 (never) and {INVITE_MAX_SECONDS}",
+    )
+    check.check(
+        0 <= max_uses <= INVITE_MAX_USES, "max_uses", f"between 0 (no limit) and {INVITE_MAX_USES}"
+    )
+    check.raise_if_invalid()
+
+
+def validate_invite_code(code: str, *, required: bool) -> None:
+    check = Validator()
+    check.check_id(code, "invite_code", required=required)
+    check.raise_if_invalid()
+
+
+def ensure_may_enter(group: Group, invite_code: str, invite: Invite | None, now_ms: int) -> None:
+    """Anyone may join a listed group; an unlisted one only with a usable invite of its own,
+    and without one it is not found at all (its id alone must not let anyone in). `invite`
+    is the group's invite by `invite_code`, None when it has none by that code."""
+    if not invite_code and group.settings.listed:
+        return
+    if invite is not None and invite.group_id == group.group_id and invite.usable(now_ms):
+        return
+    if group.settings.listed:
+        # A listed group with a bad invite: the invite is what is not found.
+        raise InviteNotFound("no such invite, or it expired or is used up")
+    raise group_not_found(group.group_id)
+
+
+def group_not_found(group_id: str) -> GroupNotFound:
+    """What a caller is told about a group that does not exist, and what a non-member is told
+    about an unlisted group without a usable invite: the same words, nothing tells them
+    apart."""
+    return GroupNotFound(f"no group {excerpt(group_id)}", group_id=excerpt(group_id))
+
+
+def ensure_outsider_may_see(group: Group, invite: Invite | None, now_ms: int) -> Group:
+    """What a non-member sees of a group: the card of a listed one, or of an unlisted one
+    they hold a usable invite to; an unlisted group is not found otherwise."""
+    if not group.settings.listed and not (
+        invite is not None and invite.group_id == group.group_id and invite.usable(now_ms)
+    ):
+        raise group_not_found(group.group_id)
+    return group.as_seen_by_outsider()
+
+
 def validate_message(text: str, mentions: list[str], client_msg_id: str) -> None:
     check = Validator()
     check.check(0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters")
@@ -298,7 +434,7 @@ def validate_message(text: str, mentions: list[str], client_msg_id: str) -> None
     check.check(
         all(ID_PATTERN.match(m) for m in mentions),
         "mentions",
-        "user ids: 1-64 letters, digits, '_' or '-'",
+        f"user ids: {ID_DESCRIPTION}",
     )
     check.check(
         not client_msg_id or len(client_msg_id) <= 128, "client_msg_id", "at most 128 characters"
@@ -306,9 +442,17 @@ def validate_message(text: str, mentions: list[str], client_msg_id: str) -> None
     check.raise_if_invalid()
 
 
+def validate_request_id(request_id: str) -> None:
+    check = Validator()
+    check.check(
+        len(request_id) <= REQUEST_ID_MAX, "request_id", f"at most {REQUEST_ID_MAX} characters"
+    )
+    check.raise_if_invalid()
+
+
 def validate_id(value: str, field: str) -> None:
     check = Validator()
-    check.check(bool(ID_PATTERN.match(value)), field, "1-64 letters, digits, '_' or '-'")
+    check.check_id(value, field)
     check.raise_if_invalid()
 
 

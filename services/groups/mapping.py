@@ -7,6 +7,7 @@ from groupchat.groups.v1 import groups_pb2
 
 from services.groups.domain import (
     Group,
+    Invite,
     Membership,
     Message,
     PostChange,
@@ -14,6 +15,9 @@ from services.groups.domain import (
     unread_count,
 )
 from services.kit.timestamps import timestamp_from_ms
+
+# The join source every join with an invite counts as, in the creator's insights.
+INVITE_SOURCE = groups_pb2.INVITE_LINK
 
 
 def group_to_proto(g: Group) -> groups_pb2.Group:
@@ -36,7 +40,32 @@ def group_to_proto(g: Group) -> groups_pb2.Group:
         last_message=message_to_proto(g.last_message) if g.last_message else None,
         last_activity_at=timestamp_from_ms(g.last_activity_ms),
         unlinked_post_id=g.unlinked_post_id,
+        slow_mode_seconds=s.slow_mode_seconds,
     )
+
+
+def invite_to_proto(i: Invite) -> groups_pb2.Invite:
+    invite = groups_pb2.Invite(
+        code=i.code,
+        group_id=i.group_id,
+        created_by=i.created_by,
+        created_at=timestamp_from_ms(i.created_at_ms),
+        max_uses=i.max_uses,
+        uses=i.uses,
+    )
+    if i.expires_at_ms:
+        invite.expire_time.FromMilliseconds(i.expires_at_ms)
+    return invite
+
+
+def invite_event_payload(i: Invite) -> events_pb2.InviteCreated:
+    """An invite as its event tells it: without the code, which only its creator gets."""
+    event = events_pb2.InviteCreated(
+        group_id=i.group_id, created_by=i.created_by, max_uses=i.max_uses
+    )
+    if i.expires_at_ms:
+        event.expire_time.FromMilliseconds(i.expires_at_ms)
+    return event
 
 
 def my_group_to_proto(g: Group, m: Membership) -> groups_pb2.MyGroup:

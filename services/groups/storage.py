@@ -1,11 +1,12 @@
 """Groups' MongoDB documents.
 
 A group is one document, the aggregate: its settings, owner, counters, members (user id ->
-role, joined, muted) and bans, and the events of its changes not yet published. Every
-command on a group is one write to that document, conditional on the version it decided on
-(optimistic concurrency), with its events inside (services/kit/outbox.py): the change, the
-counters that describe it and its events commit together or not at all, and a ban, a join,
-a removal and a transfer racing each other cannot both pass on what they read.
+role, joined, muted), bans, invites (code -> terms and uses), and the events of its changes
+not yet published. Every command on a group is one write to that document, conditional on
+the version it decided on (optimistic concurrency), with its events inside
+(services/kit/outbox.py): the change, the counters that describe it and its events commit
+together or not at all, and a ban, a join, a removal and a transfer racing each other cannot
+both pass on what they read; nor two joins for an invite's last use.
 
 What every message changes (the last seq and message) lives beside it in a small document of
 its own, so that sending never rewrites the group with its 500 members.
@@ -19,6 +20,7 @@ Collections:
   user_groups     per user, a lease per group joined or being joined: the per-user limit, and
                   where a user's groups are found
   join_windows    join attempts per user and rate window (TTL)
+  send_slots      per (group, member) under slow mode: when they last sent (TTL)
   posts           the platform's posts, as far as linking one needs
 """
 
@@ -36,6 +38,7 @@ from pymongo.errors import DuplicateKeyError
 from services.groups.domain import (
     Group,
     GroupSettings,
+    Invite,
     Membership,
     Message,
     Post,
@@ -55,6 +58,7 @@ _GROUP_FIELDS = (
     "capacity",
     "listed",
     "linked_post_id",
+    "slow_mode_seconds",
     "owner_id",
     "member_count",
     "created_at_ms",
@@ -62,18 +66,23 @@ _GROUP_FIELDS = (
     "version",
     "unlinked_post_id",
     "dissolved",
+    "invite_count",
 )
 
 
 @dataclass(frozen=True)
 class GroupState:
     """A group as a command read it: the group, and of the users the command is about,
-    their memberships, the stamps of the leases they joined with, and who is banned."""
+    their memberships, the stamps of the leases they joined with, who is banned, and the
+    invite the command names (None when it names none or there is no such invite)."""
 
     group: Group
     members: dict[str, Membership | None]
     banned: frozenset[str]
     leases: dict[str, int]
+    invite: Invite | None = None
+    # How many invites the group holds.
+    invite_count: int = 0
 
     def member(self, user_id: str) -> Membership | None:
         return self.members.get(user_id)
@@ -87,6 +96,7 @@ class GroupsStore:
         self._reads = db["read_positions"]
         self._user_groups = db["user_groups"]
         self._join_windows = db["join_windows"]
+        self._send_slots = db["send_slots"]
         self._posts = db["posts"]
 
     async def create_indexes(self) -> None:
@@ -96,17 +106,23 @@ class GroupsStore:
         await self.messages.create_index([("group_id", ASCENDING), ("seq", ASCENDING)])
         await self.messages.create_index("dedup_key", unique=True, sparse=True)
         await self._join_windows.create_index("expires_at", expireAfterSeconds=0)
+        await self._send_slots.create_index("expires_at", expireAfterSeconds=0)
 
     # The group aggregate
 
-    async def load(self, group_id: str, *user_ids: str, activity: bool = True) -> GroupState | None:
-        """The group with the memberships and bans of `user_ids`; None when there is none.
-        Without `activity` its last seq and message are not read (0 and None): for commands
-        that neither need nor return them."""
+    async def load(
+        self, group_id: str, *user_ids: str, activity: bool = True, invite_code: str = ""
+    ) -> GroupState | None:
+        """The group with the memberships and bans of `user_ids` (and the invite
+        `invite_code`, when named); None when there is none. Without `activity` its last seq
+        and message are not read (0 and None): for commands that neither need nor return
+        them."""
         projection = {field: 1 for field in _GROUP_FIELDS}
         for user_id in user_ids:
             projection[f"members.{user_id}"] = 1
             projection[f"banned.{user_id}"] = 1
+        if invite_code:
+            projection[f"invites.{invite_code}"] = 1
         group = self.groups.find_one({"_id": group_id}, projection)
         if activity:
             doc, last = await asyncio.gather(group, self._activity.find_one({"_id": group_id}))
@@ -115,11 +131,14 @@ class GroupsStore:
         if doc is None or doc.get("dissolved"):
             return None
         members = doc.get("members") or {}
+        invite = (doc.get("invites") or {}).get(invite_code) if invite_code else None
         return GroupState(
             group=_group(doc, last),
             members={u: _membership(group_id, u, members.get(u)) for u in user_ids},
             banned=frozenset(doc.get("banned") or {}),
             leases={u: e.get("lease", 0) for u, e in members.items() if u in user_ids},
+            invite=_invite(group_id, invite_code, invite) if invite else None,
+            invite_count=doc.get("invite_count", 0),
         )
 
     async def insert_group(
@@ -296,6 +315,26 @@ class GroupsStore:
         )
         return int(doc["count"])
 
+    # Slow mode
+
+    async def take_send_slot(
+        self, group_id: str, user_id: str, now_ms: int, every_seconds: int
+    ) -> int | None:
+        """Take the member's one message of the slow-mode period: None when taken (their last
+        message was at least `every_seconds` ago, or there is none), else when they last
+        sent. One conditional write: two sends at once never both pass."""
+        slot_id = f"{group_id}:{user_id}"
+        expires_at = dt.datetime.fromtimestamp(now_ms / 1000 + every_seconds, tz=dt.UTC)
+        if await upsert_where(
+            self._send_slots,
+            slot_id,
+            {"last_sent_ms": {"$lte": now_ms - every_seconds * 1000}},
+            {"$set": {"last_sent_ms": now_ms, "expires_at": expires_at}},
+        ):
+            return None
+        doc = await self._send_slots.find_one({"_id": slot_id})
+        return int(doc["last_sent_ms"]) if doc else now_ms
+
     # Messages
 
     async def last_message_seq(self, group_id: str) -> int:
@@ -399,6 +438,29 @@ def set_member(member: Membership) -> dict[str, Any]:
     }
 
 
+def add_invite(invite: Invite) -> dict[str, Any]:
+    return {
+        "$set": {
+            f"invites.{invite.code}": {
+                "created_by": invite.created_by,
+                "created_at_ms": invite.created_at_ms,
+                "expires_at_ms": invite.expires_at_ms,
+                "max_uses": invite.max_uses,
+                "uses": invite.uses,
+            }
+        },
+        "$inc": {"invite_count": 1},
+    }
+
+
+def use_invite(code: str) -> dict[str, Any]:
+    return {"$inc": {f"invites.{code}.uses": 1}}
+
+
+def remove_invite(code: str) -> dict[str, Any]:
+    return {"$unset": {f"invites.{code}": ""}, "$inc": {"invite_count": -1}}
+
+
 def set_owner(owner_id: str) -> dict[str, Any]:
     return {"$set": {"owner_id": owner_id}}
 
@@ -427,6 +489,8 @@ def dissolve(capacity: int) -> dict[str, Any]:
             "members": {},
             "member_count": 0,
             "free_seats": capacity,
+            "invites": {},
+            "invite_count": 0,
         }
     }
 
@@ -444,6 +508,7 @@ def _settings_doc(s: GroupSettings) -> dict[str, Any]:
         "capacity": s.capacity,
         "listed": s.listed,
         "linked_post_id": s.linked_post_id,
+        "slow_mode_seconds": s.slow_mode_seconds,
     }
 
 
@@ -473,6 +538,7 @@ def _group(doc: dict[str, Any], activity: dict[str, Any] | None) -> Group:
             capacity=doc["capacity"],
             listed=doc["listed"],
             linked_post_id=doc["linked_post_id"],
+            slow_mode_seconds=doc.get("slow_mode_seconds", 0),
         ),
         owner_id=doc["owner_id"],
         member_count=doc["member_count"],
@@ -482,6 +548,18 @@ def _group(doc: dict[str, Any], activity: dict[str, Any] | None) -> Group:
         version=doc["version"],
         unlinked_post_id=doc.get("unlinked_post_id", ""),
         last_message=message_from_doc(last) if last else None,
+    )
+
+
+def _invite(group_id: str, code: str, entry: dict[str, Any]) -> Invite:
+    return Invite(
+        code=code,
+        group_id=group_id,
+        created_by=entry["created_by"],
+        created_at_ms=entry["created_at_ms"],
+        expires_at_ms=entry["expires_at_ms"],
+        max_uses=entry["max_uses"],
+        uses=entry["uses"],
     )
 
 

@@ -119,14 +119,14 @@ async def test_a_message_stored_by_a_process_that_died_is_finished_and_published
         group_message_posted={"message": message_to_proto(message)},
     )
     assert await store.insert_message(message, [event])
-    assert (await app.get_group(group.group_id)).last_seq == 0
+    assert (await app.get_group("owner", group.group_id)).last_seq == 0
 
     survivor = Outbox(bus, retry_after_seconds=0)
     await groups_app(db, survivor)
     await survivor.relay_once()
     await eventually(lambda: len(received) == 1)
     assert received[0].event_id == event.envelope.event_id
-    finished = await app.get_group(group.group_id)
+    finished = await app.get_group("owner", group.group_id)
     assert (finished.last_seq, finished.last_message) == (1, message)
     _, unread = await app.mark_read("owner", group.group_id, 0)
     assert unread == 0  # the sender has read what they wrote

@@ -21,6 +21,7 @@ async def create(groups: GroupsCaller, owner: str, **fields: Any) -> pb.Group:
     stub, md = groups(owner)
     fields.setdefault("name", "Tea lovers")
     fields.setdefault("category", pb.FOOD)
+    fields.setdefault("listed", True)
     reply = await stub.CreateGroup(pb.CreateGroupRequest(**fields), metadata=md)
     return reply.group
 

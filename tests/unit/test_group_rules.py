@@ -296,3 +296,63 @@ def test_a_members_activity_is_the_groups_or_their_join_if_later() -> None:
     assert domain.activity_for_member(active, early) == 5_000
     assert domain.activity_for_member(active, late) == 9_000
     assert (domain.unread_count(active, early), domain.unread_count(active, late)) == (3, 0)
+
+
+def an_invite(**fields: object) -> domain.Invite:
+    values: dict[str, object] = {
+        "code": "c1",
+        "group_id": "g",
+        "created_by": "u",
+        "created_at_ms": 0,
+        "expires_at_ms": 0,
+        "max_uses": 0,
+        "uses": 0,
+    }
+    values.update(fields)
+    return domain.Invite(**values)  # type: ignore[arg-type]
+
+
+def test_an_invite_is_usable_until_it_expires_or_is_used_up() -> None:
+    assert an_invite().usable(10**12)
+    assert an_invite(expires_at_ms=1_000).usable(999)
+    assert not an_invite(expires_at_ms=1_000).usable(1_000)
+    assert an_invite(max_uses=2, uses=1).usable(0)
+    assert not an_invite(max_uses=2, uses=1).used_once().usable(0)
+
+
+def test_an_unlisted_group_is_not_found_without_a_usable_invite_of_its_own() -> None:
+    unlisted = group(settings=settings(listed=False))
+    with pytest.raises(domain.GroupNotFound):
+        domain.ensure_may_enter(unlisted, "", None, 0)
+    with pytest.raises(domain.GroupNotFound):
+        domain.ensure_may_enter(unlisted, "c1", an_invite(group_id="other"), 0)
+    with pytest.raises(domain.GroupNotFound):
+        domain.ensure_may_enter(unlisted, "c1", an_invite(expires_at_ms=5), 5)
+    domain.ensure_may_enter(unlisted, "c1", an_invite(), 0)
+    listed = group(settings=settings(listed=True))
+    domain.ensure_may_enter(listed, "", None, 0)
+    with pytest.raises(domain.InviteNotFound):
+        domain.ensure_may_enter(listed, "nope", None, 0)
+
+
+def test_an_outsider_sees_no_message_of_the_group() -> None:
+    message = Message("g", 7, "u", "secret", (), "", 5)
+    seen = domain.ensure_outsider_may_see(
+        group(settings=settings(listed=True), last_message=message, last_seq=7), None, 0
+    )
+    assert (seen.last_message, seen.last_seq, seen.settings.name) == (None, 0, "Tea lovers")
+
+
+def test_slow_mode_holds_back_members_not_admins_and_says_how_long_to_wait() -> None:
+    slow = group(settings=settings(slow_mode_seconds=30))
+    assert domain.slow_mode_applies(slow, member(Role.MEMBER))
+    assert not domain.slow_mode_applies(slow, member(Role.ADMIN))
+    assert not domain.slow_mode_applies(group(), member(Role.MEMBER))
+    refusal = domain.slow_mode_refusal(slow, member(Role.MEMBER), 10_000, 20_500)
+    assert refusal.metadata["retry_after_seconds"] == "20"
+
+
+def test_a_too_long_id_is_refused_without_being_quoted() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        domain.validate_id("x" * 10_000, "group_id")
+    assert "xxx" not in caught.value.message
