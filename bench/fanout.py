@@ -519,6 +519,7 @@ async def bench_suite(suite: Suite, secret: str, args: argparse.Namespace) -> Re
                 name="fan-out bench",
                 category=groups_pb2.TECH,
                 capacity=args.subscribers,
+                listed=True,
                 request_id=uuid.uuid4().hex,
             ),
             metadata=metadata[SENDER_INDEX],
@@ -924,6 +925,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_header(args), flush=True)
     extra_env = {
         "JOIN_RATE_LIMIT": "100000",
+        # One sender posts every message of a round: a benchmark, not a flood.
+        "SEND_RATE_PER_SECOND": "100000",
+        "SEND_BURST": "100000",
         "SUBSCRIBE_BUFFER": "100000",
         "SUBSCRIBE_BUFFER_BYTES": str(1 << 30),
     }

@@ -115,6 +115,8 @@ async def run(args: argparse.Namespace, mongodb_uri: str, nats_url: str, checker
         "JOIN_RATE_LIMIT": "1000000",
         "STRANGER_DAILY_LIMIT": "1000000",
         "UNANSWERED_LIMIT": "1000000",
+        "SEND_RATE_PER_SECOND": "1000000",
+        "SEND_BURST": "1000000",
     }
     groups_host: ServiceHost = build_groups(
         GroupsConfig.from_env(Env({**env, "MONGODB_DATABASE": f"{prefix}_groups"}))
@@ -137,7 +139,9 @@ async def run(args: argparse.Namespace, mongodb_uri: str, nats_url: str, checker
     groups_settled = no_events_waiting(groups_db, "groups", "messages")
     try:
         created = await groups.CreateGroup(
-            groups_pb2.CreateGroupRequest(name="Round trips", category=groups_pb2.FOOD),
+            groups_pb2.CreateGroupRequest(
+                name="Round trips", category=groups_pb2.FOOD, listed=True
+            ),
             metadata=metadata("rt-owner"),
         )
         group_id = created.group.group_id

@@ -210,6 +210,7 @@ class GroupPlan:
     joins: list[tuple[str, groups_pb.JoinSource]]
     messages: list[str]
     group_id: str = ""
+    invite_code: str = ""
     members: list[str] = field(default_factory=list)
 
 
@@ -371,6 +372,14 @@ class Seeder:
                 self.tally.add(f"groups refused: {reason}")
                 return
             plan.group_id = reply.group.group_id
+            if not plan.listed:
+                # An unlisted group is joined only with an invite: its creator hands one out.
+                invite = await self._call(
+                    self._stub.CreateInvite,
+                    groups_pb.CreateInviteRequest(group_id=plan.group_id),
+                    metadata,
+                )
+                plan.invite_code = invite.invite.code
             self.tally.add("groups")
             self.tally.add(f"groups in {plan.category}")
             if reply.group.linked_post_id:
@@ -378,7 +387,9 @@ class Seeder:
             return
 
     async def join(self, plan: GroupPlan, user: str, source: groups_pb.JoinSource) -> None:
-        request = groups_pb.JoinGroupRequest(group_id=plan.group_id, source=source)
+        request = groups_pb.JoinGroupRequest(
+            group_id=plan.group_id, source=source, invite_code=plan.invite_code
+        )
         metadata = self._metadata(user)
         try:
             reply = await self._call(self._stub.JoinGroup, request, metadata)

@@ -34,6 +34,9 @@ GROUPS_IDEMPOTENT = (
     "JoinGroup",
     "MarkGroupRead",
     "ListGroupConversations",
+    # Revoking an invite that is gone already changes nothing. CreateInvite is not here: a
+    # second call makes a second invite.
+    "RevokeInvite",
 )
 MESSAGING_IDEMPOTENT = (
     "ListDirectMessages",

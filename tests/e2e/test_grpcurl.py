@@ -43,6 +43,8 @@ GATEWAY_METHODS = (
     "SendGroupMessage",
     "ListGroupMessages",
     "MarkGroupRead",
+    "CreateInvite",
+    "RevokeInvite",
     "SendDirectMessage",
     "ListDirectMessages",
     "MarkDirectRead",
