@@ -463,3 +463,25 @@ async def test_each_message_is_published_for_its_recipient(
     )
     sent = event.direct_message_sent
     assert (sent.message.text, sent.message.recipient_id, sent.is_request) == ("psst", bob, True)
+
+
+@pytest.mark.parametrize("messaging_env", [{"SEND_BURST": "4", "SEND_RATE_PER_SECOND": "0.01"}])
+async def test_a_sender_sends_at_most_the_burst_at_once_and_a_retry_costs_nothing(
+    messaging: MessagingCaller,
+) -> None:
+    sender, friend = unique("flood"), unique("friend")
+    first = await send(messaging, friend, sender, client_msg_id="hello")
+    answers = await asyncio.gather(
+        *(send(messaging, sender, friend, f"n{n}") for n in range(10)), return_exceptions=True
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(answers) - len(refused) == 4
+    infos = [error_info(e) for e in refused]
+    assert {(e.code(), i.reason if i else "") for e, i in zip(refused, infos, strict=True)} == {
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "SEND_RATE_LIMITED")
+    }
+    assert all(i and int(i.metadata["retry_after_seconds"]) >= 1 for i in infos)
+    # The friend's one message left their bucket with three; their retry costs none of them.
+    for _ in range(5):
+        again = await send(messaging, friend, sender, client_msg_id="hello")
+        assert again.message.seq == first.message.seq

@@ -513,6 +513,39 @@ async def test_insights_count_joins_by_source_leaves_messages_and_impressions(
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+async def test_joins_with_an_invite_count_as_invite_joins_of_an_unlisted_group(
+    plaza: PlazaCaller, groups: GroupsCaller
+) -> None:
+    owner = unique("owner")
+    stub, md = groups(owner)
+    group = (
+        await stub.CreateGroup(gpb.CreateGroupRequest(name="Quiet", category=gpb.WORK), metadata=md)
+    ).group
+    code = (
+        await stub.CreateInvite(gpb.CreateInviteRequest(group_id=group.group_id), metadata=md)
+    ).invite.code
+    for _ in range(2):
+        joiner, joiner_md = groups(unique("guest"))
+        # Whatever source the client claims, a join with an invite is an invite join.
+        request = gpb.JoinGroupRequest(group_id=group.group_id, source=gpb.PLAZA, invite_code=code)
+        await joiner.JoinGroup(request, metadata=joiner_md)
+    insights_stub, owner_md = plaza(owner)
+
+    async def by_source() -> set[tuple[int, int]]:
+        try:
+            reply = await insights_stub.GetGroupInsights(
+                pb.GetGroupInsightsRequest(group_id=group.group_id), metadata=owner_md
+            )
+        except grpc.aio.AioRpcError:  # the plaza has not seen the group yet
+            return set()
+        return {(s.source, s.joins) for s in reply.total.joins_by_source}
+
+    async def counted() -> bool:
+        return await by_source() == {(gpb.INVITE_LINK, 2)}
+
+    await eventually(counted)
+
+
 # The projection itself: redelivery, reordering, rebuild
 
 FIXED_NOW = int(time.time() * 1000)

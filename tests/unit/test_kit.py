@@ -165,3 +165,39 @@ def test_event_settings_come_from_the_environment() -> None:
     )
     assert (settings.retention_seconds, settings.max_deliveries) == (60.0, 2)
     assert settings.ack_wait_seconds > settings.handler_timeout_seconds
+
+
+def test_an_excerpt_quotes_a_short_value_whole_and_a_long_one_in_a_few_dozen_characters() -> None:
+    from services.kit.errors import excerpt
+
+    assert excerpt("g_tea") == "g_tea"
+    long = excerpt("x" * 10_000)
+    assert long.startswith("x" * 32) and "10000 characters" in long and len(long) < 60
+
+
+def test_the_send_rate_allows_the_burst_then_refills_at_the_rate() -> None:
+    from services.kit.rate import SendRate, SendRateLimit, SendRateLimited
+
+    rate = SendRate(SendRateLimit(per_second=2.0, burst=3))
+    for _ in range(3):
+        rate.take("bob", 0)
+    with pytest.raises(SendRateLimited) as caught:
+        rate.take("bob", 0)
+    assert caught.value.metadata["retry_after_seconds"] == "1"
+    rate.take("alice", 0)  # a bucket per user
+    rate.take("bob", 500)  # half a second at 2/s: one more
+    with pytest.raises(SendRateLimited):
+        rate.take("bob", 600)
+    for _ in range(3):  # refilled to the burst, never past it
+        rate.take("bob", 60_000)
+    with pytest.raises(SendRateLimited):
+        rate.take("bob", 60_000)
+
+
+def test_the_send_rate_forgets_the_least_recently_used_beyond_what_it_keeps() -> None:
+    from services.kit.rate import SendRate, SendRateLimit
+
+    rate = SendRate(SendRateLimit(per_second=1.0, burst=1), kept=2)
+    for user in ("a", "b", "c"):
+        rate.take(user, 0)
+    assert len(rate._buckets) == 2
