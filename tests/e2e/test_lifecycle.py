@@ -33,6 +33,8 @@ def own_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         TEST_JWT_SECRET,
         SUBSCRIBE_BUFFER=str(BUFFER),
         SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS),
+        # The slow-consumer test posts 200 messages as fast as one sender can.
+        SEND_BURST="1000",
     )
     running.start()
     yield running
