@@ -186,6 +186,7 @@ SOURCES: dict[groups_pb.JoinSource, int] = {
 }
 JOINS_PER_USER = 25  # below JOIN_RATE_LIMIT (30 per minute): one run never hits it
 CREATE_ATTEMPTS = 30  # waiting for the groups service to project a just-published post
+SEND_ATTEMPTS = 5  # a speaker of many groups may meet the send rate (SEND_RATE_LIMITED)
 EDITOR = "editor_seed"
 
 
@@ -409,12 +410,21 @@ class Seeder:
                 group_id=plan.group_id, text=text, client_msg_id=f"seed-{self._seed}-{n}"
             )
             metadata = self._metadata(rng.choice(speakers))
-            try:
-                await self._call(self._stub.SendGroupMessage, request, metadata)
-            except grpc.aio.AioRpcError as error:
-                self.tally.add(f"messages refused: {self._refusal(error)}")
-                continue
-            self.tally.add("messages")
+            for attempt in range(SEND_ATTEMPTS):
+                try:
+                    await self._call(self._stub.SendGroupMessage, request, metadata)
+                except grpc.aio.AioRpcError as error:
+                    info = error_info(error)
+                    if self._refusal(error) == "SEND_RATE_LIMITED" and attempt + 1 < SEND_ATTEMPTS:
+                        # A busy speaker of many groups: wait as told (the same client_msg_id).
+                        await asyncio.sleep(
+                            float(info.metadata["retry_after_seconds"]) if info else 1
+                        )
+                        continue
+                    self.tally.add(f"messages refused: {self._refusal(error)}")
+                    break
+                self.tally.add("messages")
+                break
 
     async def hide_posts(self, plans: list[GroupPlan]) -> None:
         events: list[OutgoingEvent] = [
