@@ -264,7 +264,7 @@ class GroupsApp:
         self, user_id: str, group_id: str, source: int, invite_code: str = ""
     ) -> JoinResult:
         """Join a listed group, or any group with a usable invite (which the join uses up by
-        one, exactly, in the same write); a join with an invite counts as `invite_source`."""
+        one, exactly, in the same write); a join with an invite counts as INVITE_SOURCE."""
         domain.validate_id(group_id, "group_id")
         domain.validate_invite_code(invite_code, required=False)
         if invite_code:

@@ -373,9 +373,6 @@ class Invite:
             return False
         return not self.max_uses or self.uses < self.max_uses
 
-    def used_once(self) -> Invite:
-        return replace(self, uses=self.uses + 1)
-
 
 def validate_invite_terms(expires_in_seconds: int, max_uses: int) -> None:
     check = Validator()

@@ -317,7 +317,7 @@ def test_an_invite_is_usable_until_it_expires_or_is_used_up() -> None:
     assert an_invite(expires_at_ms=1_000).usable(999)
     assert not an_invite(expires_at_ms=1_000).usable(1_000)
     assert an_invite(max_uses=2, uses=1).usable(0)
-    assert not an_invite(max_uses=2, uses=1).used_once().usable(0)
+    assert not an_invite(max_uses=2, uses=2).usable(0)
 
 
 def test_an_unlisted_group_is_not_found_without_a_usable_invite_of_its_own() -> None:
