@@ -58,7 +58,9 @@ PLAZA_IDEMPOTENT = (
 
 def build(config: GatewayConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
-        bus = await EventBus.connect(config.server.nats_url, "gateway")
+        bus = await EventBus.connect(
+            config.server.nats_url, "gateway", credentials=config.server.nats_credentials
+        )
         context.stack.push_async_callback(bus.close)
         # No readiness dependency: every unary call is served without NATS, and a NATS
         # outage is every gateway's at once (the same server), so leaving the Service would

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 class ConfigError(Exception):
@@ -64,12 +66,59 @@ class Env:
 
 
 @dataclass(frozen=True)
+class NatsCredentials:
+    """Who a process is to NATS, whose permissions allow it exactly what it needs
+    (deploy/k8s/base/nats/users.conf): a user and password (NATS_USER, NATS_PASSWORD), or a
+    credentials file (NATS_CREDS, for a NATS that authenticates with JWTs). Neither is ever
+    logged: the password is left out of every repr. With none set, NATS_URL may carry them
+    (nats://user:password@host:4222)."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    creds_file: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Env) -> NatsCredentials:
+        user = env.optional_string("NATS_USER")
+        password = env.optional_string("NATS_PASSWORD")
+        creds_file = env.optional_string("NATS_CREDS")
+        if (user is None) != (password is None):
+            raise ConfigError("NATS_USER and NATS_PASSWORD must be set together")
+        if creds_file is not None and user is not None:
+            raise ConfigError("set NATS_CREDS or NATS_USER and NATS_PASSWORD, not both")
+        return cls(user=user, password=password, creds_file=creds_file)
+
+    def connect_options(self, url: str) -> dict[str, Any]:
+        """nats.connect's keyword arguments for these credentials. A user's replies come to
+        inboxes under `_INBOX.<user>.`, the only ones its permissions let it read."""
+        options: dict[str, Any] = {}
+        if self.user is not None:
+            options.update(user=self.user, password=self.password)
+        if self.creds_file is not None:
+            options["user_credentials"] = self.creds_file
+        user = self.user or urlsplit(url).username
+        if user:
+            options["inbox_prefix"] = f"_INBOX.{user}"
+        return options
+
+
+def without_credentials(url: str) -> str:
+    """`url` fit to log: a password in it is masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """What every service process needs: where to listen, whom to trust, what to reach."""
 
     listen: str
     jwt_secret: str
     nats_url: str
+    nats_credentials: NatsCredentials
     # Unset only for a service that stores nothing (the gateway).
     mongodb_uri: str | None
     database: str
@@ -95,6 +144,7 @@ class ServerConfig:
             listen=env.string("GRPC_LISTEN", default_listen),
             jwt_secret=secret,
             nats_url=env.string("NATS_URL", "nats://127.0.0.1:4222"),
+            nats_credentials=NatsCredentials.from_env(env),
             mongodb_uri=_mongodb_uri(env) if stores else None,
             database=env.string("MONGODB_DATABASE", database),
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 10.0),

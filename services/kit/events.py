@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from services.kit.config import ConfigError, EventSettings
+from services.kit.config import ConfigError, EventSettings, NatsCredentials, without_credentials
 from services.kit.locks import KeyedLocks
 from services.kit.metrics import (
     CONSUMER_LAG,
@@ -57,8 +57,7 @@ DEAD_LETTER_STREAM = "GROUPCHAT_DEAD_LETTERS"
 SNAPSHOT_ROOT = "snapshots"
 SNAPSHOT_STREAM = "SNAPSHOTS"
 # JetStream streams: stream name -> subjects it keeps. The suite's own events, and the
-# platform's (follow graph, posts) that the suite consumes; each service ensures them all at
-# start, so whichever starts first creates them.
+# platform's (follow graph, posts) that the suite consumes.
 STREAMS: dict[str, list[str]] = {
     "GROUPCHAT_GROUPS": [f"{SUBJECT_ROOT}.groups.>"],
     "GROUPCHAT_MESSAGING": [f"{SUBJECT_ROOT}.messaging.>"],
@@ -67,6 +66,20 @@ STREAMS: dict[str, list[str]] = {
     "PLATFORM_POSTS": ["posts.>"],
     DEAD_LETTER_STREAM: [f"{DEAD_LETTER_ROOT}.>"],
     SNAPSHOT_STREAM: [f"{SNAPSHOT_ROOT}.>"],
+}
+# The streams each service ensures at start, and the only ones its NATS user may create or
+# update (tools/nats_users.py): those it publishes to and those it consumes, so whichever
+# of a stream's users starts first creates it.
+SERVICE_STREAMS: dict[str, tuple[str, ...]] = {
+    "groups": ("GROUPCHAT_GROUPS", "PLATFORM_POSTS", DEAD_LETTER_STREAM, SNAPSHOT_STREAM),
+    "messaging": ("GROUPCHAT_MESSAGING", "PLATFORM_SOCIAL", DEAD_LETTER_STREAM),
+    "plaza": (
+        "GROUPCHAT_PLAZA",
+        "GROUPCHAT_GROUPS",
+        "PLATFORM_POSTS",
+        DEAD_LETTER_STREAM,
+        SNAPSHOT_STREAM,
+    ),
 }
 # Streams whose subjects each name one aggregate and keep only its latest message.
 LATEST_PER_SUBJECT = {SNAPSHOT_STREAM}
@@ -158,20 +171,30 @@ class EventBus:
             listener()
 
     @classmethod
-    async def connect(cls, url: str, name: str, streams: EventSettings | None = None) -> EventBus:
-        """Connect as `name`. The services that write to the streams pass `streams` and
-        create (or update) them so; a client that only reads or publishes (the gateway,
-        tools) passes nothing and leaves their configuration alone, so that a process
-        started with another replica count or retention never flips a stream's."""
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        streams: EventSettings | None = None,
+        *,
+        credentials: NatsCredentials | None = None,
+        stream_names: Collection[str] = tuple(STREAMS),
+    ) -> EventBus:
+        """Connect as `name`, authenticated with `credentials` (else what `url` carries).
+        The services that write to the streams pass `streams` and create (or update) those
+        of `stream_names` so; a client that only reads or publishes (the gateway, tools)
+        passes nothing and leaves their configuration alone, so that a process started
+        with another replica count or retention never flips a stream's."""
+        shown = without_credentials(url)
 
         async def on_disconnect() -> None:
             if not (nc.is_draining or nc.is_closed):  # not our own close
                 NATS_CONNECTED.set(0)
-                log.warning("nats_disconnected", url=url)
+                log.warning("nats_disconnected", url=shown)
 
         async def on_reconnect() -> None:
             NATS_CONNECTED.set(1)
-            log.info("nats_reconnected", url=url)
+            log.info("nats_reconnected", url=shown)
             bus.messages_may_be_lost()
 
         async def on_error(exc: Exception) -> None:
@@ -191,22 +214,26 @@ class EventBus:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            **(credentials or NatsCredentials()).connect_options(url),
         )
         NATS_CONNECTED.set(1)
         bus = cls(nc, streams)
         if streams is not None:
             try:
-                await bus.ensure_streams(streams)
+                await bus.ensure_streams(streams, stream_names)
             except BaseException:
                 await nc.close()
                 raise
-        log.info("nats_connected", url=url)
+        log.info("nats_connected", url=shown)
         return bus
 
-    async def ensure_streams(self, settings: EventSettings) -> None:
-        """Create (or update) the suite's streams: file storage, deduplicated by event id,
-        and bounded: past the retention age or size the oldest events go."""
-        for name, subjects in STREAMS.items():
+    async def ensure_streams(
+        self, settings: EventSettings, names: Collection[str] = tuple(STREAMS)
+    ) -> None:
+        """Create (or update) the suite's streams `names`: file storage, deduplicated by
+        event id, and bounded: past the retention age or size the oldest events go."""
+        for name in names:
+            subjects = STREAMS[name]
             config = StreamConfig(
                 name=name,
                 subjects=subjects,
@@ -226,7 +253,7 @@ class EventBus:
                     raise
                 raise ConfigError(
                     f"NATS cannot reserve EVENT_RETENTION_BYTES={settings.retention_bytes} for "
-                    f"each of the {len(STREAMS)} streams: lower it, or raise the server's "
+                    f"each of the {len(names)} streams: lower it, or raise the server's "
                     "JetStream max_file_store"
                 ) from None
 

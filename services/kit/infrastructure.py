@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.kit.config import ConfigError, EventSettings, ServerConfig
-from services.kit.events import EventBus
+from services.kit.events import SERVICE_STREAMS, EventBus
 from services.kit.mongo import ProcessedEvents, log_server, open_database, reachable
 from services.kit.outbox import Outbox
 from services.kit.server import ServiceContext
@@ -41,7 +41,13 @@ async def open_infrastructure(
     client, db = open_database(config.mongodb_uri, config.database)
     stack.callback(client.close)
     await log_server(db)
-    bus = await EventBus.connect(config.nats_url, name, events)
+    bus = await EventBus.connect(
+        config.nats_url,
+        name,
+        events,
+        credentials=config.nats_credentials,
+        stream_names=SERVICE_STREAMS[name],
+    )
     stack.push_async_callback(bus.close)
     context.ready_when("mongodb", lambda: reachable(db))
     outbox = Outbox(bus)

@@ -1,7 +1,8 @@
 """Rebuild the plaza's read model from the event streams and the owners' snapshots.
 
 `python -m services.plaza.rebuild` (`make plaza-rebuild`) asks the running plaza, over NATS
-(NATS_URL), to drop everything derived from events (cards, posts, activity, daily counters,
+(NATS_URL, as the operator's user: NATS_USER/NATS_PASSWORD or NATS_CREDS, the only one allowed
+to ask), to drop everything derived from events (cards, posts, activity, daily counters,
 processed event ids, page snapshots) and fill it again, through the same projection its
 live consumers use:
 
@@ -40,6 +41,7 @@ import time
 
 import structlog
 
+from services.kit.config import Env, NatsCredentials
 from services.kit.events import SNAPSHOT_STREAM, EventBus
 from services.kit.logging import configure_logging
 from services.kit.snapshots import request_snapshots
@@ -81,10 +83,13 @@ async def answer_rebuild(store: PlazaStore, projection: PlazaProjection, bus: Ev
     return json.dumps({"replayed": replayed}).encode()
 
 
-async def request_rebuild(nats_url: str, wait_seconds: float) -> dict[str, int]:
-    """Ask the running plaza to rebuild; returns the events replayed per stream."""
+async def request_rebuild(
+    nats_url: str, wait_seconds: float, credentials: NatsCredentials | None = None
+) -> dict[str, int]:
+    """Ask the running plaza to rebuild, as `credentials` (else as `nats_url` says);
+    returns the events replayed per stream."""
     async with asyncio.timeout(wait_seconds):
-        bus = await EventBus.connect(nats_url, "plaza-rebuild")
+        bus = await EventBus.connect(nats_url, "plaza-rebuild", credentials=credentials)
     try:
         reply = json.loads(await bus.request(REBUILD_SUBJECT, b"", wait_seconds))
     finally:
@@ -102,7 +107,8 @@ def main() -> None:
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     started = time.perf_counter()
     try:
-        replayed = asyncio.run(request_rebuild(nats_url, args.timeout))
+        credentials = NatsCredentials.from_env(Env())
+        replayed = asyncio.run(request_rebuild(nats_url, args.timeout, credentials))
     except TimeoutError:
         print(
             f"plaza rebuild: no answer from the plaza over {nats_url} within {args.timeout}s "
