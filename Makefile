@@ -36,8 +36,9 @@ follow unfollow: $(VENV)/.installed gen/.stamp
 seed: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.seed
 
+# As the operator's NATS user, the only one the plaza takes a rebuild request from.
 plaza-rebuild: $(VENV)/.installed gen/.stamp
-	$(PY) -m services.plaza.rebuild
+	$(PY) -m tools.nats_users exec operator $(PY) -m services.plaza.rebuild
 
 # What does not hold in a live store (MONGODB_URI, else the local suite's); exit 1 if anything.
 doctor: $(VENV)/.installed gen/.stamp

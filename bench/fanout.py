@@ -59,6 +59,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from services.kit.auth import mint_token
+from tools.nats_users import HARNESS
 from tools.suite import ROOT, Suite, nats_server_binary
 
 GATEWAY_SUBSCRIBE = "/groupchat.gateway.v1.Gateway/Subscribe"
@@ -823,7 +824,9 @@ async def run_all(suite: Suite, secret: str, args: argparse.Namespace) -> list[R
         results.append(await bench_bare_grpc(args))
         nats_process = suite.processes.get("nats")
         results.append(
-            await bench_bare_nats(suite.nats_url, nats_process.pid if nats_process else None, args)
+            await bench_bare_nats(
+                suite.nats_url_as(HARNESS), nats_process.pid if nats_process else None, args
+            )
         )
     return results
 

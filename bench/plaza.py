@@ -73,6 +73,7 @@ from bench.fanout import (
 )
 from services.kit.auth import mint_token
 from services.kit.events import OutgoingEvent, new_event
+from tools.nats_users import HARNESS
 from tools.suite import Suite
 
 GROUPS_STREAM = "GROUPCHAT_GROUPS"
@@ -283,7 +284,7 @@ async def absorb(
         f"(every {args.active_every}th group)",
         flush=True,
     )
-    nc = await nats.connect(suite.nats_url, name="bench-plaza")
+    nc = await nats.connect(suite.nats_url_as(HARNESS), name="bench-plaza")
     try:
         js = nc.jetstream(publish_async_max_pending=args.in_flight)
         jsm = nc.jsm()

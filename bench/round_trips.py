@@ -42,6 +42,7 @@ from services.kit.outbox import HOLDS_EVENTS
 from services.kit.server import ServiceHost
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build as build_messaging
+from tools.nats_users import NatsUsers
 from tools.platform import follow_event, publish
 from tools.suite import running_mongodb_server, running_nats_server
 
@@ -102,7 +103,9 @@ async def measure(
     return name, statistics.median(before), statistics.median(after), names
 
 
-async def run(args: argparse.Namespace, mongodb_uri: str, nats_url: str, checker: Any) -> int:
+async def run(
+    args: argparse.Namespace, mongodb_uri: str, nats_url: str, users: NatsUsers, checker: Any
+) -> int:
     counter = CommandCounter()
     monitoring.register(counter)  # only clients created from here on: the services'
     prefix = f"rt_{uuid.uuid4().hex[:6]}"
@@ -119,10 +122,14 @@ async def run(args: argparse.Namespace, mongodb_uri: str, nats_url: str, checker
         "SEND_BURST": "1000000",
     }
     groups_host: ServiceHost = build_groups(
-        GroupsConfig.from_env(Env({**env, "MONGODB_DATABASE": f"{prefix}_groups"}))
+        GroupsConfig.from_env(
+            Env({**env, **users.env("groups"), "MONGODB_DATABASE": f"{prefix}_groups"})
+        )
     )
     messaging_host: ServiceHost = build_messaging(
-        MessagingConfig.from_env(Env({**env, "MONGODB_DATABASE": f"{prefix}_messaging"}))
+        MessagingConfig.from_env(
+            Env({**env, **users.env("messaging"), "MONGODB_DATABASE": f"{prefix}_messaging"})
+        )
     )
     await groups_host.start()
     await messaging_host.start()
@@ -146,7 +153,8 @@ async def run(args: argparse.Namespace, mongodb_uri: str, nats_url: str, checker
         )
         group_id = created.group.group_id
         # Mutual follows: the direct messages below are between people who know each other.
-        await publish(nats_url, [follow_event("rt-a", "rt-b"), follow_event("rt-b", "rt-a")])
+        follows = [follow_event("rt-a", "rt-b"), follow_event("rt-b", "rt-a")]
+        await publish(nats_url, follows, users.credentials("platform"))
         deadline = time.monotonic() + 10
         while messaging_db["follows"].count_documents({"following": True}) < 2:
             if time.monotonic() > deadline:
@@ -228,14 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_lines("round trips", f"{args.calls} calls per command"), flush=True)
     work_dir = Path(tempfile.mkdtemp(prefix="groupchat-rt-"))
     with contextlib.ExitStack() as servers:
-        nats_url = servers.enter_context(running_nats_server(work_dir / "jetstream"))
+        users = NatsUsers.generate()
+        nats_url = servers.enter_context(running_nats_server(work_dir / "jetstream", users))
         mongodb_uri = os.environ.get("MONGODB_URI") or servers.enter_context(
             running_mongodb_server(work_dir / "mongodb")
         )
         print(f"  store:       {mongodb_uri.split('?')[0]}", flush=True)
         checker: Any = pymongo.MongoClient(mongodb_uri)  # created before the counter
         try:
-            return asyncio.run(run(args, mongodb_uri, nats_url, checker))
+            return asyncio.run(run(args, mongodb_uri, nats_url, users, checker))
         finally:
             checker.close()
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -17,15 +17,29 @@ from services.kit.auth import mint_token
 from services.kit.config import EventSettings
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
+from tools.nats_users import HARNESS, NatsUsers
 from tools.suite import running_mongodb_server, running_nats_server
 
 TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_nats_server(tmp_path_factory.mktemp("jetstream")) as url:
+def nats_users() -> NatsUsers:
+    """The NATS users of every server of the session, with passwords of its own."""
+    return NatsUsers.generate(HARNESS)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory, nats_users: NatsUsers) -> Iterator[str]:
+    """The session's nats-server, with the suite's users: its URL, without credentials."""
+    with running_nats_server(tmp_path_factory.mktemp("jetstream"), nats_users) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: str, nats_users: NatsUsers) -> str:
+    """The session's nats-server as the tests' harness user."""
+    return nats_users.url(nats_server, HARNESS)
 
 
 @pytest.fixture(scope="session")

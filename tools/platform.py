@@ -11,8 +11,9 @@ exactly as the platform would, into JetStream:
     python -m tools.platform post hide p_1 --author alice
     python -m tools.platform post delete p_1 --author alice
 
-NATS_URL (default nats://127.0.0.1:4222) says where; `make follow A=alice B=bob` wraps the
-first form.
+NATS_URL (default nats://127.0.0.1:4222) says where, as the platform's NATS user: the one
+allowed to publish social.* and posts.* (NATS_USER/NATS_PASSWORD, else the password `make run`
+generated into .run/); `make follow A=alice B=bob` wraps the first form.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import uuid
 
 from groupchat.events.v1 import events_pb2
 
+from services.kit.config import NatsCredentials
 from services.kit.events import EventBus, OutgoingEvent
 from services.kit.logging import configure_logging
+from tools.nats_users import credentials_for
 
 # How long a command waits for NATS before it gives up.
 CONNECT_SECONDS = 10.0
@@ -97,10 +100,13 @@ def post_event(
     )
 
 
-async def publish(nats_url: str, events: list[OutgoingEvent]) -> None:
-    """Publish into the suite's JetStream streams; TimeoutError when NATS cannot be reached."""
+async def publish(
+    nats_url: str, events: list[OutgoingEvent], credentials: NatsCredentials | None = None
+) -> None:
+    """Publish into the suite's JetStream streams, as `credentials` (else as `nats_url`
+    says); TimeoutError when NATS cannot be reached."""
     async with asyncio.timeout(CONNECT_SECONDS):
-        bus = await EventBus.connect(nats_url, "platform")
+        bus = await EventBus.connect(nats_url, "platform", credentials=credentials)
     try:
         for event in events:
             await bus.publish(event)
@@ -131,7 +137,7 @@ def main() -> None:
         )
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     try:
-        asyncio.run(publish(nats_url, [event]))
+        asyncio.run(publish(nats_url, [event], credentials_for("platform")))
     except TimeoutError:
         raise SystemExit(
             f"could not reach NATS at {nats_url}: is the suite running (make run)?"

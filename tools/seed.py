@@ -36,9 +36,11 @@ from groupchat.groups.v1 import groups_pb2 as groups_pb
 from groupchat.plaza.v1 import plaza_pb2 as plaza_pb
 
 from services.kit.auth import mint_token
+from services.kit.config import NatsCredentials
 from services.kit.events import OutgoingEvent
 from services.kit.logging import configure_logging
 from services.kit.rpc_status import error_info
+from tools.nats_users import credentials_for
 from tools.platform import post_event, publish
 from tools.suite import DEV_JWT_SECRET
 
@@ -301,11 +303,18 @@ class Seeder:
     """Carries out a plan against a running suite, `concurrency` calls at a time."""
 
     def __init__(
-        self, gateway: str, nats_url: str, secret: str, seed: int, concurrency: int
+        self,
+        gateway: str,
+        nats_url: str,
+        secret: str,
+        seed: int,
+        concurrency: int,
+        credentials: NatsCredentials | None = None,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(gateway)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._nats_url = nats_url
+        self._credentials = credentials
         self._secret = secret
         self._seed = seed
         self._slots = asyncio.Semaphore(concurrency)
@@ -346,7 +355,7 @@ class Seeder:
             for p in plans
             if p.post
         ]  # fmt: skip
-        await publish(self._nats_url, events)
+        await publish(self._nats_url, events, self._credentials)
         self.tally.add("posts published", len(events))
 
     async def create_group(self, plan: GroupPlan) -> None:
@@ -433,7 +442,7 @@ class Seeder:
             if p.post and p.post.hidden_later and p.group_id
         ]
         if events:
-            await publish(self._nats_url, events)
+            await publish(self._nats_url, events, self._credentials)
         self.tally.add("posts hidden afterwards (their groups are unlinked)", len(events))
 
     async def pick(self, plans: list[GroupPlan], count: int) -> None:
@@ -464,11 +473,13 @@ async def seed_suite(
     group_count: int,
     picks: int,
     concurrency: int,
+    credentials: NatsCredentials | None = None,
 ) -> Tally:
-    """Seed a running suite; returns what was done."""
+    """Seed a running suite, publishing posts as the platform (`credentials`); returns
+    what was done."""
     plans = plan_demo(seed, group_count)
     rng = random.Random(seed + 1)
-    seeder = Seeder(gateway, nats_url, secret, seed, concurrency)
+    seeder = Seeder(gateway, nats_url, secret, seed, concurrency, credentials)
     try:
         await seeder.publish_posts(plans)
         await asyncio.gather(*(seeder.create_group(p) for p in plans))
@@ -503,6 +514,7 @@ def main() -> None:
             group_count=args.groups,
             picks=args.picks,
             concurrency=args.concurrency,
+            credentials=credentials_for("platform"),
         )
     )
     print(f"seeded {gateway} in {time.monotonic() - started:.1f}s (seed {args.seed}):")

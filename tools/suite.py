@@ -34,6 +34,7 @@ import pymongo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools import run_files
+from tools.nats_users import HARNESS, NatsUsers, write_local_config
 from tools.supervisor import Backoff, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,12 +65,18 @@ def nats_server_binary() -> str:
     return installed_binary("nats-server")
 
 
-def nats_server_command(port: int, store_dir: Path) -> list[str]:
-    """nats-server on loopback with JetStream, configured as in deploy/nats/local.conf."""
+def nats_config(directory: Path, users: NatsUsers) -> Path:
+    """A local server's configuration, written into `directory`: deploy/nats/local.conf with
+    the suite's users (tools/nats_users.py) and their generated passwords."""
+    return write_local_config(directory / "nats.conf", NATS_CONFIG, users)
+
+
+def nats_server_command(port: int, store_dir: Path, config: Path) -> list[str]:
+    """nats-server on loopback with JetStream, configured by `config` (`nats_config`)."""
     return [
         nats_server_binary(),
         "-c",
-        str(NATS_CONFIG),
+        str(config),
         "-a",
         "127.0.0.1",
         "-p",
@@ -179,10 +186,11 @@ def running_server(argv: list[str], port: int, timeout: float = 30.0) -> Iterato
 
 
 @contextmanager
-def running_nats_server(store_dir: Path) -> Iterator[str]:
-    """A nats-server with JetStream on a free port, storing under `store_dir`; its URL."""
+def running_nats_server(store_dir: Path, users: NatsUsers) -> Iterator[str]:
+    """A nats-server with JetStream on a free port, storing under `store_dir`, that lets in
+    `users`; its URL (without credentials)."""
     port = free_port()
-    with running_server(nats_server_command(port, store_dir), port):
+    with running_server(nats_server_command(port, store_dir, nats_config(store_dir, users)), port):
         yield f"nats://127.0.0.1:{port}"
 
 
@@ -234,6 +242,8 @@ class Suite:
     # Restart a process that dies once the suite has started (tools.supervisor).
     supervised: bool = False
     restart_backoff: Backoff = field(default_factory=Backoff)
+    # The NATS users and their passwords, generated for this suite (kept in its data dir).
+    nats_users: NatsUsers = field(default_factory=NatsUsers.generate, repr=False)
     _commands: dict[str, ChildCommand] = field(default_factory=dict, repr=False)
     _supervisor: Supervisor | None = field(default=None, repr=False)
 
@@ -253,8 +263,9 @@ class Suite:
     ) -> Suite:
         """A suite on free ports and databases of its own, with its data and logs under
         work_dir (tests, benchmarks). On a shared MongoDB server (MONGODB_URI), its databases
-        are dropped when it stops. Set `supervised` before `start` to have a process that dies
-        restarted, with a shorter backoff than `make run`'s (a test is waiting)."""
+        are dropped when it stops. Its NATS lets the harness user in too (`nats_url_as`).
+        Set `supervised` before `start` to have a process that dies restarted, with a
+        shorter backoff than `make run`'s (a test is waiting)."""
         return cls(
             gateway_port=free_port(),
             nats_port=free_port(),
@@ -266,6 +277,7 @@ class Suite:
             extra_env={"LOG_LEVEL": "warning", **extra_env},
             replicas=replicas or {},
             restart_backoff=Backoff(first=0.2, longest=5.0),
+            nats_users=NatsUsers.generate(HARNESS),
         )
 
     def process_names(self, service: str) -> list[str]:
@@ -284,7 +296,12 @@ class Suite:
 
     @property
     def nats_url(self) -> str:
+        """Where NATS listens; connecting takes one of `nats_users` (`nats_url_as`)."""
         return f"nats://127.0.0.1:{self.nats_port}"
+
+    def nats_url_as(self, user: str) -> str:
+        """The NATS URL with `user`'s credentials in it (tools.platform, tests' clients)."""
+        return self.nats_users.url(self.nats_url, user)
 
     @property
     def databases(self) -> dict[str, str]:
@@ -333,7 +350,9 @@ class Suite:
             self._supervisor.stop_restarting()
 
     def _start(self, data_dir: Path) -> None:
-        nats = nats_server_command(self.nats_port, data_dir / "jetstream")
+        self.nats_users.save(data_dir)
+        config = nats_config(data_dir, self.nats_users)
+        nats = nats_server_command(self.nats_port, data_dir / "jetstream", config)
         self._spawn("nats", nats, dict(os.environ), server=True)
         wait_port(self.nats_port)
         self._start_mongodb(data_dir / "mongodb")
@@ -359,6 +378,7 @@ class Suite:
             for name in names[service]:
                 service_env = {
                     **env,
+                    **self.nats_users.env(service),
                     "GRPC_LISTEN": self.addresses[name],
                     "METRICS_PORT": str(self.metrics_ports[name]),
                 }

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.kit.server import LIVENESS
 from tests.conftest import TEST_JWT_SECRET
 from tests.deploy.test_manifests import INTERNAL_SERVICES, SERVICE_NAMES, manifests_for
+from tools.nats_users import NatsUsers
 from tools.suite import ROOT, STORING_SERVICES, free_port, wait_healthy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -25,7 +26,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(params=SERVICE_NAMES)
 def started(
-    request: pytest.FixtureRequest, nats_url: str, mongodb_uri: str, database: str
+    request: pytest.FixtureRequest,
+    nats_server: str,
+    nats_users: NatsUsers,
+    mongodb_uri: str,
+    database: str,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
     manifests = manifests_for("overlays/dev")
     workload = manifests.service_deployments()[request.param]
@@ -33,13 +38,15 @@ def started(
     configured = {k: v for k, v in manifests.environment(container).items() if v is not None}
     listen = f"127.0.0.1:{free_port()}"
     # Only the addresses change (the cluster's names do not resolve here); a service that
-    # stores gets the tests' MongoDB server (its Secret's value) and a database of its own.
+    # stores gets the tests' MongoDB server (its Secret's value) and a database of its own;
+    # each its NATS user's password (the Secret's value).
     env = {
         **os.environ,
         **configured,
         "GRPC_LISTEN": listen,
         "METRICS_PORT": str(free_port()),
-        "NATS_URL": nats_url,
+        "NATS_URL": nats_server,
+        "NATS_PASSWORD": nats_users.passwords[configured["NATS_USER"]],
         **{f"{name.upper()}_ADDRESS": f"127.0.0.1:{free_port()}" for name in INTERNAL_SERVICES},
         "JWT_SECRET": TEST_JWT_SECRET,
     }

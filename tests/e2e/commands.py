@@ -19,6 +19,15 @@ async def run_tool(suite: Suite, *args: str) -> str:
     return output
 
 
+# The NATS user each command runs as (the Makefile's: tools.nats_users exec, or the
+# command's own fallback to the suite's passwords).
+TOOL_USERS = {
+    "tools.platform": "platform",
+    "tools.seed": "platform",
+    "services.plaza.rebuild": "operator",
+}
+
+
 async def tool_outcome(suite: Suite, *args: str) -> tuple[int, str]:
     """Run `python -m <args>` against the suite, as the Makefile does: its exit code and
     output."""
@@ -28,6 +37,8 @@ async def tool_outcome(suite: Suite, *args: str) -> tuple[int, str]:
         "NATS_URL": suite.nats_url,
         "JWT_SECRET": TEST_JWT_SECRET,
     }
+    if args[0] in TOOL_USERS:
+        env.update(suite.nats_users.env(TOOL_USERS[args[0]]))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -12,6 +12,7 @@ from services.kit.events import DEAD_LETTER_ROOT, DEAD_LETTER_STREAM
 from tests.conftest import eventually
 from tests.e2e.metrics import scrape
 from tests.e2e.test_plaza import create_linked_group
+from tools.nats_users import HARNESS
 from tools.suite import Suite
 
 # The durable consumers of the platform's posts, by the process that runs them.
@@ -29,7 +30,7 @@ async def test_a_poison_post_event_is_parked_by_every_follower_and_the_next_post
 ) -> None:
     before = {service: parked_count(suite, service) for service in POSTS_DURABLES}
     subject = f"posts.post_published.p_{uuid.uuid4().hex[:8]}.mallory"
-    nc = await nats.connect(suite.nats_url)
+    nc = await nats.connect(suite.nats_url_as(HARNESS))
     try:
         js = nc.jetstream()
         await js.publish(subject, b"\xff\xfenot an envelope")

@@ -89,7 +89,7 @@ async def test_twenty_parallel_first_messages_start_exactly_five_conversations(
 
 async def test_mutual_followers_are_not_strangers(gateway: Any, suite: Suite) -> None:
     fan, star = unique("fan"), unique("star")
-    await publish(suite.nats_url, [follow_event(fan, star), follow_event(star, fan)])
+    await publish(suite.nats_url_as("platform"), [follow_event(fan, star), follow_event(star, fan)])
     others = [unique("stranger") for _ in range(5)]
     for other in others:
         await send(gateway, fan, other, "hi")

@@ -632,7 +632,11 @@ def test_a_well_formed_post_id_the_platform_never_published_is_not_found(
 def test_linking_someone_elses_post_is_refused(call: Callable[..., Outcome], suite: Suite) -> None:
     author, other = new_user("author"), new_user("other")
     post_id = f"post_{uuid.uuid4().hex[:10]}"
-    asyncio.run(publish(suite.nats_url, [post_event("publish", post_id, author, title="Mine")]))
+    asyncio.run(
+        publish(
+            suite.nats_url_as("platform"), [post_event("publish", post_id, author, title="Mine")]
+        )
+    )
 
     deadline = time.monotonic() + 10
     while True:  # the groups service learns of the post over NATS

@@ -31,7 +31,7 @@ async def create_linked_group(gateway: Any, suite: Suite, owner: str, keyword: s
     service has the post: its projection is fed over NATS)."""
     post_id = unique("post")
     await publish(
-        suite.nats_url,
+        suite.nats_url_as("platform"),
         [post_event("publish", post_id, owner, title=f"My {keyword} routine")],
     )
     stub, md = gateway(owner)
@@ -121,7 +121,9 @@ async def test_a_deleted_post_leaves_the_card_and_the_group_says_so(
     stub, md = gateway(owner)
     group = (await stub.GetGroup(groups_pb2.GetGroupRequest(group_id=group_id), metadata=md)).group
 
-    await publish(suite.nats_url, [post_event("delete", group.linked_post_id, owner)])
+    await publish(
+        suite.nats_url_as("platform"), [post_event("delete", group.linked_post_id, owner)]
+    )
 
     async def unlinked() -> bool:
         reply = await stub.GetGroup(groups_pb2.GetGroupRequest(group_id=group_id), metadata=md)
@@ -208,7 +210,7 @@ async def test_make_plaza_rebuild_ends_with_the_same_cards(gateway: Any, suite: 
         sys.executable,
         "-m",
         "services.plaza.rebuild",
-        env={**os.environ, "NATS_URL": suite.nats_url},
+        env={**os.environ, "NATS_URL": suite.nats_url, **suite.nats_users.env("operator")},
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

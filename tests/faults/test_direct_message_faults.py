@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,10 @@ from services.messaging.app import MessagingApp, MessagingLimits
 from services.messaging.domain import StrangerQuota, StrangerQuotaExceeded
 from services.messaging.service import open_messaging
 from services.messaging.storage import MessagingStore
-from tests.faults.conftest import Published
+from tests.faults.conftest import Published, service_bus
 from tests.faults.faulty import Crash, Fault, FaultKind, FaultyDatabase, Plan
 from tools.doctor import check_messaging, inspect_messaging
+from tools.nats_users import NatsUsers
 
 LIMITS = MessagingLimits(stranger_daily_limit=2)
 KINDS: list[FaultKind] = ["cancel_before", "error_before", "crash_after"]
@@ -41,6 +42,13 @@ EXPECTED_FAILURE: dict[FaultKind, type[BaseException]] = {
     "error_before": AutoReconnect,
     "crash_after": Crash,
 }
+
+
+@pytest.fixture
+async def bus(nats_url: str, nats_users: NatsUsers) -> AsyncIterator[EventBus]:
+    """The messaging service's event bus, as its NATS user."""
+    async with service_bus(nats_url, nats_users, "messaging") as bus:
+        yield bus
 
 
 @dataclass

@@ -20,32 +20,42 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
 from services.kit.server import ServiceHost
-from tests.conftest import TEST_JWT_SECRET, unique_database_name
+from tests.conftest import HARNESS, TEST_JWT_SECRET, unique_database_name
+from tools.nats_users import NatsUsers
 from tools.suite import (
     free_port,
     local_mongodb_uri,
     mongodb_server_command,
+    nats_config,
     nats_server_command,
     wait_port,
 )
 
-# service_env(nats_url, **overrides): the environment of one service in a test.
+# service_env(nats_url, nats_user, **overrides): the environment of one service in a test.
 ServiceEnv = Callable[..., Env]
+
+
+def without_userinfo(url: str) -> str:
+    """`url` without the credentials in it (the harness's, in `nats_url`)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 @pytest.fixture
 def service_env(
-    mongodb_uri: str, mongodb_client: pymongo.MongoClient[dict[str, Any]]
+    mongodb_uri: str, mongodb_client: pymongo.MongoClient[dict[str, Any]], nats_users: NatsUsers
 ) -> Iterator[ServiceEnv]:
-    """`service_env(nats_url, **overrides)`: the environment a service gets in tests, on the
-    session's MongoDB server and a fresh database each time (or the MONGODB_DATABASE given).
-    Every database named here is dropped after the test."""
+    """`service_env(nats_url, nats_user, **overrides)`: the environment a service gets in
+    tests, connecting to NATS as `nats_user` (the service's own user, with its permissions),
+    on the session's MongoDB server and a fresh database each time (or the MONGODB_DATABASE
+    given). Every database named here is dropped after the test."""
     named: set[str] = set()
 
-    def make(nats_url: str, **overrides: str) -> Env:
+    def make(nats_url: str, nats_user: str, **overrides: str) -> Env:
         values = {
             "JWT_SECRET": TEST_JWT_SECRET,
-            "NATS_URL": nats_url,
+            "NATS_URL": without_userinfo(nats_url),
+            **nats_users.env(nats_user),
             "GRPC_LISTEN": "127.0.0.1:0",
             "LOG_LEVEL": "warning",
             "MONGODB_URI": mongodb_uri,
@@ -98,7 +108,7 @@ async def groups(
     service_env: ServiceEnv,
 ) -> AsyncIterator[GroupsCaller]:
     """`groups(user)` returns (stub, metadata) for calls to an in-process groups service."""
-    host = build(GroupsConfig.from_env(service_env(nats_url, **groups_env)))
+    host = build(GroupsConfig.from_env(service_env(nats_url, "groups", **groups_env)))
     async with serving(host, groups_pb2_grpc.GroupsStub, token) as as_user:
         yield as_user
 
@@ -146,11 +156,13 @@ def own_server(url: str, port: int, command: list[str]) -> Iterator[OwnServer]:
 
 
 @pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[OwnServer]:
-    """A nats-server with JetStream for this test alone."""
+def own_nats(tmp_path: Path, nats_users: NatsUsers) -> Iterator[OwnServer]:
+    """A nats-server with JetStream for this test alone, with the session's users (its URL
+    is the harness's)."""
     port = free_port()
-    command = nats_server_command(port, tmp_path / "jetstream")
-    with own_server(f"nats://127.0.0.1:{port}", port, command) as server:
+    command = nats_server_command(port, tmp_path / "jetstream", nats_config(tmp_path, nats_users))
+    url = nats_users.url(f"nats://127.0.0.1:{port}", HARNESS)
+    with own_server(url, port, command) as server:
         yield server
 
 

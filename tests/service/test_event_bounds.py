@@ -26,18 +26,19 @@ from services.kit.events import (
     OutgoingEvent,
     new_event,
 )
-from tests.conftest import eventually
+from tests.conftest import HARNESS, eventually
+from tools.nats_users import NatsUsers
 from tools.suite import running_nats_server
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_url(tmp_path_factory: pytest.TempPathFactory, nats_users: NatsUsers) -> Iterator[str]:
     """This module shrinks stream retention: on a server of its own, the other modules'
     streams keep theirs."""
-    with running_nats_server(tmp_path_factory.mktemp("bounds-jetstream")) as url:
-        yield url
+    with running_nats_server(tmp_path_factory.mktemp("bounds-jetstream"), nats_users) as url:
+        yield nats_users.url(url, HARNESS)
 
 
 async def test_every_stream_keeps_events_only_as_long_and_as_much_as_configured(

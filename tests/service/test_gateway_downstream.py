@@ -78,6 +78,7 @@ async def gateway_before(
     """A gateway whose groups service listens on `groups_port`."""
     env = service_env(
         nats_url,
+        "gateway",
         GROUPS_ADDRESS=f"127.0.0.1:{groups_port}",
         DOWNSTREAM_TIMEOUT_SECONDS=str(cap_seconds),
     )

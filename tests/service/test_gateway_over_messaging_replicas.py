@@ -32,14 +32,18 @@ async def gateway(
         ports = []
         for _ in range(2):
             replica = build_messaging(
-                MessagingConfig.from_env(service_env(nats_url, MONGODB_DATABASE=database))
+                MessagingConfig.from_env(
+                    service_env(nats_url, "messaging", MONGODB_DATABASE=database)
+                )
             )
             await replica.start()
             stack.push_async_callback(replica.stop)
             ports.append(replica.port)
         both = ",".join(f"127.0.0.1:{port}" for port in ports)
         gateway = build_gateway(
-            GatewayConfig.from_env(service_env(nats_url, MESSAGING_ADDRESS=f"ipv4:{both}"))
+            GatewayConfig.from_env(
+                service_env(nats_url, "gateway", MESSAGING_ADDRESS=f"ipv4:{both}")
+            )
         )
         await gateway.start()
         stack.push_async_callback(gateway.stop)

@@ -27,7 +27,9 @@ Status = Callable[[str], Awaitable[int]]
 async def groups_health(
     nats_url: str, own_mongodb: OwnServer, service_env: ServiceEnv
 ) -> AsyncIterator[Status]:
-    host = build(GroupsConfig.from_env(service_env(nats_url, MONGODB_URI=own_mongodb.url)))
+    host = build(
+        GroupsConfig.from_env(service_env(nats_url, "groups", MONGODB_URI=own_mongodb.url))
+    )
     await host.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
     health = health_pb2_grpc.HealthStub(channel)

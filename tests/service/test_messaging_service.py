@@ -47,7 +47,7 @@ async def start_instances(
     """`count` messaging instances serving at once over one database, as replicas would."""
     callers = []
     for _ in range(count):
-        env = service_env(nats_url, MONGODB_DATABASE=database, **overrides)
+        env = service_env(nats_url, "messaging", MONGODB_DATABASE=database, **overrides)
         host = build(MessagingConfig.from_env(env))
         callers.append(
             await stack.enter_async_context(serving(host, messaging_pb2_grpc.MessagingStub, token))

@@ -15,15 +15,15 @@ from groupchat.groups.v1 import groups_pb2 as gpb
 from groupchat.plaza.v1 import plaza_pb2 as pb
 from groupchat.plaza.v1 import plaza_pb2_grpc
 
-from services.kit.config import EventSettings
 from services.kit.events import SNAPSHOT_STREAM, EventBus
 from services.kit.snapshots import serve_snapshots
 from services.plaza.config import PlazaConfig
 from services.plaza.rebuild import request_rebuild
 from services.plaza.service import build
-from tests.conftest import eventually
+from tests.conftest import HARNESS, eventually
 from tests.service.conftest import GroupsCaller, ServiceEnv, serving
 from tests.service.test_linked_posts import new_post_id
+from tools.nats_users import NatsUsers
 from tools.platform import post_event
 from tools.suite import running_nats_server
 
@@ -42,10 +42,10 @@ ACTIVITY_FIELDS = (
 
 
 @pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_url(tmp_path_factory: pytest.TempPathFactory, nats_users: NatsUsers) -> Iterator[str]:
     """Streams that keep events for seconds: on a server of this module's own."""
-    with running_nats_server(tmp_path_factory.mktemp("rebuild-jetstream")) as url:
-        yield url
+    with running_nats_server(tmp_path_factory.mktemp("rebuild-jetstream"), nats_users) as url:
+        yield nats_users.url(url, HARNESS)
 
 
 @pytest.fixture
@@ -57,17 +57,18 @@ def groups_env() -> dict[str, str]:
 async def plaza(
     nats_url: str, token: Callable[..., str], service_env: ServiceEnv
 ) -> AsyncIterator[Any]:
-    env = service_env(nats_url, EVENT_RETENTION_SECONDS=str(RETENTION_SECONDS))
+    env = service_env(nats_url, "plaza", EVENT_RETENTION_SECONDS=str(RETENTION_SECONDS))
     host = build(PlazaConfig.from_env(env))
     async with serving(host, plaza_pb2_grpc.PlazaStub, token) as as_user:
         yield as_user
 
 
 @pytest.fixture
-async def platform(nats_url: str) -> AsyncIterator[EventBus]:
-    """The platform's connection, with the same short retention as the services."""
+async def platform(nats_url: str, nats_users: NatsUsers) -> AsyncIterator[EventBus]:
+    """The platform's connection, as its NATS user (the services made the streams, with
+    their short retention)."""
     bus = await EventBus.connect(
-        nats_url, "platform", EventSettings(retention_seconds=RETENTION_SECONDS)
+        nats_url, "platform", credentials=nats_users.credentials("platform")
     )
     try:
         yield bus
@@ -130,7 +131,7 @@ async def listed_group(groups: GroupsCaller, name: str, linked_post_id: str = ""
 
 
 async def test_the_plaza_is_rebuilt_the_same_after_its_events_expired(
-    nats_url: str, groups: GroupsCaller, plaza: Any, platform: EventBus
+    nats_url: str, nats_users: NatsUsers, groups: GroupsCaller, plaza: Any, platform: EventBus
 ) -> None:
     post = post_event("publish", new_post_id(), "alice", title="Weekend hikes", version=1)
     await platform.publish(post)
@@ -164,7 +165,7 @@ async def test_the_plaza_is_rebuilt_the_same_after_its_events_expired(
     await serve_snapshots(platform, "posts", current_post)
     await streams_emptied(nats_url)
 
-    replayed = await request_rebuild(nats_url, 30)
+    replayed = await request_rebuild(nats_url, 30, nats_users.credentials("operator"))
 
     assert await cards(plaza) == before
     assert await selected_ids(plaza) == [tea.group_id]

@@ -23,8 +23,9 @@ from services.plaza.projection import PlazaProjection
 from services.plaza.rebuild import rebuild
 from services.plaza.service import build
 from services.plaza.storage import PlazaStore
-from tests.conftest import eventually
+from tests.conftest import HARNESS, eventually
 from tests.service.conftest import GroupsCaller, ServiceEnv, serving
+from tools.nats_users import NatsUsers
 from tools.platform import post_event, publish
 from tools.suite import running_nats_server
 
@@ -32,18 +33,18 @@ PlazaCaller = Callable[..., tuple[plaza_pb2_grpc.PlazaStub, Any]]
 
 
 @pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_url(tmp_path_factory: pytest.TempPathFactory, nats_users: NatsUsers) -> Iterator[str]:
     """This module's own nats-server: the plaza's durable consumers then see only the
     events this module publishes (other modules fill the shared streams)."""
-    with running_nats_server(tmp_path_factory.mktemp("plaza-jetstream")) as url:
-        yield url
+    with running_nats_server(tmp_path_factory.mktemp("plaza-jetstream"), nats_users) as url:
+        yield nats_users.url(url, HARNESS)
 
 
 @pytest.fixture
 async def plaza(
     nats_url: str, token: Callable[..., str], service_env: ServiceEnv
 ) -> AsyncIterator[PlazaCaller]:
-    host = build(PlazaConfig.from_env(service_env(nats_url)))
+    host = build(PlazaConfig.from_env(service_env(nats_url, "plaza")))
     async with serving(host, plaza_pb2_grpc.PlazaStub, token) as as_user:
         yield as_user
 

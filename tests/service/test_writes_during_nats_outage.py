@@ -66,9 +66,13 @@ async def services(
             stack.push_async_callback(host.stop)
             return f"127.0.0.1:{host.port}"
 
-        groups = await started(build_groups(GroupsConfig.from_env(service_env(own_nats.url))))
-        plaza = await started(build_plaza(PlazaConfig.from_env(service_env(own_nats.url))))
-        gateway_env = service_env(own_nats.url, GROUPS_ADDRESS=groups, PLAZA_ADDRESS=plaza)
+        groups = await started(
+            build_groups(GroupsConfig.from_env(service_env(own_nats.url, "groups")))
+        )
+        plaza = await started(build_plaza(PlazaConfig.from_env(service_env(own_nats.url, "plaza"))))
+        gateway_env = service_env(
+            own_nats.url, "gateway", GROUPS_ADDRESS=groups, PLAZA_ADDRESS=plaza
+        )
         gateway = await started(build_gateway(GatewayConfig.from_env(gateway_env)))
         channels = {}
         for name, address in {"groups": groups, "plaza": plaza, "gateway": gateway}.items():
