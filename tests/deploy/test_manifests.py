@@ -28,6 +28,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tools.nats_users import DEPLOY_HEADER, USERS, password_variable, render
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -50,7 +52,7 @@ GATEWAY = "gateway"
 SERVICE_NAMES = ("gateway", "groups", "messaging", "plaza")
 INTERNAL_SERVICES = ("groups", "messaging", "plaza")
 # Values that must only ever come from a Secret.
-SECRET_VARIABLES = {"JWT_SECRET", "MONGODB_URI"}
+SECRET_VARIABLES = {"JWT_SECRET", "MONGODB_URI", "NATS_PASSWORD"}
 # The connections the NetworkPolicies must allow inside the namespace, and nothing else:
 # (from, to, port) by app.kubernetes.io/name.
 ALLOWED_IN_NAMESPACE = {
@@ -909,13 +911,13 @@ def test_every_deployment_and_statefulset_has_a_disruption_budget(target: str) -
 # --- NATS and MongoDB -----------------------------------------------------------------
 
 
-def _nats_conf(manifests: Manifests) -> str:
+def _nats_conf(manifests: Manifests, file: str = "nats.conf") -> str:
     (statefulset,) = [w for w in manifests.workloads() if w.app == "nats"]
     config_maps = [v["configMap"]["name"] for v in statefulset.spec["volumes"] if "configMap" in v]
     (name,) = config_maps
     config_map = manifests.get("ConfigMap", name)
     assert config_map is not None
-    return str(config_map["data"]["nats.conf"])
+    return str(config_map["data"][file])
 
 
 def _block(config: str, name: str) -> str:
@@ -984,6 +986,31 @@ def test_every_internal_service_has_its_own_database_and_credentials(target: str
         secrets = {s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s}
         assert f"{name}-mongodb" in secrets, name
         assert services[name].labels.get("groupchat/mongodb-client") == "true", name
+
+
+@every_target
+def test_every_service_is_its_own_nats_user_with_its_password_from_the_secret(
+    target: str,
+) -> None:
+    manifests = manifests_for(target)
+    for name, workload in manifests.service_deployments().items():
+        (container,) = workload.containers(init=False)
+        env = {v["name"]: v for v in container.get("env") or []}
+        assert env["NATS_USER"].get("value") == name, name
+        ref = env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("nats-users", password_variable(name)), name
+
+
+@every_overlay
+def test_nats_lets_in_only_the_suites_users_with_their_permissions(target: str) -> None:
+    manifests = manifests_for(target)
+    assert re.search(r"^include users\.conf$", _nats_conf(manifests), re.MULTILINE)
+    # As tools/nats_users.py renders it: `python -m tools.nats_users` after changing it.
+    assert _nats_conf(manifests, "users.conf") == DEPLOY_HEADER + render()
+    nats = manifests.workload("nats")
+    (container,) = nats.containers(init=False)
+    given = {k for k, v in manifests.environment(container).items() if v is None}
+    assert {password_variable(user) for user in USERS} <= given
 
 
 @every_target
