@@ -78,14 +78,15 @@ def inbox(user: str) -> str:
 
 
 def durable_calls(durable: Durable) -> tuple[str, ...]:
-    """What binding a durable push consumer takes: look it up, create or bound it (nats.py
-    names the consumer and its filter in the subject), and ack, nak or park its events."""
+    """What binding a durable push consumer takes: look it up, create it (nats.py's
+    subscribe uses the durable form), bring an existing one's bounds in line (the named form,
+    with its filter subject: EventBus._bound_existing_durable), and ack, nak or park its
+    events."""
     stream, name = durable.stream, durable.name
     return (
         f"{JS_API}.CONSUMER.INFO.{stream}.{name}",
-        f"{JS_API}.CONSUMER.CREATE.{stream}.{name}",
-        f"{JS_API}.CONSUMER.CREATE.{stream}.{name}.>",
         f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+        f"{JS_API}.CONSUMER.CREATE.{stream}.{name}.>",
         f"$JS.ACK.{stream}.{name}.>",
         f"{DEAD_LETTER_ROOT}.{name}",
     )

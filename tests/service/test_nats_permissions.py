@@ -14,8 +14,11 @@ import nats
 import pytest
 from groupchat.messaging.v1 import messaging_pb2_grpc
 
+from services.kit.config import EventSettings
+from services.kit.events import SERVICE_STREAMS, EventBus
 from services.kit.mongo import open_database
 from services.messaging.config import MessagingConfig
+from services.messaging.consumers import SOCIAL_DURABLE, SOCIAL_SUBJECT
 from services.messaging.service import build
 from services.messaging.storage import MessagingStore
 from services.plaza.rebuild import REBUILD_SUBJECT
@@ -159,3 +162,29 @@ async def test_only_the_operator_asks_for_a_plaza_rebuild(
 
     await eventually(lambda: seen(REBUILD_SUBJECT) == [REBUILD_SUBJECT])
     assert not operator.errors
+
+
+async def test_a_service_may_bring_its_own_durables_bounds_in_line(
+    nats_url: str, nats_users: NatsUsers, nats_client: Any
+) -> None:
+    # A release with other bounds binds the durable its predecessor created (the named
+    # consumer create, with its filter subject, rather than subscribe's durable create).
+    for in_flight in (3, 4):
+        bus = await EventBus.connect(
+            nats_url,
+            "messaging",
+            EventSettings(max_in_flight=in_flight),
+            credentials=nats_users.credentials("messaging"),
+            stream_names=SERVICE_STREAMS["messaging"],
+        )
+        try:
+            await bus.consume(SOCIAL_DURABLE, SOCIAL_SUBJECT, ignore)
+        finally:
+            await bus.close()
+
+    info = await nats_client.jetstream().consumer_info("PLATFORM_SOCIAL", SOCIAL_DURABLE)
+    assert info.config.max_ack_pending == 4
+
+
+async def ignore(_: Any) -> None:
+    return None
