@@ -71,6 +71,12 @@ def service_env(
         mongodb_client.drop_database(name)
 
 
+@pytest.fixture
+def platform_url(nats_url: str, nats_users: NatsUsers) -> str:
+    """The NATS URL as the platform's user, for its follow and post events (tools.platform)."""
+    return nats_users.url(without_userinfo(nats_url), "platform")
+
+
 Metadata = tuple[tuple[str, str], ...]
 GroupsCaller = Callable[[str], tuple[groups_pb2_grpc.GroupsStub, Metadata]]
 

@@ -17,20 +17,28 @@ from services.groups.app import GroupsApp, GroupsLimits
 from services.groups.domain import GroupFull, GroupSettings
 from services.groups.storage import GroupsStore
 from services.kit.config import EventSettings
-from services.kit.events import EventBus
+from services.kit.events import SERVICE_STREAMS, EventBus
 from services.kit.mongo import open_database
 from services.kit.outbox import HOLDS_EVENTS, Outbox
 from tests.conftest import eventually
 from tools.doctor import check_groups
+from tools.nats_users import NatsUsers
 
 
 @pytest.fixture
 async def two_processes(
-    nats_url: str, mongodb_uri: str, database: str
+    nats_url: str, nats_users: NatsUsers, mongodb_uri: str, database: str
 ) -> AsyncIterator[tuple[Any, GroupsApp, GroupsApp]]:
-    """(database, first, second): a fresh database and two groups apps with their relays."""
+    """(database, first, second): a fresh database and two groups apps with their relays,
+    publishing as the groups service's NATS user."""
     client, db = open_database(mongodb_uri, database)
-    bus = await EventBus.connect(nats_url, "joins-at-capacity", EventSettings())
+    bus = await EventBus.connect(
+        nats_url,
+        "joins-at-capacity",
+        EventSettings(),
+        credentials=nats_users.credentials("groups"),
+        stream_names=SERVICE_STREAMS["groups"],
+    )
     await GroupsStore(db).create_indexes()
     apps, relays = [], []
     for _ in range(2):

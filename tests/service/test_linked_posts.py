@@ -91,9 +91,9 @@ async def test_an_unknown_post_is_not_found(groups: GroupsCaller) -> None:
     )
 
 
-async def test_someone_elses_post_is_not_owned(groups: GroupsCaller, nats_url: str) -> None:
+async def test_someone_elses_post_is_not_owned(groups: GroupsCaller, platform_url: str) -> None:
     post_id = new_post_id()
-    await publish(nats_url, [post_event("publish", post_id, "bob", title="Bob's matcha")])
+    await publish(platform_url, [post_event("publish", post_id, "bob", title="Bob's matcha")])
     await once_refused(groups, "alice", post_id, "POST_NOT_OWNED")
     stub, md = groups("alice")
     request = pb.CreateGroupRequest(name="Linked", category=pb.FOOD, linked_post_id=post_id)
@@ -101,10 +101,10 @@ async def test_someone_elses_post_is_not_owned(groups: GroupsCaller, nats_url: s
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_a_hidden_post_is_not_published(groups: GroupsCaller, nats_url: str) -> None:
+async def test_a_hidden_post_is_not_published(groups: GroupsCaller, platform_url: str) -> None:
     post_id = new_post_id()
     await publish(
-        nats_url,
+        platform_url,
         [
             post_event("publish", post_id, "alice", title="Draft", version=1),
             post_event("hide", post_id, "alice", version=2),
@@ -117,17 +117,19 @@ async def test_a_hidden_post_is_not_published(groups: GroupsCaller, nats_url: st
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_the_author_links_their_published_post(groups: GroupsCaller, nats_url: str) -> None:
+async def test_the_author_links_their_published_post(
+    groups: GroupsCaller, platform_url: str
+) -> None:
     post_id = new_post_id()
-    await publish(nats_url, [post_event("publish", post_id, "alice", title="Matcha at home")])
+    await publish(platform_url, [post_event("publish", post_id, "alice", title="Matcha at home")])
     group = await linked_group(groups, "alice", post_id)
     assert (group.linked_post_id, group.unlinked_post_id) == (post_id, "")
 
 
-async def test_update_group_checks_the_post_too(groups: GroupsCaller, nats_url: str) -> None:
+async def test_update_group_checks_the_post_too(groups: GroupsCaller, platform_url: str) -> None:
     mine, theirs = new_post_id(), new_post_id()
     await publish(
-        nats_url,
+        platform_url,
         [
             post_event("publish", theirs, "bob", title="Bob's hike"),
             post_event("publish", mine, "alice", title="My hike"),
@@ -143,10 +145,12 @@ async def test_update_group_checks_the_post_too(groups: GroupsCaller, nats_url: 
 
 
 async def test_deleting_the_post_unlinks_the_group_and_says_so(
-    groups: GroupsCaller, nats_url: str, nats_client: Any
+    groups: GroupsCaller, platform_url: str, nats_client: Any
 ) -> None:
     post_id = new_post_id()
-    await publish(nats_url, [post_event("publish", post_id, "alice", title="Matcha", version=1)])
+    await publish(
+        platform_url, [post_event("publish", post_id, "alice", title="Matcha", version=1)]
+    )
     group = await linked_group(groups, "alice", post_id)
     updates: list[events_pb2.Envelope] = []
 
@@ -156,7 +160,7 @@ async def test_deleting_the_post_unlinks_the_group_and_says_so(
     await nats_client.subscribe(f"groupchat.groups.group_updated.{group.group_id}.*", cb=collect)
     await nats_client.flush()
 
-    await publish(nats_url, [post_event("delete", post_id, "alice", version=2)])
+    await publish(platform_url, [post_event("delete", post_id, "alice", version=2)])
 
     async def unlinked() -> bool:
         stored = await get_group(groups, "alice", group.group_id)
@@ -172,17 +176,19 @@ async def test_deleting_the_post_unlinks_the_group_and_says_so(
     assert updates[0].aggregate_version == stored.version
 
 
-async def test_linking_a_post_again_clears_the_unlink(groups: GroupsCaller, nats_url: str) -> None:
+async def test_linking_a_post_again_clears_the_unlink(
+    groups: GroupsCaller, platform_url: str
+) -> None:
     post_id = new_post_id()
-    await publish(nats_url, [post_event("publish", post_id, "alice", version=1)])
+    await publish(platform_url, [post_event("publish", post_id, "alice", version=1)])
     group = await linked_group(groups, "alice", post_id)
-    await publish(nats_url, [post_event("hide", post_id, "alice", version=2)])
+    await publish(platform_url, [post_event("hide", post_id, "alice", version=2)])
 
     async def unlinked() -> bool:
         return (await get_group(groups, "alice", group.group_id)).unlinked_post_id == post_id
 
     await eventually(unlinked)
-    await publish(nats_url, [post_event("publish", post_id, "alice", version=3)])
+    await publish(platform_url, [post_event("publish", post_id, "alice", version=3)])
 
     async def relinked() -> bool:
         try:
@@ -197,29 +203,29 @@ async def test_linking_a_post_again_clears_the_unlink(groups: GroupsCaller, nats
 
 
 async def test_removing_a_post_leaves_a_group_relinked_to_another_alone(
-    groups: GroupsCaller, nats_url: str
+    groups: GroupsCaller, platform_url: str
 ) -> None:
     first, second = new_post_id(), new_post_id()
     await publish(
-        nats_url,
+        platform_url,
         [post_event("publish", first, "alice"), post_event("publish", second, "alice")],
     )
     group = await linked_group(groups, "alice", first)
     await linked_group(groups, "alice", second)
     await relink(groups, "alice", group.group_id, second)
-    await publish(nats_url, [post_event("delete", first, "alice")])
+    await publish(platform_url, [post_event("delete", first, "alice")])
     await once_refused(groups, "alice", first, "POST_NOT_PUBLISHED")
     stored = await get_group(groups, "alice", group.group_id)
     assert (stored.linked_post_id, stored.unlinked_post_id) == (second, "")
 
 
-async def test_stale_post_events_change_nothing(groups: GroupsCaller, nats_url: str) -> None:
+async def test_stale_post_events_change_nothing(groups: GroupsCaller, platform_url: str) -> None:
     post_id, sentinel = new_post_id(), new_post_id()
-    await publish(nats_url, [post_event("publish", post_id, "alice", version=20)])
+    await publish(platform_url, [post_event("publish", post_id, "alice", version=20)])
     group = await linked_group(groups, "alice", post_id)
     # Redelivered out of order: a removal older than the publish, and one of the same version.
     await publish(
-        nats_url,
+        platform_url,
         [
             post_event("delete", post_id, "alice", version=10),
             post_event("hide", post_id, "alice", version=20),

@@ -149,8 +149,8 @@ async def history(messaging: MessagingCaller, user: str, peer: str, **request: A
     return [m.seq for m in reply.messages]
 
 
-async def make_mutual(store: MessagingStore, nats_url: str, a: str, b: str) -> None:
-    await publish(nats_url, [follow_event(a, b), follow_event(b, a)])
+async def make_mutual(store: MessagingStore, platform_url: str, a: str, b: str) -> None:
+    await publish(platform_url, [follow_event(a, b), follow_event(b, a)])
     await eventually(lambda: store.follow_each_other(a, b))
 
 
@@ -241,10 +241,10 @@ async def test_a_refused_send_consumes_nothing(messaging: MessagingCaller) -> No
 
 
 async def test_a_mutual_follow_uses_no_quota_and_has_no_unanswered_limit(
-    messaging: MessagingCaller, store: MessagingStore, nats_url: str
+    messaging: MessagingCaller, store: MessagingStore, platform_url: str
 ) -> None:
     alice, bob = unique("alice"), unique("bob")
-    await make_mutual(store, nats_url, alice, bob)
+    await make_mutual(store, platform_url, alice, bob)
     replies = [await send(messaging, alice, bob, f"m{n}") for n in range(5)]
     assert [r.message.seq for r in replies] == [1, 2, 3, 4, 5]
     assert not any(r.used_stranger_slot for r in replies)
@@ -270,13 +270,13 @@ async def test_an_answer_lifts_the_wait_and_ends_the_request(messaging: Messagin
 
 
 async def test_an_established_conversation_stays_free_after_an_unfollow(
-    messaging: MessagingCaller, store: MessagingStore, nats_url: str
+    messaging: MessagingCaller, store: MessagingStore, platform_url: str
 ) -> None:
     alice, bob = unique("alice"), unique("bob")
     await send(messaging, alice, bob)
     await send(messaging, bob, alice)
-    await make_mutual(store, nats_url, alice, bob)
-    await publish(nats_url, [follow_event(alice, bob, following=False)])
+    await make_mutual(store, platform_url, alice, bob)
+    await publish(platform_url, [follow_event(alice, bob, following=False)])
     await eventually(lambda: is_false(store.follow_each_other(alice, bob)))
     replies = [await send(messaging, alice, bob, f"m{n}") for n in range(4)]
     assert not any(r.used_stranger_slot for r in replies)
@@ -284,11 +284,11 @@ async def test_an_established_conversation_stays_free_after_an_unfollow(
 
 
 async def test_a_stale_follow_event_changes_nothing(
-    messaging: MessagingCaller, store: MessagingStore, nats_url: str
+    messaging: MessagingCaller, store: MessagingStore, platform_url: str
 ) -> None:
     alice, bob = unique("alice"), unique("bob")
     await publish(
-        nats_url,
+        platform_url,
         [
             follow_event(alice, bob, version=10),
             follow_event(alice, bob, following=False, version=5),  # older, arriving late

@@ -175,10 +175,10 @@ async def until_shown(plaza: PlazaCaller, ids: set[str], **fields: Any) -> None:
 
 
 async def test_a_linked_post_shows_on_the_card_and_a_deleted_one_leaves_it(
-    plaza: PlazaCaller, groups: GroupsCaller, nats_url: str
+    plaza: PlazaCaller, groups: GroupsCaller, platform_url: str
 ) -> None:
     owner, post_id = unique("creator"), unique("post")
-    await publish(nats_url, [post_event("publish", post_id, owner, title="Matcha at home")])
+    await publish(platform_url, [post_event("publish", post_id, owner, title="Matcha at home")])
     stub, md = groups(owner)
     request = gpb.CreateGroupRequest(
         name="Matcha club", category=gpb.FOOD, listed=True, linked_post_id=post_id
@@ -205,7 +205,7 @@ async def test_a_linked_post_shows_on_the_card_and_a_deleted_one_leaves_it(
     assert (c.linked_post.post_id, c.linked_post.author_id) == (post_id, owner)
     assert group_id in await search(plaza, "home")
 
-    await publish(nats_url, [post_event("delete", post_id, owner)])
+    await publish(platform_url, [post_event("delete", post_id, owner)])
 
     async def unlinked() -> bool:
         c = await card(plaza, group_id)
