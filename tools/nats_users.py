@@ -5,7 +5,7 @@ a join or a rebuild).
 The table below is the one source. It renders the `authorization` block of the NATS server
 configuration: `deploy/k8s/base/nats/users.conf` (passwords from the Secret `nats-users`,
 through the server's environment; `python -m tools.nats_users > deploy/k8s/base/nats/users.conf`
-after a change, a unit test compares), and the configuration `make run` and the tests
+after a change; tests/deploy compares), and the configuration `make run` and the tests
 generate with random passwords (`local_config`).
 
 - gateway: publishes nothing; subscribes to the push subjects;
