@@ -532,6 +532,8 @@ def main() -> None:
             "Ctrl-C stops everything.\n",
             flush=True,
         )
+        if os.environ.get("TRACES"):
+            print(f"Spans (JSON lines): {spans_file(suite.run_dir, '<process>')}", flush=True)
         while not stop_requested:
             time.sleep(0.2)
     finally:
