@@ -769,6 +769,8 @@ def machine_lines(title: str, parameters: str) -> str:
         f"  nats-py:     {importlib.metadata.version('nats-py')}",
         f"  protobuf:    {importlib.metadata.version('protobuf')}",
         f"  nats-server: {nats_server}",
+        # TRACES=1: every suite process records its spans (tools.suite), as in production.
+        f"  tracing:     {'on (spans to files)' if os.environ.get('TRACES') else 'off'}",
         f"  parameters:  {parameters}",
     ]
     return "\n".join(lines)

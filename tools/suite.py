@@ -128,6 +128,11 @@ def process_names(service: str, count: int) -> list[str]:
     return [service, *(f"{service}-{n}" for n in range(2, count + 1))]
 
 
+def spans_file(data_dir: Path, name: str) -> Path:
+    """Where process `name` writes its spans when the suite runs with TRACES set."""
+    return data_dir / "spans" / f"{name}.jsonl"
+
+
 def balanced_target(addresses: list[str]) -> str:
     """One gRPC target for all of `addresses` (IPv4 host:port): a round_robin channel to it
     spreads its calls over every one, as over the pods behind a headless Service."""
@@ -384,6 +389,8 @@ class Suite:
                 }
                 if service in self.databases:
                     service_env["MONGODB_DATABASE"] = self.databases[service]
+                if env.get("TRACES"):  # each process's spans, one JSON line each
+                    service_env["TRACES_FILE"] = str(spans_file(data_dir, name))
                 self._spawn(name, [sys.executable, "-m", f"services.{service}"], service_env)
             for name in names[service]:
                 wait_healthy(self.addresses[name])
@@ -525,6 +532,8 @@ def main() -> None:
             "Ctrl-C stops everything.\n",
             flush=True,
         )
+        if os.environ.get("TRACES"):
+            print(f"Spans (JSON lines): {spans_file(suite.run_dir, '<process>')}", flush=True)
         while not stop_requested:
             time.sleep(0.2)
     finally:

@@ -19,6 +19,7 @@ from google.protobuf.message_factory import GetMessageClass
 from services.kit.auth import Identity
 from services.kit.errors import DomainError, ErrorKind
 from services.kit.rpc import REQUEST_ID_KEY, current_identity, current_request_id
+from services.kit.tracing import client_interceptors
 
 log = structlog.get_logger("downstream")
 
@@ -85,6 +86,7 @@ class Downstream:
                 ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.keepalive_time_ms", 30_000),
             ],
+            interceptors=client_interceptors(),
         )
         self._methods: dict[str, Any] = {
             m.name: self._channel.unary_unary(

@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -45,6 +45,7 @@ from services.kit.metrics import (
     EVENTS_REDELIVERED,
     NATS_CONNECTED,
 )
+from services.kit.tracing import current_trace_context, handling, publishing
 
 log = structlog.get_logger("events")
 
@@ -95,6 +96,9 @@ LAG_SAMPLE_SECONDS = 15.0
 class OutgoingEvent:
     subject: str
     envelope: events_pb2.Envelope
+    # The W3C trace context of the command that made the event (empty outside a trace), so
+    # that publishing it later, from the outbox, joins that command's trace.
+    trace_context: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 def new_event(
@@ -116,7 +120,7 @@ def new_event(
     )
     envelope.occurred_at.FromNanoseconds(time.time_ns())
     subject = f"{SUBJECT_ROOT}.{area}.{event_type}.{aggregate_id}.{user_id}"
-    return OutgoingEvent(subject=subject, envelope=envelope)
+    return OutgoingEvent(subject, envelope, current_trace_context())
 
 
 EventHandler = Callable[[events_pb2.Envelope], Awaitable[None]]
@@ -265,19 +269,26 @@ class EventBus:
 
     async def publish(self, event: OutgoingEvent) -> None:
         """Publish durably: returns once JetStream has stored the event."""
-        await self._js.publish(
-            event.subject,
-            event.envelope.SerializeToString(),
-            headers={"Nats-Msg-Id": event.envelope.event_id},
-            timeout=5.0,
-        )
+        event_id = event.envelope.event_id
+        with publishing(event.subject, event_id, event.trace_context) as trace_headers:
+            await self._js.publish(
+                event.subject,
+                event.envelope.SerializeToString(),
+                headers={"Nats-Msg-Id": event_id, **trace_headers},
+                timeout=5.0,
+            )
         EVENTS_PUBLISHED.labels(event.envelope.type).inc()
 
     async def subscribe(
         self, subject: str, handler: Callable[[Msg], Awaitable[None]]
     ) -> Subscription:
         """A plain (non-durable) subscription, for real-time push."""
-        return await self._nc.subscribe(subject, cb=handler, pending_msgs_limit=65_536)
+
+        async def on_message(msg: Msg) -> None:
+            with handling(msg.subject, msg.headers, None):
+                await handler(msg)
+
+        return await self._nc.subscribe(subject, cb=on_message, pending_msgs_limit=65_536)
 
     async def consume(self, durable: str, subject: str, handler: EventHandler) -> Subscription:
         """A durable consumer: each event is acked after `handler` returns, retried if it
@@ -357,6 +368,12 @@ class EventBus:
             await self._js.add_consumer(stream, config=wanted)
 
     async def _handle(
+        self, durable: str, msg: Msg, handler: EventHandler, serial: KeyedLocks
+    ) -> None:
+        with handling(msg.subject, msg.headers, durable):
+            await self._settle(durable, msg, handler, serial)
+
+    async def _settle(
         self, durable: str, msg: Msg, handler: EventHandler, serial: KeyedLocks
     ) -> None:
         try:

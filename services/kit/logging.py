@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from services.kit.tracing import add_trace_id
+
 
 def configure_logging(service: str, level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog (and the stdlib loggers of libraries) for one service process."""
@@ -20,6 +22,7 @@ def configure_logging(service: str, level: str = "info", fmt: str = "auto") -> N
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),

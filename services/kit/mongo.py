@@ -11,6 +11,7 @@ from pymongo import monitoring
 from pymongo.errors import DuplicateKeyError
 
 from services.kit.metrics import MONGODB_COMMAND_SECONDS
+from services.kit.tracing import mongo_listeners
 
 if TYPE_CHECKING:
     from groupchat.events.v1 import events_pb2
@@ -26,7 +27,10 @@ def open_database(uri: str, name: str) -> tuple[Any, Any]:
     """Return (client, database) on the server `uri` names. Motor connects lazily: the first
     command waits for the server, at most 5 s."""
     client: Any = AsyncIOMotorClient(
-        uri, serverSelectionTimeoutMS=5_000, appname=name, event_listeners=[CommandLatency()]
+        uri,
+        serverSelectionTimeoutMS=5_000,
+        appname=name,
+        event_listeners=[CommandLatency(), *mongo_listeners()],
     )
     log.info("mongodb", hosts=hosts_of(uri), database=name)
     return client, client[name]

@@ -46,7 +46,12 @@ HOLDS_EVENTS = {f"{EVENTS_FIELD}.0": {"$exists": True}}
 
 def _stored(events: Iterable[OutgoingEvent]) -> list[dict[str, Any]]:
     return [
-        {"id": e.envelope.event_id, "subject": e.subject, "data": e.envelope.SerializeToString()}
+        {
+            "id": e.envelope.event_id,
+            "subject": e.subject,
+            "data": e.envelope.SerializeToString(),
+            **({"trace": dict(e.trace_context)} if e.trace_context else {}),
+        }
         for e in events
     ]
 
@@ -253,4 +258,4 @@ class Outbox:
 def _outgoing(stored: dict[str, Any]) -> OutgoingEvent:
     envelope = events_pb2.Envelope()
     envelope.ParseFromString(stored["data"])
-    return OutgoingEvent(subject=stored["subject"], envelope=envelope)
+    return OutgoingEvent(stored["subject"], envelope, stored.get("trace") or {})

@@ -9,9 +9,10 @@ from typing import TypeVar
 
 import structlog
 
-from services.kit.config import ConfigError, ServerConfig
+from services.kit.config import ConfigError, Env, ServerConfig
 from services.kit.logging import configure_logging
 from services.kit.server import ServiceHost
+from services.kit.tracing import TracingSettings, configure_tracing
 
 C = TypeVar("C")
 
@@ -24,11 +25,13 @@ def run_process(
 ) -> None:
     try:
         config = load_config()
+        tracing = TracingSettings.from_env(Env())
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     server = server_config(config)
     configure_logging(name, server.log_level, server.log_format)
+    configure_tracing(name, tracing)
     try:
         asyncio.run(build(config).run_until_signalled())
     except Exception:

@@ -21,6 +21,7 @@ from services.kit.auth import Identity, TokenVerifier
 from services.kit.errors import DomainError, Unauthenticated
 from services.kit.metrics import RPC_SECONDS, RPCS
 from services.kit.rpc_status import to_grpc_status
+from services.kit.tracing import record_rpc_outcome
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
@@ -128,6 +129,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             seconds = time.perf_counter() - started
             RPCS.labels(method, outcome["code"]).inc()
             RPC_SECONDS.labels(method).observe(seconds)
+            record_rpc_outcome(outcome["code"], outcome.get("reason"))
             log.info("rpc", method=method, duration_ms=round(seconds * 1000, 2), **outcome)
 
 

@@ -8,15 +8,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.kit.errors import DomainError, InvalidArgument, QuotaExceeded
+from services.kit.tracing import current_trace_id
 
 ERROR_DOMAIN = "groupchat"
 
 
 def to_grpc_status(error: DomainError) -> grpc.Status:
     details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
-    )
+    metadata = dict(error.metadata)
+    if trace_id := current_trace_id():  # a user's report of the error leads to its trace
+        metadata["trace_id"] = trace_id
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     details.append(_pack(info))
     if isinstance(error, InvalidArgument):
         bad_request = error_details_pb2.BadRequest(

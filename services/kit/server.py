@@ -25,6 +25,7 @@ from services.kit.auth import TokenVerifier
 from services.kit.config import ServerConfig
 from services.kit.metrics import serve_metrics
 from services.kit.rpc import RpcInterceptor
+from services.kit.tracing import server_interceptors
 
 log = structlog.get_logger("server")
 
@@ -76,7 +77,11 @@ class ServiceHost:
     async def start(self) -> None:
         """Open resources, bind, and start serving (SERVING on health)."""
         server = grpc.aio.server(
-            interceptors=[RpcInterceptor(TokenVerifier(self._config.jwt_secret))],
+            # The span of each RPC first, so that the RpcInterceptor's log line has its id.
+            interceptors=[
+                *server_interceptors(),
+                RpcInterceptor(TokenVerifier(self._config.jwt_secret)),
+            ],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
