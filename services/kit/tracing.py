@@ -32,6 +32,9 @@ from services.kit.config import ConfigError, Env
 EXPORTERS = ("otlp", "console", "none")
 # Probes and grpcurl discovery would each start a trace of their own, every few seconds.
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+# A stream open for hours would be one span that ends only then, current in every write;
+# what it delivers is traced where each event is handled (EventBus.subscribe).
+UNTRACED_METHODS = ("/groupchat.gateway.v1.Gateway/Subscribe",)
 
 _tracer = trace.get_tracer("groupchat")
 
@@ -112,7 +115,10 @@ def server_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    untraced = filters.any_of(*(filters.service_prefix(s) for s in UNTRACED_SERVICES))
+    untraced = filters.any_of(
+        *(filters.service_prefix(s) for s in UNTRACED_SERVICES),
+        *(filters.full_method_name(m) for m in UNTRACED_METHODS),
+    )
     return [aio_server_interceptor(filter_=filters.negate(untraced))]
 
 

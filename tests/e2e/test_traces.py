@@ -128,6 +128,16 @@ async def test_one_group_message_is_one_trace_from_gateway_to_fanout(
     assert plaza["attributes"]["messaging.consumer.group.name"]
     for process, service in (("gateway", "gateway"), ("groups", "groups"), ("plaza", "plaza")):
         assert found[process][0]["resource"]["attributes"]["service.name"] == service
+    # The stream itself is no span (it would last as long as the stream). Spans are
+    # exported in the order they end: once a call made after the stream ended is exported,
+    # a span of the stream would be too.
+    await stub.GetGroup(pb.GetGroupRequest(group_id=group_id), metadata=owner_md)
+
+    def gateway_names() -> list[str]:
+        return [s["name"] for s in spans(suite, "gateway")]
+
+    await eventually(lambda: "/groupchat.gateway.v1.Gateway/GetGroup" in gateway_names(), 15)
+    assert not [n for n in gateway_names() if n.endswith("Gateway/Subscribe")]
 
 
 async def test_an_error_names_its_trace_and_so_do_the_log_lines(suite: Suite, gateway: Any) -> None:
