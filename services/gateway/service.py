@@ -62,6 +62,7 @@ def build(config: GatewayConfig) -> ServiceHost:
             config.server.nats_url, "gateway", credentials=config.server.nats_credentials
         )
         context.stack.push_async_callback(bus.close)
+        await context.follow_revocations(bus.jetstream)
         # No readiness dependency: every unary call is served without NATS, and a NATS
         # outage is every gateway's at once (the same server), so leaving the Service would
         # turn a delay of push into a refusal of everything. Internal services each answer
@@ -75,6 +76,7 @@ def build(config: GatewayConfig) -> ServiceHost:
                 service,
                 timeout_cap_seconds=config.downstream_timeout_seconds,
                 idempotent_methods=idempotent,
+                tls=config.server.tls,
             )
             context.stack.push_async_callback(client.close)
             return client

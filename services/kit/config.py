@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from services.kit.auth import DEFAULT_MAX_LIFETIME_SECONDS, KeySet
 
 
 class ConfigError(Exception):
@@ -116,7 +119,9 @@ class ServerConfig:
     """What every service process needs: where to listen, whom to trust, what to reach."""
 
     listen: str
-    jwt_secret: str
+    # The issuer's public keys (JWT_PUBLIC_KEYS_FILE), read once at start.
+    key_set: KeySet
+    token_max_lifetime_seconds: int
     nats_url: str
     nats_credentials: NatsCredentials
     # Unset only for a service that stores nothing (the gateway).
@@ -128,21 +133,24 @@ class ServerConfig:
     metrics_port: int | None
     # HTTP/2 streams one client connection may hold open at once (Subscribe streams too).
     max_concurrent_streams: int
+    # Mutual TLS on every gRPC hop, when configured: this server asks for and checks client
+    # certificates, and its own calls present one.
+    tls: TlsFiles | None = None
 
     @classmethod
     def from_env(
         cls, env: Env, *, default_listen: str, database: str, stores: bool = True
     ) -> ServerConfig:
         """`stores`: the service keeps data in MongoDB, so MONGODB_URI is required."""
-        secret = env.string("JWT_SECRET")
-        if len(secret) < 32:
-            raise ConfigError("JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
         log_format = env.string("LOG_FORMAT", "auto")
         if log_format not in ("auto", "json", "console"):
             raise ConfigError(f"LOG_FORMAT must be auto, json or console, got {log_format!r}")
         return cls(
             listen=env.string("GRPC_LISTEN", default_listen),
-            jwt_secret=secret,
+            key_set=_key_set(env),
+            token_max_lifetime_seconds=env.integer(
+                "TOKEN_MAX_LIFETIME_SECONDS", DEFAULT_MAX_LIFETIME_SECONDS, minimum=1
+            ),
             nats_url=env.string("NATS_URL", "nats://127.0.0.1:4222"),
             nats_credentials=NatsCredentials.from_env(env),
             mongodb_uri=_mongodb_uri(env) if stores else None,
@@ -152,7 +160,48 @@ class ServerConfig:
             log_format=log_format,
             metrics_port=env.optional_integer("METRICS_PORT"),
             max_concurrent_streams=env.integer("GRPC_MAX_CONCURRENT_STREAMS", 1000, minimum=1),
+            tls=TlsFiles.from_env(env),
         )
+
+
+TLS_VARIABLES = ("GRPC_TLS_CERT", "GRPC_TLS_KEY", "GRPC_TLS_CA")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM bytes of this process's certificate and key, and of the CA that signs its peers'."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @classmethod
+    def from_env(cls, env: Env) -> TlsFiles | None:
+        """All three of GRPC_TLS_CERT, _KEY and _CA (paths), or none: plaintext."""
+        paths = {name: env.optional_string(name) for name in TLS_VARIABLES}
+        given = [name for name, path in paths.items() if path]
+        if not given:
+            return None
+        if len(given) < len(TLS_VARIABLES):
+            missing = ", ".join(name for name in TLS_VARIABLES if name not in given)
+            raise ConfigError(f"mutual TLS needs GRPC_TLS_CERT, _KEY and _CA; {missing} unset")
+        cert, key, ca = (_read(name, paths[name] or "") for name in TLS_VARIABLES)
+        return cls(cert=cert, key=key, ca=ca)
+
+
+def _read(name: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
+def _key_set(env: Env) -> KeySet:
+    path = env.string("JWT_PUBLIC_KEYS_FILE")
+    try:
+        return KeySet.from_json(_read("JWT_PUBLIC_KEYS_FILE", path).decode())
+    except ValueError as exc:  # JSON errors too
+        raise ConfigError(f"JWT_PUBLIC_KEYS_FILE {path}: not a usable key set: {exc}") from None
 
 
 # Beyond a handler's deadline: time to ack, nak or park the event over the network.

@@ -17,8 +17,10 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from services.kit.auth import Identity
+from services.kit.config import TlsFiles
 from services.kit.errors import DomainError, ErrorKind
 from services.kit.rpc import REQUEST_ID_KEY, current_identity, current_request_id
+from services.kit.tls import channel_credentials
 from services.kit.tracing import client_interceptors
 
 log = structlog.get_logger("downstream")
@@ -72,21 +74,26 @@ class Downstream:
         *,
         timeout_cap_seconds: float,
         idempotent_methods: Iterable[str] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         """A client of `service` at `address`; `idempotent_methods` are safe to send twice
-        by design (reads, and writes like a join)."""
+        by design (reads, and writes like a join); with `tls`, over mutual TLS."""
         # What callers are told: "groups", never "groupchat.groups.v1.Groups" or an address.
         self.name = service.name.lower()
         self._timeout_cap = timeout_cap_seconds
         self._idempotent = frozenset(idempotent_methods)
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                # Spread calls over every replica the (headless) DNS name resolves to.
-                ("grpc.lb_policy_name", "round_robin"),
-                ("grpc.keepalive_time_ms", 30_000),
-            ],
-            interceptors=client_interceptors(),
+        options = [
+            # Spread calls over every replica the (headless) DNS name resolves to.
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        interceptors = client_interceptors()
+        self._channel = (
+            grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+            if tls is None
+            else grpc.aio.secure_channel(
+                address, channel_credentials(tls), options=options, interceptors=interceptors
+            )
         )
         self._methods: dict[str, Any] = {
             m.name: self._channel.unary_unary(

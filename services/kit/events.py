@@ -165,6 +165,11 @@ class EventBus:
         self._loss_listeners: list[Callable[[], None]] = []
         self._lag_sampler: asyncio.Task[None] | None = None
 
+    @property
+    def jetstream(self) -> JetStreamContext:
+        """JetStream beyond events (the revocation bucket: services.kit.revocation)."""
+        return self._js
+
     def on_messages_lost(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever plain subscriptions may have missed messages: after a
         reconnect (what was published meanwhile is gone) or a client-side overflow."""

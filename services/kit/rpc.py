@@ -1,7 +1,8 @@
 """What every RPC goes through: request id, authentication, error mapping, one log line.
 
-Health and reflection stay open (probes and grpcurl discovery); every other method needs a
-valid bearer token. Handlers read the caller with `current_identity()`.
+Health and reflection stay open (probes and grpcurl discovery); every other method needs
+exactly one `authorization` header with a valid bearer token (services.kit.auth). Handlers
+read the caller with `current_identity()`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.kit.tracing import record_rpc_outcome
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
+AUTHORIZATION_KEY = "authorization"
 STATUS_WAIT_SECONDS = 5.0
 
 _identity: ContextVar[Identity | None] = ContextVar("identity", default=None)
@@ -59,7 +61,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+        pairs = handler_call_details.invocation_metadata or ()  # type: ignore[attr-defined]
+        metadata = dict(pairs)
+        # Every value, not the dict's last one: two headers are refused, never chosen from.
+        metadata[AUTHORIZATION_KEY] = [value for key, value in pairs if key == AUTHORIZATION_KEY]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, metadata),
@@ -101,7 +106,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         outcome: dict[str, Any] = {"code": "OK"}
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-            identity = self._verifier.verify(metadata.get("authorization"))
+            identity = self._verifier.verify_metadata(metadata[AUTHORIZATION_KEY])
             outcome["user_id"] = identity.user_id
             _identity.set(identity)
             structlog.contextvars.bind_contextvars(user_id=identity.user_id)

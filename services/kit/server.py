@@ -4,6 +4,10 @@ A service hands `ServiceHost` a `setup` coroutine that opens what it needs on th
 of a `ServiceContext` and registers its servicers; the host does the rest the same way for
 every service: serve, and on SIGTERM go NOT_SERVING, run the stopping hooks (e.g. end
 long-lived streams), stop with a grace period, close in reverse.
+
+Every call is authenticated against the issuer's public keys and the revocations the setup
+follows (`ServiceContext.follow_revocations`, once NATS is open); with GRPC_TLS_* set, the
+port is mutual TLS: a client without a certificate from the configured CA is refused.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from nats.js import JetStreamContext
 
 from services.kit.auth import TokenVerifier
 from services.kit.config import ServerConfig
 from services.kit.metrics import serve_metrics
+from services.kit.revocation import Revocations, follow_revocations
 from services.kit.rpc import RpcInterceptor
+from services.kit.tls import server_credentials
 from services.kit.tracing import server_interceptors
 
 log = structlog.get_logger("server")
@@ -42,13 +49,21 @@ class ServiceContext:
 
     server: grpc.aio.Server
     stack: AsyncExitStack
+    revocations: Revocations
+    max_token_lifetime_seconds: float
     stopping_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    following_revocations: bool = False
 
     readiness_checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
 
     def on_stopping(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run `hook` when shutdown begins, before in-flight calls are waited for."""
         self.stopping_hooks.append(hook)
+
+    async def follow_revocations(self, js: JetStreamContext) -> None:
+        """Load the revoked tokens and keep following them (every service must, once)."""
+        await follow_revocations(self.stack, js, self.revocations, self.max_token_lifetime_seconds)
+        self.following_revocations = True
 
     def ready_when(self, dependency: str, check: Callable[[], Awaitable[bool]]) -> None:
         """Report NOT_SERVING on readiness while `check` fails: only for what the service
@@ -76,12 +91,16 @@ class ServiceHost:
 
     async def start(self) -> None:
         """Open resources, bind, and start serving (SERVING on health)."""
+        config = self._config
+        revocations = Revocations(config.token_max_lifetime_seconds)
+        verifier = TokenVerifier(
+            config.key_set,
+            max_lifetime_seconds=config.token_max_lifetime_seconds,
+            revoked=revocations.is_revoked,
+        )
         server = grpc.aio.server(
             # The span of each RPC first, so that the RpcInterceptor's log line has its id.
-            interceptors=[
-                *server_interceptors(),
-                RpcInterceptor(TokenVerifier(self._config.jwt_secret)),
-            ],
+            interceptors=[*server_interceptors(), RpcInterceptor(verifier)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
@@ -92,9 +111,13 @@ class ServiceHost:
                 ("grpc.max_concurrent_streams", self._config.max_concurrent_streams),
             ],
         )
-        self._context = ServiceContext(server, self._stack)
+        self._context = ServiceContext(
+            server, self._stack, revocations, config.token_max_lifetime_seconds
+        )
         try:
             service_names = await self._setup(self._context)
+            if not self._context.following_revocations:
+                raise RuntimeError(f"{self.name}: setup must call context.follow_revocations")
         except BaseException:
             await self._stack.aclose()
             raise
@@ -107,7 +130,10 @@ class ServiceHost:
             ],
             server,
         )
-        self.port = server.add_insecure_port(self._config.listen)
+        if config.tls is None:
+            self.port = server.add_insecure_port(config.listen)
+        else:
+            self.port = server.add_secure_port(config.listen, server_credentials(config.tls))
         if self.port == 0:
             await self._stack.aclose()
             raise RuntimeError(f"could not listen on {self._config.listen}")

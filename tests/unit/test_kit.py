@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import grpc
 import jwt
 import pytest
@@ -12,61 +16,197 @@ from groupchat.messaging.v1 import messaging_pb2
 
 from services.gateway.config import GatewayConfig
 from services.groups.config import GroupsConfig
-from services.kit.auth import TokenVerifier, mint_token
+from services.kit.auth import KeySet, SigningKey, TokenVerifier, key_set_json, mint_token
 from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
 from services.kit.downstream import carries_idempotency_key
 from services.kit.errors import FieldViolation, InvalidArgument, QuotaExceeded, Unauthenticated
 from services.kit.events import retry_delay
 from services.kit.mongo import hosts_of
 from services.kit.paging import decode_page_token, encode_page_token, page_size
+from services.kit.revocation import Revocations
 from services.kit.rpc_status import to_grpc_status
 from services.messaging.config import MessagingConfig
 from services.plaza.config import PlazaConfig
 
-SECRET = "unit-test-secret-unit-test-secret-0123"
+KEY = SigningKey.generate(kid="unit-1")
+KEYS = KeySet.from_json(key_set_json([KEY]))
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def refusal(authorization: str | None, verifier: TokenVerifier | None = None) -> str:
+    with pytest.raises(Unauthenticated) as refused:
+        (verifier or TokenVerifier(KEYS)).verify(authorization)
+    return refused.value.reason
 
 
 def test_a_minted_token_verifies_to_its_user_and_roles() -> None:
-    identity = TokenVerifier(SECRET).verify(f"Bearer {mint_token(SECRET, 'alice', ['editor'])}")
+    identity = TokenVerifier(KEYS).verify(bearer(mint_token(KEY, "alice", ["editor"])))
     assert identity.user_id == "alice"
     assert identity.has_role("editor")
 
 
+def test_a_minted_token_carries_a_kid_a_jti_and_iat() -> None:
+    token = mint_token(KEY, "alice")
+    assert jwt.get_unverified_header(token) == {"alg": "EdDSA", "kid": "unit-1", "typ": "JWT"}
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["jti"] and claims["iat"] <= time.time() < claims["exp"]
+
+
+def test_old_and_new_keys_are_valid_side_by_side() -> None:
+    new = SigningKey.generate(kid="unit-2")
+    both = TokenVerifier(KeySet.from_json(key_set_json([KEY, new])))
+    assert both.verify(bearer(mint_token(KEY, "alice"))).user_id == "alice"
+    assert both.verify(bearer(mint_token(new, "alice"))).user_id == "alice"
+
+
+def unsigned(claims: dict[str, object], **header: str) -> str:
+    return jwt.encode(claims, key=None, algorithm="none", headers=header)
+
+
+NOW = int(time.time())
+
+
 @pytest.mark.parametrize(
-    "authorization",
+    ("authorization", "reason"),
     [
-        None,
-        "",
-        "Basic abc",
-        "Bearer ",
-        "Bearer not-a-jwt",
-        f"Bearer {mint_token('another-secret-another-secret-0123456', 'alice')}",
-        f"Bearer {mint_token(SECRET, 'alice', ttl_seconds=-60)}",
-        f"Bearer {mint_token(SECRET, 'bad user!')}",
+        pytest.param(None, "TOKEN_MISSING", id="none"),
+        pytest.param("", "TOKEN_MISSING", id="empty"),
+        pytest.param("Basic abc", "TOKEN_MISSING", id="basic"),
+        pytest.param("Bearer ", "TOKEN_MISSING", id="no-token"),
+        pytest.param("Bearer not-a-jwt", "TOKEN_INVALID", id="garbage"),
+        pytest.param(
+            bearer(mint_token(SigningKey.generate(), "alice")), "TOKEN_KEY_UNKNOWN", id="other-key"
+        ),
+        pytest.param(
+            bearer(mint_token(SigningKey.generate(kid="unit-1"), "alice")),
+            "TOKEN_INVALID",
+            id="forged-with-our-kid",
+        ),
+        pytest.param(
+            bearer(mint_token(KEY, "alice", ttl_seconds=-60)), "TOKEN_EXPIRED", id="expired"
+        ),
+        pytest.param(
+            bearer(mint_token(KEY, "alice", ttl_seconds=86_401)),
+            "TOKEN_LIFETIME_TOO_LONG",
+            id="too-long-lived",
+        ),
+        pytest.param(bearer(mint_token(KEY, "bad user!")), "TOKEN_INVALID", id="bad-subject"),
+        pytest.param(
+            bearer(unsigned({"sub": "alice", "iat": NOW, "exp": NOW + 60}, kid="unit-1")),
+            "TOKEN_ALGORITHM_NOT_ALLOWED",
+            id="alg-none",
+        ),
+        pytest.param(
+            bearer(
+                jwt.encode(
+                    {"sub": "alice", "iat": NOW, "exp": NOW + 60},
+                    "a-shared-secret-a-shared-secret-012345",
+                    algorithm="HS256",
+                    headers={"kid": "unit-1"},
+                )
+            ),
+            "TOKEN_ALGORITHM_NOT_ALLOWED",
+            id="alg-hs256",
+        ),
+        pytest.param(
+            bearer(
+                jwt.encode(
+                    {"sub": "alice", "exp": NOW + 60},
+                    KEY.private_key,
+                    algorithm="EdDSA",
+                    headers={"kid": "unit-1"},
+                )
+            ),
+            "TOKEN_INVALID",
+            id="no-iat",
+        ),
     ],
 )
-def test_bad_tokens_are_refused(authorization: str | None) -> None:
-    with pytest.raises(Unauthenticated):
-        TokenVerifier(SECRET).verify(authorization)
+def test_bad_tokens_are_refused_with_their_reason(authorization: str | None, reason: str) -> None:
+    assert refusal(authorization) == reason
 
 
-def test_algorithms_outside_the_allow_list_are_refused() -> None:
-    unsigned = jwt.encode({"sub": "alice", "exp": 2_000_000_000}, key=None, algorithm="none")
-    with pytest.raises(Unauthenticated):
-        TokenVerifier(SECRET).verify(f"Bearer {unsigned}")
+def test_two_authorization_headers_are_refused_even_when_both_are_good() -> None:
+    good = bearer(mint_token(KEY, "alice"))
+    with pytest.raises(Unauthenticated) as refused:
+        TokenVerifier(KEYS).verify_metadata([good, bearer(mint_token(KEY, "mallory"))])
+    assert refused.value.reason == "AUTHORIZATION_NOT_UNIQUE"
+    assert TokenVerifier(KEYS).verify_metadata([good]).user_id == "alice"
 
 
-def test_a_missing_secret_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match="JWT_SECRET"):
+def test_the_maximum_lifetime_is_measured_from_iat() -> None:
+    verifier = TokenVerifier(KEYS, max_lifetime_seconds=600)
+    assert verifier.verify(bearer(mint_token(KEY, "alice", ttl_seconds=600))).user_id == "alice"
+    assert refusal(bearer(mint_token(KEY, "alice", ttl_seconds=601)), verifier) == (
+        "TOKEN_LIFETIME_TOO_LONG"
+    )
+
+
+def test_a_revoked_token_and_a_revoked_user_are_refused_and_a_new_token_works() -> None:
+    revocations = Revocations(max_lifetime_seconds=86_400)
+    verifier = TokenVerifier(KEYS, revoked=revocations.is_revoked)
+    one, other = mint_token(KEY, "alice", token_id="t1"), mint_token(KEY, "alice")
+    revocations.apply("token.t1", str(time.time() + 3600).encode())
+    assert refusal(bearer(one), verifier) == "TOKEN_REVOKED"
+    assert verifier.verify(bearer(other)).user_id == "alice"
+
+    revocations.apply("user.alice", str(NOW + 1).encode())
+    assert refusal(bearer(other), verifier) == "TOKEN_REVOKED"
+    later = mint_token(KEY, "alice", issued_at=NOW + 1)
+    assert verifier.verify(bearer(later)).user_id == "alice"
+
+    revocations.apply("user.alice", None)  # the entry is gone: so is the revocation
+    assert verifier.verify(bearer(other)).user_id == "alice"
+
+
+def test_a_key_set_with_a_private_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="private"):
+        KeySet.from_json(json.dumps({"keys": [json.loads(KEY.to_jwk())]}))
+
+
+def test_a_signing_key_survives_its_jwk() -> None:
+    again = SigningKey.from_jwk(KEY.to_jwk())
+    assert TokenVerifier(KEYS).verify(bearer(mint_token(again, "alice"))).user_id == "alice"
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> str:
+    path = tmp_path / "public.jwks"
+    path.write_text(key_set_json([KEY]))
+    return str(path)
+
+
+def test_a_missing_key_set_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="JWT_PUBLIC_KEYS_FILE"):
         ServerConfig.from_env(Env({}), default_listen="127.0.0.1:0", database="x")
 
 
-def test_a_malformed_number_names_the_variable() -> None:
+def test_an_unreadable_key_set_names_the_variable(tmp_path: Path) -> None:
+    (tmp_path / "bad.jwks").write_text("{not json")
+    for path in (tmp_path / "bad.jwks", tmp_path / "missing.jwks"):
+        with pytest.raises(ConfigError, match="JWT_PUBLIC_KEYS_FILE"):
+            ServerConfig.from_env(
+                Env({"JWT_PUBLIC_KEYS_FILE": str(path)}), default_listen=":0", database="x"
+            )
+
+
+def test_tls_needs_all_three_files(keys_file: str, tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_bytes(b"cert")
+    with pytest.raises(ConfigError, match="GRPC_TLS_KEY, GRPC_TLS_CA"):
+        GatewayConfig.from_env(
+            Env({"JWT_PUBLIC_KEYS_FILE": keys_file, "GRPC_TLS_CERT": str(tmp_path / "cert.pem")})
+        )
+
+
+def test_a_malformed_number_names_the_variable(keys_file: str) -> None:
     with pytest.raises(ConfigError, match="SHUTDOWN_GRACE_SECONDS"):
         ServerConfig.from_env(
             Env(
                 {
-                    "JWT_SECRET": SECRET,
+                    "JWT_PUBLIC_KEYS_FILE": keys_file,
                     "MONGODB_URI": "mongodb://db",
                     "SHUTDOWN_GRACE_SECONDS": "soon",
                 }
@@ -77,13 +217,18 @@ def test_a_malformed_number_names_the_variable() -> None:
 
 
 @pytest.mark.parametrize("config", [GroupsConfig, MessagingConfig, PlazaConfig])
-def test_a_service_that_stores_refuses_to_start_without_mongodb_uri(config: type) -> None:
+def test_a_service_that_stores_refuses_to_start_without_mongodb_uri(
+    config: type, keys_file: str
+) -> None:
     with pytest.raises(ConfigError, match="MONGODB_URI"):
-        config.from_env(Env({"JWT_SECRET": SECRET}))
+        config.from_env(Env({"JWT_PUBLIC_KEYS_FILE": keys_file}))
 
 
-def test_the_gateway_needs_no_mongodb() -> None:
-    assert GatewayConfig.from_env(Env({"JWT_SECRET": SECRET})).server.mongodb_uri is None
+def test_the_gateway_needs_no_mongodb(keys_file: str) -> None:
+    config = GatewayConfig.from_env(Env({"JWT_PUBLIC_KEYS_FILE": keys_file}))
+    assert config.server.mongodb_uri is None
+    assert config.server.token_max_lifetime_seconds == 86_400
+    assert config.server.key_set.kids == {"unit-1"}
 
 
 @pytest.mark.parametrize(
