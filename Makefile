@@ -10,7 +10,7 @@ IMAGE ?= groupchat
 VERSION ?= dev
 CONTAINER ?= docker
 
-.PHONY: run test bench token follow unfollow seed plaza-rebuild doctor chaos gen lint lock image clean
+.PHONY: run test bench token revoke follow unfollow seed plaza-rebuild doctor chaos gen lint lock image clean
 
 run: $(VENV)/.installed gen/.stamp
 	$(PY) -m tools.suite
@@ -26,6 +26,10 @@ bench: $(VENV)/.installed gen/.stamp
 
 token: $(VENV)/.installed
 	@$(PY) -m tools.token $(USER) $(if $(ROLES),--roles $(ROLES))
+
+# In a running suite: every token of USER issued so far, or only the one whose jti is JTI.
+revoke: $(VENV)/.installed
+	$(PY) -m tools.revoke $(USER) $(if $(JTI),--jti $(JTI))
 
 # The platform's follow graph, for demos: `make follow A=alice B=bob` (alice follows bob).
 follow unfollow: $(VENV)/.installed gen/.stamp

@@ -11,8 +11,8 @@ Run it twice with the same --seed and nothing is duplicated: groups are created 
 request id derived from the seed, messages carry client message ids, joining is idempotent
 and choosing a pick is a setting.
 
-    GATEWAY_ADDRESS (127.0.0.1:50051), NATS_URL (nats://127.0.0.1:4222) and JWT_SECRET (the
-    dev secret of `make run`) say which suite.
+    GATEWAY_ADDRESS (127.0.0.1:50051), NATS_URL (nats://127.0.0.1:4222) say which suite; tokens
+    are signed as `make token` signs them (tools.dev_keys).
 """
 
 # Chinese names and messages use Chinese (full-width) punctuation.
@@ -35,14 +35,14 @@ from groupchat.gateway.v1 import gateway_pb2_grpc
 from groupchat.groups.v1 import groups_pb2 as groups_pb
 from groupchat.plaza.v1 import plaza_pb2 as plaza_pb
 
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, mint_token
 from services.kit.config import NatsCredentials
 from services.kit.events import OutgoingEvent
 from services.kit.logging import configure_logging
 from services.kit.rpc_status import error_info
+from tools.dev_keys import signing_key_from_env
 from tools.nats_users import credentials_for
 from tools.platform import post_event, publish
-from tools.suite import DEV_JWT_SECRET
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
@@ -306,7 +306,7 @@ class Seeder:
         self,
         gateway: str,
         nats_url: str,
-        secret: str,
+        key: SigningKey,
         seed: int,
         concurrency: int,
         credentials: NatsCredentials | None = None,
@@ -315,7 +315,7 @@ class Seeder:
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._nats_url = nats_url
         self._credentials = credentials
-        self._secret = secret
+        self._key = key
         self._seed = seed
         self._slots = asyncio.Semaphore(concurrency)
         self._tokens: dict[str, str] = {}
@@ -326,7 +326,7 @@ class Seeder:
 
     def _metadata(self, user: str, roles: list[str] | None = None) -> Metadata:
         if user not in self._tokens:
-            self._tokens[user] = mint_token(self._secret, user, roles, ttl_seconds=3600)
+            self._tokens[user] = mint_token(self._key, user, roles, ttl_seconds=3600)
         return (("authorization", f"Bearer {self._tokens[user]}"),)
 
     async def _call(
@@ -467,7 +467,7 @@ class Seeder:
 async def seed_suite(
     gateway: str,
     nats_url: str,
-    secret: str,
+    key: SigningKey,
     *,
     seed: int,
     group_count: int,
@@ -479,7 +479,7 @@ async def seed_suite(
     what was done."""
     plans = plan_demo(seed, group_count)
     rng = random.Random(seed + 1)
-    seeder = Seeder(gateway, nats_url, secret, seed, concurrency, credentials)
+    seeder = Seeder(gateway, nats_url, key, seed, concurrency, credentials)
     try:
         await seeder.publish_posts(plans)
         await asyncio.gather(*(seeder.create_group(p) for p in plans))
@@ -509,7 +509,7 @@ def main() -> None:
         seed_suite(
             gateway,
             os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
-            os.environ.get("JWT_SECRET", DEV_JWT_SECRET),
+            signing_key_from_env(),
             seed=args.seed,
             group_count=args.groups,
             picks=args.picks,

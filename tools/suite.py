@@ -33,13 +33,15 @@ import grpc
 import pymongo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.kit.config import Env, TlsFiles
+from services.kit.tls import channel_credentials
 from tools import run_files
+from tools.dev_keys import dev_public_keys_file
 from tools.nats_users import HARNESS, NatsUsers, write_local_config
 from tools.supervisor import Backoff, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 NATS_CONFIG = ROOT / "deploy" / "nats" / "local.conf"
-DEV_JWT_SECRET = "dev-only-secret-do-not-use-in-production!"
 # Services in start order, the gateway last: it reaches all the others.
 SERVICES = ("groups", "messaging", "plaza", "gateway")
 # Services that keep data in MongoDB, each in a database of its own.
@@ -150,9 +152,16 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_healthy(address: str, timeout: float = 30.0) -> None:
+def health_channel(address: str, tls: TlsFiles | None = None) -> grpc.Channel:
+    """A channel for health checks, over the services' own mutual TLS when configured."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, channel_credentials(tls))
+
+
+def wait_healthy(address: str, timeout: float = 30.0, tls: TlsFiles | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with health_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -231,7 +240,8 @@ class Suite:
     # <service>: isolated suites then never meet `make run`'s data or each other's on a
     # shared MongoDB server (MONGODB_URI).
     database_prefix: str | None = None
-    jwt_secret: str = DEV_JWT_SECRET
+    # The issuer's public key set (JWT_PUBLIC_KEYS_FILE); unset: the development key's.
+    public_keys_file: Path | None = None
     data_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
@@ -261,7 +271,7 @@ class Suite:
     def isolated(
         cls,
         work_dir: Path,
-        jwt_secret: str,
+        public_keys_file: Path,
         *,
         replicas: Mapping[str, int] | None = None,
         **extra_env: str,
@@ -270,13 +280,14 @@ class Suite:
         work_dir (tests, benchmarks). On a shared MongoDB server (MONGODB_URI), its databases
         are dropped when it stops. Its NATS lets the harness user in too (`nats_url_as`).
         Set `supervised` before `start` to have a process that dies restarted, with a
-        shorter backoff than `make run`'s (a test is waiting)."""
+        shorter backoff than `make run`'s (a test is waiting). Its services trust the keys
+        of `public_keys_file`; GRPC_TLS_* in `extra_env` turn on mutual TLS."""
         return cls(
             gateway_port=free_port(),
             nats_port=free_port(),
             mongodb_port=free_port(),
             database_prefix=f"suite_{secrets.token_hex(4)}",
-            jwt_secret=jwt_secret,
+            public_keys_file=public_keys_file,
             data_dir=work_dir,
             log_dir=work_dir / "logs",
             extra_env={"LOG_LEVEL": "warning", **extra_env},
@@ -369,7 +380,7 @@ class Suite:
         self.metrics_ports = {name: free_port() for name in self.addresses}
         env = {
             **os.environ,
-            "JWT_SECRET": self.jwt_secret,
+            "JWT_PUBLIC_KEYS_FILE": str(self.public_keys_file or dev_public_keys_file()),
             "NATS_URL": self.nats_url,
             "MONGODB_URI": self.mongodb_uri,
             **{
@@ -392,8 +403,9 @@ class Suite:
                 if env.get("TRACES"):  # each process's spans, one JSON line each
                     service_env["TRACES_FILE"] = str(spans_file(data_dir, name))
                 self._spawn(name, [sys.executable, "-m", f"services.{service}"], service_env)
+            tls = TlsFiles.from_env(Env(env))
             for name in names[service]:
-                wait_healthy(self.addresses[name])
+                wait_healthy(self.addresses[name], tls=tls)
 
     def _start_mongodb(self, storage_dir: Path) -> None:
         """The local MongoDB server, unless MONGODB_URI names one to use instead."""
@@ -492,14 +504,15 @@ def main() -> None:
     port = int(os.environ.get("GATEWAY_PORT", "50051"))
     nats_port = int(os.environ.get("NATS_PORT", "4222"))
     mongodb_port = int(os.environ.get("MONGODB_PORT", "27017"))
-    secret = os.environ.get("JWT_SECRET", DEV_JWT_SECRET)
+    # The development issuer's key set (made in .run/keys if missing), unless one is given.
+    keys = os.environ.get("JWT_PUBLIC_KEYS_FILE")
     # One process of each service unless e.g. GROUPS_PROCESSES=2 asks for more.
     replicas = {s: int(os.environ.get(f"{s.upper()}_PROCESSES", "1")) for s in SERVICES}
     suite = Suite(
         gateway_port=port,
         nats_port=nats_port,
         mongodb_port=mongodb_port,
-        jwt_secret=secret,
+        public_keys_file=Path(keys) if keys else dev_public_keys_file(),
         data_dir=ROOT / ".run",
         replicas=replicas,
         supervised=True,
@@ -523,7 +536,8 @@ def main() -> None:
             f"NATS on {suite.nats_url}\n"
             f"  mongodb: {without_password(suite.mongodb_uri)}   (mongosh, Compass)\n"
             f"  metrics: {metrics}\n"
-            f"  token:  make token USER=alice\n"
+            f"  token:  make token USER=alice   (signed with .run/keys/signing.jwk)\n"
+            f"  revoke: make revoke USER=alice [JTI=...]\n"
             f"  demo:   make seed   (a living plaza: groups, posts, members, messages)\n"
             f'  try:    grpcurl -plaintext -H "authorization: Bearer $(make -s token USER=alice)" '
             f"{suite.gateway_address} list\n"

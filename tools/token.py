@@ -1,12 +1,19 @@
-"""Print a bearer token the local suite accepts: `python -m tools.token alice [--roles editor]`."""
+"""Print a bearer token the local suite accepts: `python -m tools.token alice [--roles editor]`.
+
+Signed with the development key of `make run` (.run/keys/signing.jwk, made if missing), or
+with the private JWK that JWT_SIGNING_KEY_FILE names. The token carries a `jti`, printed to
+stderr, for `make revoke USER=... JTI=...`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+
+import jwt
 
 from services.kit.auth import mint_token
-from tools.suite import DEV_JWT_SECRET
+from tools.dev_keys import signing_key_from_env
 
 
 def main() -> None:
@@ -16,8 +23,10 @@ def main() -> None:
     parser.add_argument("--ttl", type=int, default=86_400, help="seconds until it expires")
     args = parser.parse_args()
     roles = [r for r in args.roles.split(",") if r]
-    secret = os.environ.get("JWT_SECRET", DEV_JWT_SECRET)
-    print(mint_token(secret, args.user, roles, args.ttl))
+    token = mint_token(signing_key_from_env(), args.user, roles, args.ttl)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    print(f"jti {claims['jti']}", file=sys.stderr)
+    print(token)
 
 
 if __name__ == "__main__":

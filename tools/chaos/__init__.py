@@ -6,5 +6,5 @@ plaza's member count against the stored one (and how long it took to agree), and
 stream what it got: events, missed and doubled seqs, and how it ended.
 
 It finds the suite through the files it writes under its data directory (`.run/`:
-tools.run_files) and mints tokens with JWT_SECRET (the dev secret of `make run` by default).
+tools.run_files) and mints tokens as `make token` does (tools.dev_keys).
 """

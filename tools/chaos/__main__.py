@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 from pathlib import Path
 
 from tools import run_files
 from tools.chaos import __doc__ as about
 from tools.chaos.report import RunReport, format_run, format_summary
 from tools.chaos.run import ChaosSettings, Client, chaos_run
-from tools.suite import DEV_JWT_SECRET, ROOT
+from tools.dev_keys import signing_key_from_env
+from tools.suite import ROOT
 
 MAX_GROUP_SIZE = 500
 
@@ -71,7 +71,7 @@ def settings_from(args: argparse.Namespace) -> ChaosSettings:
 
 async def run_all(args: argparse.Namespace) -> list[RunReport]:
     addresses = run_files.read_addresses(args.run_dir)
-    client = Client(addresses.gateway_addresses[0], os.environ.get("JWT_SECRET", DEV_JWT_SECRET))
+    client = Client(addresses.gateway_addresses[0], signing_key_from_env())
     settings = settings_from(args)
     reports: list[RunReport] = []
     try:

@@ -18,7 +18,7 @@ from groupchat.gateway.v1 import gateway_pb2_grpc
 from groupchat.groups.v1 import groups_pb2
 from groupchat.plaza.v1 import plaza_pb2
 
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, mint_token
 from tools.chaos.report import KillReport, PlazaReport, RunReport, StreamReport, WriteReport
 from tools.chaos.storm import Tally, Write, kill_and_await_restart, storm
 from tools.chaos.streams import WatchedStream
@@ -55,15 +55,15 @@ class Stored:
 class Client:
     """The gateway, called as any user (tokens minted as tools/token.py does)."""
 
-    def __init__(self, address: str, jwt_secret: str) -> None:
+    def __init__(self, address: str, key: SigningKey) -> None:
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
-        self._secret = jwt_secret
+        self._key = key
         self._metadata: dict[str, tuple[tuple[str, str], ...]] = {}
 
     def md(self, user: str) -> tuple[tuple[str, str], ...]:
         if user not in self._metadata:
-            token = mint_token(self._secret, user)
+            token = mint_token(self._key, user)
             self._metadata[user] = (("authorization", f"Bearer {token}"),)
         return self._metadata[user]
 
