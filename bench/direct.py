@@ -48,7 +48,7 @@ from bench.fanout import (
     run_system,
     table,
 )
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, mint_token
 from tools.suite import Suite
 
 
@@ -75,11 +75,11 @@ def sample_direct_payload(text: str, index: int) -> bytes:
     return gateway_pb2.SubscribeResponse(event=envelope).SerializeToString()
 
 
-async def bench_suite(suite: Suite, secret: str, args: argparse.Namespace) -> Result:
+async def bench_suite(suite: Suite, key: SigningKey, args: argparse.Namespace) -> Result:
     print(f"\n[suite] gateway {suite.gateway_address}, {args.pairs} pairs", flush=True)
-    senders = [bearer(mint_token(secret, f"bench-s{i:04d}")) for i in range(args.pairs)]
+    senders = [bearer(mint_token(key, f"bench-s{i:04d}")) for i in range(args.pairs)]
     recipients = [f"bench-r{i:04d}" for i in range(args.pairs)]
-    recipient_metadata = [bearer(mint_token(secret, r)) for r in recipients]
+    recipient_metadata = [bearer(mint_token(key, r)) for r in recipients]
     channel = grpc.aio.insecure_channel(suite.gateway_address, options=CLIENT_CHANNEL_OPTIONS)
     stub = gateway_pb2_grpc.GatewayStub(channel)
     collector = Collector()
@@ -152,8 +152,8 @@ async def bench_bare_grpc(args: argparse.Namespace) -> Result:
             await channel.close()
 
 
-async def run_all(suite: Suite, secret: str, args: argparse.Namespace) -> list[Result]:
-    results = [await bench_suite(suite, secret, args)]
+async def run_all(suite: Suite, key: SigningKey, args: argparse.Namespace) -> list[Result]:
+    results = [await bench_suite(suite, key, args)]
     if not args.skip_baselines:
         results.append(await bench_bare_grpc(args))
     return results
@@ -185,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    def measure(suite: Suite, secret: str) -> bool:
-        results = asyncio.run(run_all(suite, secret, args))
+    def measure(suite: Suite, key: SigningKey) -> bool:
+        results = asyncio.run(run_all(suite, key, args))
         print("\n" + table(results), flush=True)
         return all_delivered(results)
 

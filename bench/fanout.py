@@ -58,7 +58,7 @@ from groupchat.groups.v1 import groups_pb2
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, key_set_json, mint_token
 from tools.nats_users import HARNESS
 from tools.suite import ROOT, Suite, nats_server_binary
 
@@ -503,11 +503,11 @@ def bearer(token: str) -> Metadata:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def bench_suite(suite: Suite, secret: str, args: argparse.Namespace) -> Result:
+async def bench_suite(suite: Suite, key: SigningKey, args: argparse.Namespace) -> Result:
     print(f"\n[suite] gateway {suite.gateway_address}, NATS {suite.nats_url}", flush=True)
     started = time.perf_counter()
     users = [f"bench-u{i:04d}" for i in range(args.subscribers)]
-    metadata = [bearer(mint_token(secret, user)) for user in users]
+    metadata = [bearer(mint_token(key, user)) for user in users]
     channel = grpc.aio.insecure_channel(suite.gateway_address, options=CLIENT_CHANNEL_OPTIONS)
     stub = gateway_pb2_grpc.GatewayStub(channel)
     collector = Collector()
@@ -820,8 +820,8 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-async def run_all(suite: Suite, secret: str, args: argparse.Namespace) -> list[Result]:
-    results = [await bench_suite(suite, secret, args)]
+async def run_all(suite: Suite, key: SigningKey, args: argparse.Namespace) -> list[Result]:
+    results = [await bench_suite(suite, key, args)]
     if not args.skip_baselines:
         results.append(await bench_bare_grpc(args))
         nats_process = suite.processes.get("nats")
@@ -895,20 +895,22 @@ def all_delivered(results: list[Result]) -> bool:
 
 def run_against_suite(
     extra_env: dict[str, str],
-    measure: Callable[[Suite, str], bool],
+    measure: Callable[[Suite, SigningKey], bool],
     *,
     failure: str,
     keep_logs: bool = False,
 ) -> int:
-    """Start an isolated suite, run `measure(suite, jwt_secret)` (True: all went well), stop
+    """Start an isolated suite, run `measure(suite, signing_key)` (True: all went well), stop
     the suite; its data and logs are kept when something failed. Returns the exit code."""
-    secret = secrets.token_hex(20)  # 40 characters
+    key = SigningKey.generate()  # the suite trusts it alone
     work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
-    suite = Suite.isolated(work_dir, secret, replicas={}, **extra_env)  # one process each
+    keys_file = work_dir / "public.jwks"
+    keys_file.write_text(key_set_json([key]))
+    suite = Suite.isolated(work_dir, keys_file, replicas={}, **extra_env)  # one process each
     ok = False
     try:
         suite.start()
-        ok = measure(suite, secret)
+        ok = measure(suite, key)
     finally:
         codes = suite.stop()
         if any(code not in (0, None) for code in codes.values()):
@@ -939,8 +941,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.subscribers > 500:
         extra_env["GROUP_MAX_CAPACITY"] = str(args.subscribers)
 
-    def measure(suite: Suite, secret: str) -> bool:
-        results = asyncio.run(run_all(suite, secret, args))
+    def measure(suite: Suite, key: SigningKey) -> bool:
+        results = asyncio.run(run_all(suite, key, args))
         print("\n" + table(results), flush=True)
         return all_delivered(results)
 

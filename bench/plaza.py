@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import itertools
 import random
-import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,7 +70,7 @@ from bench.fanout import (
     raw_bytes,
     run_against_suite,
 )
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, mint_token
 from services.kit.events import OutgoingEvent, new_event
 from tools.nats_users import HARNESS
 from tools.suite import Suite
@@ -446,14 +445,14 @@ def print_load(load: Load) -> None:
 class PlazaClients:
     """One channel, token and page-token chain per client, on the gateway or the plaza."""
 
-    def __init__(self, address: str, secret: str, clients: int, gateway: bool) -> None:
+    def __init__(self, address: str, key: SigningKey, clients: int, gateway: bool) -> None:
         self.channels = [
             grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
             for _ in range(clients)
         ]
         stub_type: Any = gateway_pb2_grpc.GatewayStub if gateway else plaza_pb2_grpc.PlazaStub
         self.stubs = [stub_type(channel) for channel in self.channels]
-        self.metadata = [bearer(mint_token(secret, f"bench-r{i:04d}")) for i in range(clients)]
+        self.metadata = [bearer(mint_token(key, f"bench-r{i:04d}")) for i in range(clients)]
         self.tokens = [""] * clients
         self.timeout = 60.0
 
@@ -533,11 +532,11 @@ class PlazaClients:
 
 
 async def bench_requests(
-    address: str, target: str, secret: str, args: argparse.Namespace, pids: dict[str, int]
+    address: str, target: str, key: SigningKey, args: argparse.Namespace, pids: dict[str, int]
 ) -> list[Load]:
     gateway = target == "gateway"
     print(f"\n[{target}] {address}, {args.clients} clients", flush=True)
-    clients = PlazaClients(address, secret, args.clients, gateway)
+    clients = PlazaClients(address, key, args.clients, gateway)
     category = groups_pb2.Category.Name(FILTER_CATEGORY)
     cold = argparse.Namespace(
         **{**vars(args), "clients": 1, "warmup": 0, "requests": args.cold_requests}
@@ -589,7 +588,7 @@ async def bench_bare(sample: bytes, args: argparse.Namespace) -> Load:
                 )
                 for channel in channels
             ]
-            metadata = [bearer(mint_token(secrets.token_hex(20), "bench-r0000"))] * args.clients
+            metadata = [bearer(mint_token(SigningKey.generate(), "bench-r0000"))] * args.clients
 
             async def call(client: int) -> Message:
                 response: Message = await fetchers[client](
@@ -646,17 +645,17 @@ def table(absorption: Absorption, loads: list[Load]) -> str:
 
 
 async def run_all(
-    suite: Suite, secret: str, args: argparse.Namespace
+    suite: Suite, key: SigningKey, args: argparse.Namespace
 ) -> tuple[Absorption, list[Load]]:
     pids = {name: p.pid for name, p in suite.processes.items() if name in ("plaza", "gateway")}
-    metadata = bearer(mint_token(secret, "bench-admin"))
+    metadata = bearer(mint_token(key, "bench-admin"))
     channel = grpc.aio.insecure_channel(suite.gateway_address)
     try:
         absorption = await absorb(suite, gateway_pb2_grpc.GatewayStub(channel), metadata, args)
-        loads = await bench_requests(suite.gateway_address, "gateway", secret, args, pids)
+        loads = await bench_requests(suite.gateway_address, "gateway", key, args, pids)
         if not args.skip_baselines:
             plaza_address = suite.addresses["plaza"]
-            loads += await bench_requests(plaza_address, "plaza", secret, args, pids)
+            loads += await bench_requests(plaza_address, "plaza", key, args, pids)
             first = await gateway_pb2_grpc.GatewayStub(channel).BrowsePlaza(
                 plaza_pb2.BrowsePlazaRequest(sort=plaza_pb2.HOT, page_size=20),
                 metadata=metadata,
@@ -726,8 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    def measure(suite: Suite, secret: str) -> bool:
-        absorption, loads = asyncio.run(run_all(suite, secret, args))
+    def measure(suite: Suite, key: SigningKey) -> bool:
+        absorption, loads = asyncio.run(run_all(suite, key, args))
         print("\n" + table(absorption, loads), flush=True)
         return (
             absorption.complete

@@ -36,7 +36,7 @@ from pymongo import monitoring
 from bench.fanout import machine_lines
 from services.groups.config import GroupsConfig
 from services.groups.service import build as build_groups
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, key_set_json, mint_token
 from services.kit.config import Env
 from services.kit.outbox import HOLDS_EVENTS
 from services.kit.server import ServiceHost
@@ -48,7 +48,6 @@ from tools.suite import running_mongodb_server, running_nats_server
 
 # The targets the storage issue set: at most this many round trips before the answer.
 TARGETS = {"SendGroupMessage": 3, "JoinGroup": 4, "SendDirectMessage": 3, "CreateGroup": None}
-SECRET = "bench-secret-bench-secret-bench-secret-0"
 
 
 class CommandCounter(monitoring.CommandListener):
@@ -71,8 +70,8 @@ class CommandCounter(monitoring.CommandListener):
         pass
 
 
-def metadata(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {mint_token(SECRET, user_id)}"),)
+def metadata(key: SigningKey, user_id: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {mint_token(key, user_id)}"),)
 
 
 async def measure(
@@ -109,8 +108,11 @@ async def run(
     counter = CommandCounter()
     monitoring.register(counter)  # only clients created from here on: the services'
     prefix = f"rt_{uuid.uuid4().hex[:6]}"
+    key = SigningKey.generate()
+    keys_file = Path(tempfile.mkdtemp(prefix="groupchat-rt-")) / "public.jwks"
+    keys_file.write_text(key_set_json([key]))
     env = {
-        "JWT_SECRET": SECRET,
+        "JWT_PUBLIC_KEYS_FILE": str(keys_file),
         "NATS_URL": nats_url,
         "MONGODB_URI": mongodb_uri,
         "GRPC_LISTEN": "127.0.0.1:0",
@@ -149,7 +151,7 @@ async def run(
             groups_pb2.CreateGroupRequest(
                 name="Round trips", category=groups_pb2.FOOD, listed=True
             ),
-            metadata=metadata("rt-owner"),
+            metadata=metadata(key, "rt-owner"),
         )
         group_id = created.group.group_id
         # Mutual follows: the direct messages below are between people who know each other.
@@ -168,7 +170,7 @@ async def run(
                     groups_pb2.CreateGroupRequest(
                         name=f"g{i}", category=groups_pb2.FOOD, request_id=uuid.uuid4().hex
                     ),
-                    metadata=metadata(f"rt-creator{i}"),
+                    metadata=metadata(key, f"rt-creator{i}"),
                 ),
                 counter,
                 groups_settled,
@@ -178,7 +180,7 @@ async def run(
                 args.calls,
                 lambda i: groups.JoinGroup(
                     groups_pb2.JoinGroupRequest(group_id=group_id, source=groups_pb2.PLAZA),
-                    metadata=metadata(f"rt-joiner{i}"),
+                    metadata=metadata(key, f"rt-joiner{i}"),
                 ),
                 counter,
                 groups_settled,
@@ -190,7 +192,7 @@ async def run(
                     groups_pb2.SendGroupMessageRequest(
                         group_id=group_id, text=f"hello {i}", client_msg_id=uuid.uuid4().hex
                     ),
-                    metadata=metadata("rt-owner"),
+                    metadata=metadata(key, "rt-owner"),
                 ),
                 counter,
                 groups_settled,
@@ -204,7 +206,7 @@ async def run(
                         text=f"hi {i}",
                         client_msg_id=uuid.uuid4().hex,
                     ),
-                    metadata=metadata("rt-a" if i % 2 else "rt-b"),
+                    metadata=metadata(key, "rt-a" if i % 2 else "rt-b"),
                 ),
                 counter,
                 no_events_waiting(messaging_db, "messages"),

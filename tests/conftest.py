@@ -1,5 +1,5 @@
 """Fixtures shared by every tier: a nats-server, a MongoDB server and fresh databases on it,
-tokens, and a way to wait on a condition."""
+the session's signing key and key set, tokens, and a way to wait on a condition."""
 
 from __future__ import annotations
 
@@ -8,19 +8,53 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pymongo
 import pytest
 
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, mint_token
 from services.kit.config import EventSettings
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
+from tools.dev_keys import PUBLIC_KEYS_FILE, SIGNING_KEY_FILE, dev_signing_key
 from tools.nats_users import HARNESS, NatsUsers
 from tools.suite import running_mongodb_server, running_nats_server
 
-TEST_JWT_SECRET = "test-secret-test-secret-test-secret-0123"
+
+@dataclass(frozen=True)
+class TestKeys:
+    """The session's issuer: a signing key, and the key set file every service under test
+    trusts (beside it `signing.jwk`, the layout of `make run`'s .run/keys/)."""
+
+    signing_key: SigningKey
+    directory: Path
+
+    @property
+    def public_keys_file(self) -> Path:
+        return self.directory / PUBLIC_KEYS_FILE
+
+    @property
+    def signing_key_file(self) -> Path:
+        return self.directory / SIGNING_KEY_FILE
+
+
+@pytest.fixture(scope="session")
+def test_keys(tmp_path_factory: pytest.TempPathFactory) -> TestKeys:
+    directory = tmp_path_factory.mktemp("keys")
+    return TestKeys(dev_signing_key(directory), directory)
+
+
+@pytest.fixture(scope="session")
+def signing_key(test_keys: TestKeys) -> SigningKey:
+    return test_keys.signing_key
+
+
+@pytest.fixture(scope="session")
+def public_keys_file(test_keys: TestKeys) -> Path:
+    return test_keys.public_keys_file
 
 
 @pytest.fixture(scope="session")
@@ -75,9 +109,9 @@ def database(mongodb_client: pymongo.MongoClient[dict[str, Any]]) -> Iterator[st
 
 
 @pytest.fixture
-def token() -> Callable[..., str]:
+def token(signing_key: SigningKey) -> Callable[..., str]:
     def make(user_id: str, roles: list[str] | None = None) -> str:
-        return mint_token(TEST_JWT_SECRET, user_id, roles)
+        return mint_token(signing_key, user_id, roles)
 
     return make
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.server import LIVENESS
-from tests.conftest import TEST_JWT_SECRET
 from tests.deploy.test_manifests import INTERNAL_SERVICES, SERVICE_NAMES, manifests_for
 from tools.nats_users import NatsUsers
 from tools.suite import ROOT, STORING_SERVICES, free_port, wait_healthy
@@ -31,6 +31,7 @@ def started(
     nats_users: NatsUsers,
     mongodb_uri: str,
     database: str,
+    public_keys_file: Path,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
     manifests = manifests_for("overlays/dev")
     workload = manifests.service_deployments()[request.param]
@@ -48,7 +49,7 @@ def started(
         "NATS_URL": nats_server,
         "NATS_PASSWORD": nats_users.passwords[configured["NATS_USER"]],
         **{f"{name.upper()}_ADDRESS": f"127.0.0.1:{free_port()}" for name in INTERNAL_SERVICES},
-        "JWT_SECRET": TEST_JWT_SECRET,
+        "JWT_PUBLIC_KEYS_FILE": str(public_keys_file),
     }
     env.pop("MONGODB_URI", None)
     if request.param in STORING_SERVICES:

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from tests.conftest import TEST_JWT_SECRET
+from tools.dev_keys import SIGNING_KEY_FILE
 from tools.suite import ROOT, Suite
 
 
@@ -35,7 +35,8 @@ async def tool_outcome(suite: Suite, *args: str) -> tuple[int, str]:
         **os.environ,
         "GATEWAY_ADDRESS": suite.gateway_address,
         "NATS_URL": suite.nats_url,
-        "JWT_SECRET": TEST_JWT_SECRET,
+        # The tools sign as the suite's issuer: the private key beside its key set.
+        "JWT_SIGNING_KEY_FILE": str(suite.public_keys_file.with_name(SIGNING_KEY_FILE)),
     }
     if args[0] in TOOL_USERS:
         env.update(suite.nats_users.env(TOOL_USERS[args[0]]))

@@ -12,13 +12,13 @@ import grpc
 import pytest
 from groupchat.gateway.v1 import gateway_pb2_grpc
 
-from tests.conftest import TEST_JWT_SECRET
 from tools.suite import Suite
 
 
 @contextmanager
 def running_suite(
     data_dir: Path,
+    public_keys_file: Path,
     replicas: Mapping[str, int] | None = None,
     *,
     supervised: bool = False,
@@ -32,7 +32,7 @@ def running_suite(
     # that deadline.
     suite = Suite.isolated(
         data_dir,
-        TEST_JWT_SECRET,
+        public_keys_file,
         replicas=replicas,
         **{"DOWNSTREAM_TIMEOUT_SECONDS": "120", **extra_env},
     )
@@ -45,16 +45,20 @@ def running_suite(
 
 
 @pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    with running_suite(tmp_path_factory.mktemp("suite")) as running:
+def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> Iterator[Suite]:
+    with running_suite(tmp_path_factory.mktemp("suite"), public_keys_file) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def supervised_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+def supervised_suite(
+    tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path
+) -> Iterator[Suite]:
     """A suite of its own that restarts a process that dies, as `make run` does: for tests
     that kill its processes."""
-    with running_suite(tmp_path_factory.mktemp("supervised"), supervised=True) as running:
+    with running_suite(
+        tmp_path_factory.mktemp("supervised"), public_keys_file, supervised=True
+    ) as running:
         yield running
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,11 +24,11 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> Iterator[Suite]:
     """This module's own suite. Its join storms leave the plaza some 1,500 events behind,
     which the local MongoDB server takes half a minute to absorb: on the shared suite, the
     other modules' plaza checks would wait on them."""
-    with running_suite(tmp_path_factory.mktemp("gateway_suite")) as running:
+    with running_suite(tmp_path_factory.mktemp("gateway_suite"), public_keys_file) as running:
         yield running
 
 

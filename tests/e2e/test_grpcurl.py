@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from services.kit.auth import mint_token
+from services.kit.auth import SigningKey, mint_token
 from tools.platform import post_event, publish
 from tools.suite import Suite, installed_binary
 
@@ -228,25 +228,26 @@ def test_health_check_is_serving_without_a_token(suite: Suite) -> None:
 
 
 @pytest.mark.parametrize(
-    "auth",
+    ("auth", "reason"),
     [
-        pytest.param(None, id="no-token"),
-        pytest.param("Bearer not-a-jwt", id="garbage-token"),
+        pytest.param(None, "TOKEN_MISSING", id="no-token"),
+        pytest.param("Bearer not-a-jwt", "TOKEN_INVALID", id="garbage-token"),
         pytest.param(
-            "Bearer " + mint_token("some-other-secret-some-other-secret-00", "mallory"),
-            id="wrong-secret",
+            "Bearer " + mint_token(SigningKey.generate(), "mallory"),
+            "TOKEN_KEY_UNKNOWN",
+            id="wrong-key",
         ),
-        pytest.param("Basic dXNlcjpwYXNz", id="wrong-scheme"),
+        pytest.param("Basic dXNlcjpwYXNz", "TOKEN_MISSING", id="wrong-scheme"),
     ],
 )
 def test_calls_without_a_valid_token_are_unauthenticated(
-    call: Callable[..., Outcome], auth: str | None
+    call: Callable[..., Outcome], auth: str | None, reason: str
 ) -> None:
     refused = call("CreateGroup", valid_group(), auth=auth)
 
     assert not refused.ok
     assert refused.code == "Unauthenticated", refused.stderr
-    assert refused.reason == "UNAUTHENTICATED"
+    assert refused.reason == reason
     assert refused.stdout.strip() == ""
 
 

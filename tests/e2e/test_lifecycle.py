@@ -16,7 +16,6 @@ from groupchat.groups.v1 import groups_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.rpc_status import error_info
-from tests.conftest import TEST_JWT_SECRET
 from tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
@@ -26,11 +25,11 @@ GRACE_SECONDS = 5
 
 
 @pytest.fixture(scope="module")
-def own_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+def own_suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> Iterator[Suite]:
     data_dir: Path = tmp_path_factory.mktemp("own_suite")
     running = Suite.isolated(
         data_dir,
-        TEST_JWT_SECRET,
+        public_keys_file,
         SUBSCRIBE_BUFFER=str(BUFFER),
         SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS),
         # The slow-consumer test posts 200 messages as fast as one sender can.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,10 +37,13 @@ SEND_DIRECT = "/groupchat.messaging.v1.Messaging/SendDirectMessage"
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> Iterator[Suite]:
     # A high join rate limit keeps the per-user limit out of what is measured.
     with running_suite(
-        tmp_path_factory.mktemp("replicas_suite"), REPLICAS, JOIN_RATE_LIMIT="100000"
+        tmp_path_factory.mktemp("replicas_suite"),
+        public_keys_file,
+        REPLICAS,
+        JOIN_RATE_LIMIT="100000",
     ) as running:
         yield running
 

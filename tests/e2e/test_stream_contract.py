@@ -10,6 +10,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,9 +34,10 @@ RESUME_MAX = 30
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> Iterator[Suite]:
     with running_suite(
         tmp_path_factory.mktemp("stream_contract"),
+        public_keys_file,
         replicas={"gateway": 2, "groups": 2},
         supervised=True,
         SUBSCRIBE_STALL_SECONDS=str(STALL_SECONDS),

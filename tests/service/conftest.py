@@ -20,7 +20,7 @@ from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
 from services.kit.server import ServiceHost
-from tests.conftest import HARNESS, TEST_JWT_SECRET, unique_database_name
+from tests.conftest import HARNESS, unique_database_name
 from tools.nats_users import NatsUsers
 from tools.suite import (
     free_port,
@@ -43,7 +43,10 @@ def without_userinfo(url: str) -> str:
 
 @pytest.fixture
 def service_env(
-    mongodb_uri: str, mongodb_client: pymongo.MongoClient[dict[str, Any]], nats_users: NatsUsers
+    mongodb_uri: str,
+    mongodb_client: pymongo.MongoClient[dict[str, Any]],
+    nats_users: NatsUsers,
+    public_keys_file: Path,
 ) -> Iterator[ServiceEnv]:
     """`service_env(nats_url, nats_user, **overrides)`: the environment a service gets in
     tests, connecting to NATS as `nats_user` (the service's own user, with its permissions),
@@ -53,7 +56,7 @@ def service_env(
 
     def make(nats_url: str, nats_user: str, **overrides: str) -> Env:
         values = {
-            "JWT_SECRET": TEST_JWT_SECRET,
+            "JWT_PUBLIC_KEYS_FILE": str(public_keys_file),
             "NATS_URL": without_userinfo(nats_url),
             **nats_users.env(nats_user),
             "GRPC_LISTEN": "127.0.0.1:0",

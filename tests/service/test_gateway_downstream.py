@@ -113,7 +113,8 @@ async def test_downstream_calls_get_the_callers_remaining_deadline(
     token: Callable[..., str],
 ) -> None:
     groups, _ = recorder
-    md = (("authorization", f"Bearer {token('alice')}"), ("x-request-id", "req-7"))
+    alice = token("alice")
+    md = (("authorization", f"Bearer {alice}"), ("x-request-id", "req-7"))
     await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md, timeout=SHORT_SECONDS)
     await gateway.GetGroup(pb.GetGroupRequest(group_id="g1"), metadata=md)
     short, unbounded = groups.calls
@@ -121,7 +122,7 @@ async def test_downstream_calls_get_the_callers_remaining_deadline(
     assert 0 < short["remaining"] <= SHORT_SECONDS + ROUNDING, short
     assert SHORT_SECONDS + ROUNDING < unbounded["remaining"] <= CAP_SECONDS + ROUNDING, unbounded
     for call in (short, unbounded):
-        assert call["metadata"]["authorization"] == f"Bearer {token('alice')}"
+        assert call["metadata"]["authorization"] == f"Bearer {alice}"
         assert call["metadata"]["x-request-id"] == "req-7"
 
 

@@ -4,6 +4,8 @@ works from. How a message is admitted: test_direct_admission.py."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -13,7 +15,6 @@ from services.kit.errors import InvalidArgument
 from services.messaging import domain
 from services.messaging.config import MessagingConfig
 from services.messaging.domain import QuotaCharge, StrangerQuota, quota_charge
-from tests.conftest import TEST_JWT_SECRET
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -94,11 +95,21 @@ def test_bad_messages_name_the_field(
 # Configuration
 
 
-def config_env(**values: str) -> Env:
-    return Env({"JWT_SECRET": TEST_JWT_SECRET, "MONGODB_URI": "mongodb://db.invalid", **values})
+@pytest.fixture
+def config_env(public_keys_file: Path) -> Callable[..., Env]:
+    def make(**values: str) -> Env:
+        return Env(
+            {
+                "JWT_PUBLIC_KEYS_FILE": str(public_keys_file),
+                "MONGODB_URI": "mongodb://db.invalid",
+                **values,
+            }
+        )
+
+    return make
 
 
-def test_limits_and_zone_come_from_the_environment() -> None:
+def test_limits_and_zone_come_from_the_environment(config_env: Callable[..., Env]) -> None:
     config = MessagingConfig.from_env(
         config_env(STRANGER_DAILY_LIMIT="7", UNANSWERED_LIMIT="2", QUOTA_TIMEZONE="Europe/Paris")
     )
@@ -113,6 +124,8 @@ def test_limits_and_zone_come_from_the_environment() -> None:
     ("name", "value"),
     [("QUOTA_TIMEZONE", "Mars/Olympus"), ("STRANGER_DAILY_LIMIT", "0"), ("UNANSWERED_LIMIT", "x")],
 )
-def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
+def test_a_bad_setting_names_its_variable(
+    name: str, value: str, config_env: Callable[..., Env]
+) -> None:
     with pytest.raises(ConfigError, match=name):
         MessagingConfig.from_env(config_env(**{name: value}))
