@@ -52,7 +52,10 @@ GATEWAY = "gateway"
 SERVICE_NAMES = ("gateway", "groups", "messaging", "plaza")
 INTERNAL_SERVICES = ("groups", "messaging", "plaza")
 # Values that must only ever come from a Secret.
-SECRET_VARIABLES = {"JWT_SECRET", "MONGODB_URI", "NATS_PASSWORD"}
+SECRET_VARIABLES = {"MONGODB_URI", "NATS_PASSWORD"}
+# The issuer's public key set: a Secret mounted as a file into every service pod.
+KEYS_SECRET = "groupchat-jwt-keys"
+KEYS_FILE_VARIABLE = "JWT_PUBLIC_KEYS_FILE"
 # The connections the NetworkPolicies must allow inside the namespace, and nothing else:
 # (from, to, port) by app.kubernetes.io/name.
 ALLOWED_IN_NAMESPACE = {
@@ -310,8 +313,8 @@ def test_the_variable_scan_finds_what_the_services_read() -> None:
     # Guards the regular expression: if the way services read their environment changes,
     # this fails instead of every name check below passing vacuously.
     kit = variables_read("kit")
-    assert {"JWT_SECRET", "GRPC_LISTEN", "NATS_URL", "METRICS_PORT"} <= kit.names
-    assert kit.required == {"JWT_SECRET"}
+    assert {KEYS_FILE_VARIABLE, "GRPC_LISTEN", "NATS_URL", "METRICS_PORT"} <= kit.names
+    assert kit.required == {KEYS_FILE_VARIABLE}
     gateway = variables_read("gateway").names
     assert {"GROUPS_ADDRESS", "MESSAGING_ADDRESS", "PLAZA_ADDRESS"} <= gateway
     for service in INTERNAL_SERVICES:
@@ -556,7 +559,6 @@ def test_config_maps_and_secrets_hold_only_names_the_services_read(target: str) 
                 for kind, ref in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
                     if ref in source:
                         consumed.add((kind, source[ref]["name"]))
-    assert ("Secret", "groupchat-jwt") in consumed
     for kind, name in sorted(consumed):
         if kind == "ConfigMap":
             obj = manifests.get(kind, name)
@@ -566,6 +568,31 @@ def test_config_maps_and_secrets_hold_only_names_the_services_read(target: str) 
         else:
             keys = manifests.secret_keys(name)
         assert keys <= known, f"{kind} {name}: {sorted(keys - known)} are read by no service"
+
+
+@every_target
+def test_every_service_pod_mounts_the_public_key_set_and_nothing_that_signs(target: str) -> None:
+    manifests = manifests_for(target)
+    for name, workload in manifests.service_deployments().items():
+        volumes = {
+            v["name"]: v["secret"]["secretName"]
+            for v in workload.spec.get("volumes") or []
+            if "secret" in v
+        }
+        for container in workload.containers():
+            path = manifests.environment(container).get(KEYS_FILE_VARIABLE)
+            assert path, f"{name}: {KEYS_FILE_VARIABLE} is not set"
+            directory, _, file_name = path.rpartition("/")
+            mounts = [m for m in container.get("volumeMounts") or [] if m["mountPath"] == directory]
+            assert len(mounts) == 1, f"{name}: nothing is mounted at {directory}"
+            assert mounts[0].get("readOnly") is True, f"{name}: the key set is mounted writable"
+            assert volumes.get(mounts[0]["name"]) == KEYS_SECRET, name
+            assert file_name in manifests.secret_keys(KEYS_SECRET), f"{KEYS_SECRET}: {file_name}"
+    # Services verify; only the platform's issuer signs: no private key, no shared secret.
+    for secret in manifests_for(BASE).of_kind("Secret"):
+        for key, _ in _decoded(secret):
+            assert "JWT_SECRET" not in key and "signing" not in key.lower(), key
+    assert "JWT_SECRET" not in set.union(*(variables_of_service(s).names for s in SERVICE_NAMES))
 
 
 def _decoded(secret: Obj) -> Iterator[tuple[str, str]]:
