@@ -1,14 +1,21 @@
-"""The commands a developer runs against a running suite: `make seed` and `make follow`."""
+"""The commands a developer or an operator runs against a running suite: `make seed`,
+`make follow`, `make token` and `make revoke`."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
+from groupchat.gateway.v1 import gateway_pb2_grpc
 from groupchat.messaging.v1 import messaging_pb2
 from groupchat.plaza.v1 import plaza_pb2
 
+from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.commands import doctor_finds_nothing_off, run_tool
 from tools.suite import Suite
@@ -51,3 +58,74 @@ async def test_make_follow_makes_two_users_mutual_followers(gateway: Any, suite:
     # The first message may arrive before the follow projection has both edges; it then
     # counts as a stranger's, and a later one does not.
     await eventually(no_slot_used)
+
+
+# (code name, ErrorInfo reason) of GetStrangerQuota as the bearer of a token.
+QuotaAs = Callable[[str], Awaitable[tuple[str, str]]]
+
+
+@pytest.fixture
+async def quota_as(suite: Suite) -> AsyncIterator[QuotaAs]:
+    async with grpc.aio.insecure_channel(suite.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def call(token: str) -> tuple[str, str]:
+            try:
+                await stub.GetStrangerQuota(
+                    messaging_pb2.GetStrangerQuotaRequest(),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                return error.code().name, info.reason if info else ""
+            return "OK", ""
+
+        yield call
+
+
+async def minted(suite: Suite, user: str) -> tuple[str, str]:
+    """`make token USER=user`: the token and its jti."""
+    output = await run_tool(suite, "tools.token", user)
+    lines = output.splitlines()
+    jti = next(line.split()[1] for line in lines if line.startswith("jti "))
+    return lines[-1], jti
+
+
+REVOKED = ("UNAUTHENTICATED", "TOKEN_REVOKED")
+
+
+async def test_make_revoke_with_a_jti_revokes_that_token_within_seconds(
+    suite: Suite, quota_as: QuotaAs
+) -> None:
+    user = f"leaky_{uuid.uuid4().hex[:8]}"
+    leaked, jti = await minted(suite, user)
+    other, _ = await minted(suite, user)
+    assert await quota_as(leaked) == ("OK", "")
+
+    await run_tool(suite, "tools.revoke", user, "--jti", jti)
+
+    async def refused() -> bool:
+        return await quota_as(leaked) == REVOKED
+
+    await eventually(refused, within=5.0)
+    assert await quota_as(other) == ("OK", "")
+
+
+async def test_make_revoke_of_a_user_revokes_every_token_so_far_and_a_new_one_works(
+    suite: Suite, quota_as: QuotaAs
+) -> None:
+    user = f"stolen_{uuid.uuid4().hex[:8]}"
+    first, _ = await minted(suite, user)
+    second, _ = await minted(suite, user)
+
+    await run_tool(suite, "tools.revoke", user)
+    revoked_at = time.time()
+
+    async def both_refused() -> bool:
+        return [await quota_as(first), await quota_as(second)] == [REVOKED, REVOKED]
+
+    await eventually(both_refused, within=5.0)
+    # Tokens carry whole seconds: one issued in the second of the revocation is revoked too.
+    await asyncio.sleep(max(0.0, int(revoked_at) + 1 - time.time()))
+    fresh, _ = await minted(suite, user)
+    assert await quota_as(fresh) == ("OK", "")
