@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from services.kit.auth import KeySet, TokenVerifier, mint_token
+from tools.dev_keys import PUBLIC_KEYS_FILE, SIGNING_KEY_FILE, dev_public_keys_file, dev_signing_key
 from tools.suite import (
     STORING_SERVICES,
     Suite,
@@ -38,7 +40,7 @@ def test_make_run_uses_each_services_own_database() -> None:
 
 
 def test_isolated_suites_name_databases_of_their_own(tmp_path: Path) -> None:
-    first, second = (Suite.isolated(tmp_path, "secret") for _ in range(2))
+    first, second = (Suite.isolated(tmp_path, tmp_path / "public.jwks") for _ in range(2))
     assert set(first.databases.values()).isdisjoint(second.databases.values())
     assert set(first.databases.values()).isdisjoint(Suite().databases.values())
 
@@ -54,7 +56,7 @@ def test_the_gateway_reaches_every_replica_through_one_target() -> None:
 
 
 def test_a_suite_runs_one_process_of_each_service_unless_told_otherwise(tmp_path: Path) -> None:
-    suite = Suite.isolated(tmp_path, "secret", replicas={"gateway": 2})
+    suite = Suite.isolated(tmp_path, tmp_path / "public.jwks", replicas={"gateway": 2})
     assert suite.process_names("gateway") == ["gateway", "gateway-2"]
     assert suite.process_names("groups") == ["groups"]
 
@@ -63,3 +65,12 @@ def test_a_suite_runs_one_process_of_each_service_unless_told_otherwise(tmp_path
 def test_a_suite_refuses_replicas_it_cannot_run(replicas: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="replicas"):
         Suite(replicas=replicas)
+
+
+def test_the_development_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    key = dev_signing_key(tmp_path)
+    assert dev_signing_key(tmp_path).to_jwk() == key.to_jwk()
+    assert (tmp_path / SIGNING_KEY_FILE).stat().st_mode & 0o077 == 0
+    verifier = TokenVerifier(KeySet.from_file(dev_public_keys_file(tmp_path)))
+    assert verifier.verify(f"Bearer {mint_token(key, 'alice')}").user_id == "alice"
+    assert '"d"' not in (tmp_path / PUBLIC_KEYS_FILE).read_text()
