@@ -18,8 +18,8 @@ PIDS_DIR = "pids"
 
 @dataclass(frozen=True)
 class SuiteAddresses:
-    """Where a running suite listens. No secrets: the JWT secret and any MongoDB password
-    stay in the environment."""
+    """Where a running suite listens. No secrets: the development signing key stays in
+    .run/keys/ (mode 0600) and any MongoDB password in the environment."""
 
     gateway_addresses: list[str]
     nats_url: str
