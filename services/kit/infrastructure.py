@@ -49,7 +49,7 @@ async def open_infrastructure(
         stream_names=SERVICE_STREAMS[name],
     )
     stack.push_async_callback(bus.close)
-    await context.follow_revocations(bus.jetstream)
+    await context.follow_revocations(bus.jetstream, events.stream_replicas)
     context.ready_when("mongodb", lambda: reachable(db))
     outbox = Outbox(bus)
     run_in_background(stack, outbox.run(), "outbox-relay")

@@ -93,11 +93,15 @@ async def revocation_bucket(
 
 
 async def follow_revocations(
-    stack: AsyncExitStack, js: JetStreamContext, revocations: Revocations, max_lifetime: float
+    stack: AsyncExitStack,
+    js: JetStreamContext,
+    revocations: Revocations,
+    max_lifetime: float,
+    replicas: int = 1,
 ) -> None:
     """Load every revocation now (the process serves nothing before), then keep
     `revocations` in step with the bucket until `stack` closes."""
-    bucket = await revocation_bucket(js, max_lifetime)
+    bucket = await revocation_bucket(js, max_lifetime, replicas)
     watcher = await bucket.watchall()
     updates = _entries(watcher)
     async for entry in updates:

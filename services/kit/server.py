@@ -60,9 +60,12 @@ class ServiceContext:
         """Run `hook` when shutdown begins, before in-flight calls are waited for."""
         self.stopping_hooks.append(hook)
 
-    async def follow_revocations(self, js: JetStreamContext) -> None:
-        """Load the revoked tokens and keep following them (every service must, once)."""
-        await follow_revocations(self.stack, js, self.revocations, self.max_token_lifetime_seconds)
+    async def follow_revocations(self, js: JetStreamContext, replicas: int = 1) -> None:
+        """Load the revoked tokens and keep following them (every service must, once);
+        `replicas`: the bucket's, if this process is the one that creates it."""
+        await follow_revocations(
+            self.stack, js, self.revocations, self.max_token_lifetime_seconds, replicas
+        )
         self.following_revocations = True
 
     def ready_when(self, dependency: str, check: Callable[[], Awaitable[bool]]) -> None:
