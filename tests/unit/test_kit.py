@@ -95,14 +95,19 @@ NOW = int(time.time())
         ),
         pytest.param(bearer(mint_token(KEY, "bad user!")), "TOKEN_INVALID", id="bad-subject"),
         pytest.param(
-            bearer(unsigned({"sub": "alice", "iat": NOW, "exp": NOW + 60}, kid="unit-1")),
+            bearer(mint_token(KEY, "alice", issued_at=NOW + 3600)),
+            "TOKEN_INVALID",
+            id="issued-in-the-future",
+        ),
+        pytest.param(
+            bearer(unsigned({"sub": "alice", "iat": NOW, "exp": NOW + 3600}, kid="unit-1")),
             "TOKEN_ALGORITHM_NOT_ALLOWED",
             id="alg-none",
         ),
         pytest.param(
             bearer(
                 jwt.encode(
-                    {"sub": "alice", "iat": NOW, "exp": NOW + 60},
+                    {"sub": "alice", "iat": NOW, "exp": NOW + 3600},
                     "a-shared-secret-a-shared-secret-012345",
                     algorithm="HS256",
                     headers={"kid": "unit-1"},
@@ -114,7 +119,7 @@ NOW = int(time.time())
         pytest.param(
             bearer(
                 jwt.encode(
-                    {"sub": "alice", "exp": NOW + 60},
+                    {"sub": "alice", "exp": NOW + 3600},
                     KEY.private_key,
                     algorithm="EdDSA",
                     headers={"kid": "unit-1"},
@@ -148,14 +153,16 @@ def test_the_maximum_lifetime_is_measured_from_iat() -> None:
 def test_a_revoked_token_and_a_revoked_user_are_refused_and_a_new_token_works() -> None:
     revocations = Revocations(max_lifetime_seconds=86_400)
     verifier = TokenVerifier(KEYS, revoked=revocations.is_revoked)
-    one, other = mint_token(KEY, "alice", token_id="t1"), mint_token(KEY, "alice")
-    revocations.apply("token.t1", str(time.time() + 3600).encode())
+    now = int(time.time())
+    one = mint_token(KEY, "alice", issued_at=now, token_id="t1")
+    other = mint_token(KEY, "alice", issued_at=now)
+    revocations.apply("token.t1", str(now + 3600).encode())
     assert refusal(bearer(one), verifier) == "TOKEN_REVOKED"
     assert verifier.verify(bearer(other)).user_id == "alice"
 
-    revocations.apply("user.alice", str(NOW + 1).encode())
+    revocations.apply("user.alice", str(now + 1).encode())  # every token issued before now + 1
     assert refusal(bearer(other), verifier) == "TOKEN_REVOKED"
-    later = mint_token(KEY, "alice", issued_at=NOW + 1)
+    later = mint_token(KEY, "alice", issued_at=now + 1)
     assert verifier.verify(bearer(later)).user_id == "alice"
 
     revocations.apply("user.alice", None)  # the entry is gone: so is the revocation
