@@ -5,7 +5,8 @@ ErrorInfo reason.
 The suite runs in-process (groups, messaging, plaza and the gateway in front of them, on real
 sockets, a real NATS and the session's MongoDB server). The RPCs are read from the Gateway
 service descriptor, so a new RPC is in the matrix the day it is added; the internal services
-are checked the same way, since they verify the forwarded token themselves.
+are checked the same way, since they verify the forwarded token themselves. The role cells
+run on a listed group and on an unlisted one joined with invites (the invite flows).
 """
 
 from __future__ import annotations
@@ -211,9 +212,11 @@ class Cast:
     group_id: str
     users: dict[str, Metadata]
     target: str  # a plain member that commands act on
+    invite_code: str  # the owner's
 
 
-async def cast_group(suite: InProcessSuite, key: SigningKey) -> Cast:
+async def cast_group(suite: InProcessSuite, key: SigningKey, *, listed: bool = True) -> Cast:
+    """Listed, everyone joins from the plaza; unlisted, with the owner's invite."""
     names = {role: unique(role) for role in (*ROLES, "target")}
     users = {
         role: bearer(mint_token(key, name, ["editor"] if role == "editor" else None))
@@ -231,18 +234,25 @@ async def cast_group(suite: InProcessSuite, key: SigningKey) -> Cast:
 
     created = await ok(
         "CreateGroup",
-        gpb.CreateGroupRequest(name="Matrix", category=gpb.FOOD, listed=True),
+        gpb.CreateGroupRequest(name="Matrix", category=gpb.FOOD, listed=listed),
         "owner",
     )
     group_id = created.group.group_id
+    invite = await ok("CreateInvite", gpb.CreateInviteRequest(group_id=group_id), "owner")
+    code = invite.invite.code
     for role in ("member", "admin", "target"):
-        await ok("JoinGroup", gpb.JoinGroupRequest(group_id=group_id, source=gpb.PLAZA), role)
+        join = gpb.JoinGroupRequest(group_id=group_id, source=gpb.PLAZA)
+        if not listed:
+            join = gpb.JoinGroupRequest(group_id=group_id, source=gpb.INVITE_LINK, invite_code=code)
+        await ok("JoinGroup", join, role)
     await ok(
         "SetMemberRole",
         gpb.SetMemberRoleRequest(group_id=group_id, user_id=names["admin"], role=gpb.ADMIN),
         "owner",
     )
-    cast = Cast(group_id, users, names["target"])
+    cast = Cast(group_id, users, names["target"], code)
+    if not listed:
+        return cast
 
     # The plaza learns the group and its admin from events: wait until it has.
     async def plaza_knows_the_admin() -> bool:
@@ -280,8 +290,18 @@ ROLE_REQUESTS: dict[str, Callable[[Cast], Message]] = {
     "MarkGroupRead": lambda c: gpb.MarkGroupReadRequest(group_id=c.group_id, read_seq=0),
     "GetGroupInsights": lambda c: ppb.GetGroupInsightsRequest(group_id=c.group_id),
     "SetGroupSelected": lambda c: ppb.SetGroupSelectedRequest(group_id=c.group_id, selected=True),
-    # Invites (CreateInvite, RevokeInvite, JoinGroup with an invite code to an unlisted
-    # group) come with the invite flows: add their rows here and in ROLE_MATRIX.
+}
+# The same on an unlisted group, whose members joined with the owner's invite (a row
+# `Method: variant` calls Method).
+UNLISTED_REQUESTS: dict[str, Callable[[Cast], Message]] = {
+    "GetGroup": lambda c: gpb.GetGroupRequest(group_id=c.group_id),
+    "CreateInvite": lambda c: gpb.CreateInviteRequest(group_id=c.group_id, max_uses=5),
+    "RevokeInvite": lambda c: gpb.RevokeInviteRequest(group_id=c.group_id, code=c.invite_code),
+    "JoinGroup": lambda c: gpb.JoinGroupRequest(group_id=c.group_id, source=gpb.PLAZA),
+    "JoinGroup: with the invite": lambda c: gpb.JoinGroupRequest(
+        group_id=c.group_id, source=gpb.INVITE_LINK, invite_code=c.invite_code
+    ),
+    "ListGroupMessages": lambda c: gpb.ListGroupMessagesRequest(group_id=c.group_id),
 }
 
 OK: Outcome = ("OK", "")
@@ -309,26 +329,59 @@ ROLE_MATRIX: dict[str, tuple[Outcome, Outcome, Outcome, Outcome, Outcome]] = {
 }
 
 
-def test_every_role_row_names_a_gateway_rpc() -> None:
-    assert ROLE_MATRIX.keys() == ROLE_REQUESTS.keys()
-    assert ROLE_MATRIX.keys() <= set(GATEWAY.methods_by_name)
+NOT_FOUND: Outcome = ("NOT_FOUND", "GROUP_NOT_FOUND")
+
+# Without its invite an unlisted group is NOT_FOUND to a non-member who looks for it or joins.
+UNLISTED_MATRIX: dict[str, tuple[Outcome, Outcome, Outcome, Outcome, Outcome]] = {
+    "GetGroup": (NOT_FOUND, OK, OK, OK, NOT_FOUND),
+    "CreateInvite": (NOT_A_MEMBER, ROLE_NOT_ALLOWED, OK, OK, NOT_A_MEMBER),
+    "RevokeInvite": (NOT_A_MEMBER, ROLE_NOT_ALLOWED, OK, OK, NOT_A_MEMBER),
+    "JoinGroup": (NOT_FOUND, OK, OK, OK, NOT_FOUND),
+    "JoinGroup: with the invite": (OK, OK, OK, OK, OK),
+    "ListGroupMessages": (NOT_A_MEMBER, OK, OK, OK, NOT_A_MEMBER),
+}
 
 
+def method_of(row: str) -> str:
+    return row.split(":")[0]
+
+
+@pytest.mark.parametrize(
+    ("requests", "matrix"),
+    [(ROLE_REQUESTS, ROLE_MATRIX), (UNLISTED_REQUESTS, UNLISTED_MATRIX)],
+    ids=["listed", "unlisted"],
+)
+def test_every_role_row_names_a_gateway_rpc(
+    requests: dict[str, Any], matrix: dict[str, Any]
+) -> None:
+    assert matrix.keys() == requests.keys()
+    assert {method_of(row) for row in matrix} <= set(GATEWAY.methods_by_name)
+
+
+@pytest.mark.parametrize(
+    ("listed", "requests", "matrix"),
+    [(True, ROLE_REQUESTS, ROLE_MATRIX), (False, UNLISTED_REQUESTS, UNLISTED_MATRIX)],
+    ids=["listed", "unlisted"],
+)
 async def test_each_role_gets_exactly_what_it_may_do(
-    suite: InProcessSuite, signing_key: SigningKey
+    suite: InProcessSuite,
+    signing_key: SigningKey,
+    listed: bool,
+    requests: dict[str, Callable[[Cast], Message]],
+    matrix: dict[str, tuple[Outcome, ...]],
 ) -> None:
     observed: dict[tuple[str, str], Outcome] = {}
-    for method, request in ROLE_REQUESTS.items():
+    for row, request in requests.items():
         for role in ROLES:
             # A group per cell: a removal, a transfer or a leave changes nothing for the next.
-            cast = await cast_group(suite, signing_key)
-            observed[method, role] = await suite.call(
-                GATEWAY, method, request(cast), cast.users[role]
+            cast = await cast_group(suite, signing_key, listed=listed)
+            observed[row, role] = await suite.call(
+                GATEWAY, method_of(row), request(cast), cast.users[role]
             )
 
     expected = {
-        (method, role): outcome
-        for method, outcomes in ROLE_MATRIX.items()
+        (row, role): outcome
+        for row, outcomes in matrix.items()
         for role, outcome in zip(ROLES, outcomes, strict=True)
     }
     assert observed == expected
