@@ -40,6 +40,7 @@ from services.kit.events import (
     STREAMS,
     SUBJECT_ROOT,
 )
+from services.kit.revocation import BUCKET as REVOCATIONS
 from services.kit.snapshots import request_subject, snapshot_subject
 from services.messaging.consumers import SOCIAL_DURABLE
 from services.plaza.projection import FEEDS
@@ -112,8 +113,31 @@ def replay_calls(stream: str) -> tuple[str, ...]:
     )
 
 
+def revocation_watch_calls() -> tuple[str, ...]:
+    """Following the revoked tokens (services.kit.revocation), which every service and the
+    gateway do: look the bucket up, watch it through an ordered consumer (created, looked
+    at, flow-controlled, deleted by the client). None of it changes what the bucket holds."""
+    stream = f"KV_{REVOCATIONS}"
+    return (
+        f"{JS_API}.STREAM.INFO.{stream}",
+        f"{JS_API}.CONSUMER.CREATE.{stream}",
+        f"{JS_API}.CONSUMER.CREATE.{stream}.>",
+        f"{JS_API}.CONSUMER.INFO.{stream}.*",
+        f"{JS_API}.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+def revocation_bucket_create() -> str:
+    """Creating the bucket, empty, by whichever process starts first (the gateway too: it
+    may start before any storing service). Creating cannot change a bucket that exists,
+    and only the operator writes entries."""
+    return f"{JS_API}.STREAM.CREATE.KV_{REVOCATIONS}"
+
+
 def _service(name: str, events: str, durables: list[Durable], *extra: str) -> tuple[str, ...]:
     calls = [events, *stream_calls(SERVICE_STREAMS[name])]
+    calls += [*revocation_watch_calls(), revocation_bucket_create()]
     for durable in durables:
         calls += durable_calls(durable)
     return (*calls, *extra)
@@ -140,7 +164,9 @@ def _table() -> dict[str, Permissions]:
     ]
     return {
         "gateway": Permissions(
-            publish=(),
+            # Nothing that changes state: only what watching the revocations takes (and
+            # creating their empty bucket, when the gateway is the first to start).
+            publish=(*revocation_watch_calls(), revocation_bucket_create()),
             subscribe=(
                 # Every group's events, one group (groupchat.groups.*.<group>.*) or one
                 # user's joins at a time (services/gateway/fanout.py), and direct messages.
@@ -185,7 +211,13 @@ def _table() -> dict[str, Permissions]:
             responds=True,
         ),
         "operator": Permissions(
-            publish=(REBUILD_SUBJECT,),
+            # A rebuild, and revoking tokens (`make revoke`).
+            publish=(
+                REBUILD_SUBJECT,
+                f"$KV.{REVOCATIONS}.>",
+                f"{JS_API}.STREAM.INFO.KV_{REVOCATIONS}",
+                revocation_bucket_create(),
+            ),
             subscribe=(inbox("operator"),),
         ),
     }

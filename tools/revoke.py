@@ -3,6 +3,7 @@
 issued so far (a new one works); `python -m tools.revoke alice --jti <jti>` only that token.
 
 It writes the JetStream key-value bucket that every process follows (services.kit.revocation);
+as the operator's NATS user (NATS_USER/NATS_PASSWORD, else the password `make run` made);
 NATS_URL says where (default: the suite of `make run`), TOKEN_MAX_LIFETIME_SECONDS how long
 the entry is kept (the longest a token may live: 86400).
 """
@@ -13,20 +14,24 @@ import argparse
 import asyncio
 import os
 
-import nats
-
 from services.kit.auth import DEFAULT_MAX_LIFETIME_SECONDS, TOKEN_ID_PATTERN, USER_ID_PATTERN
+from services.kit.events import EventBus
 from services.kit.revocation import revoke
 from tools import run_files
+from tools.nats_users import credentials_for
 from tools.suite import ROOT
+
+CONNECT_SECONDS = 10.0
 
 
 async def revoke_on(nats_url: str, user_id: str, token_id: str | None, lifetime: int) -> str:
-    nc = await nats.connect(nats_url, name="revoke", connect_timeout=5, max_reconnect_attempts=0)
+    """As the operator's NATS user, the only one that may write the revocation bucket."""
+    async with asyncio.timeout(CONNECT_SECONDS):
+        bus = await EventBus.connect(nats_url, "revoke", credentials=credentials_for("operator"))
     try:
-        return await revoke(nc.jetstream(), lifetime, user_id, token_id)
+        return await revoke(bus.jetstream, lifetime, user_id, token_id)
     finally:
-        await nc.drain()
+        await bus.close()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ TOOL_USERS = {
     "tools.platform": "platform",
     "tools.seed": "platform",
     "services.plaza.rebuild": "operator",
+    "tools.revoke": "operator",
 }
 
 

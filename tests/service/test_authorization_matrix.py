@@ -90,7 +90,7 @@ async def suite(nats_url: str, service_env: ServiceEnv) -> AsyncIterator[InProce
             ("Messaging", build_messaging, MessagingConfig),
             ("Plaza", build_plaza, PlazaConfig),
         ):
-            host = build(config.from_env(service_env(nats_url, **env)))  # type: ignore[operator]
+            host = build(config.from_env(service_env(nats_url, name.lower(), **env)))  # type: ignore[operator]
             await host.start()
             stack.push_async_callback(host.stop)
             ports[name] = host.port
@@ -98,6 +98,7 @@ async def suite(nats_url: str, service_env: ServiceEnv) -> AsyncIterator[InProce
             GatewayConfig.from_env(
                 service_env(
                     nats_url,
+                    "gateway",
                     GROUPS_ADDRESS=f"127.0.0.1:{ports['Groups']}",
                     MESSAGING_ADDRESS=f"127.0.0.1:{ports['Messaging']}",
                     PLAZA_ADDRESS=f"127.0.0.1:{ports['Plaza']}",

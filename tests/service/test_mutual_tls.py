@@ -118,10 +118,12 @@ async def tls_world(
         path.write_bytes(content)
         env[variable] = str(path)
     async with AsyncExitStack() as stack:
-        groups = build_groups(GroupsConfig.from_env(service_env(nats_url, **env)))
+        groups = build_groups(GroupsConfig.from_env(service_env(nats_url, "groups", **env)))
         await groups.start()
         stack.push_async_callback(groups.stop)
-        gateway_env = service_env(nats_url, GROUPS_ADDRESS=f"127.0.0.1:{groups.port}", **env)
+        gateway_env = service_env(
+            nats_url, "gateway", GROUPS_ADDRESS=f"127.0.0.1:{groups.port}", **env
+        )
         gateway = build_gateway(GatewayConfig.from_env(gateway_env))
         await gateway.start()
         stack.push_async_callback(gateway.stop)

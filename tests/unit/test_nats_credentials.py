@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from services.kit.config import ConfigError, Env, NatsCredentials, without_credentials
-from tools.nats_users import PERMISSIONS, USERS, NatsUsers, render
+from tools.nats_users import (
+    PERMISSIONS,
+    USERS,
+    NatsUsers,
+    render,
+    revocation_bucket_create,
+    revocation_watch_calls,
+)
 
 
 def test_a_service_reads_its_user_and_password() -> None:
@@ -51,7 +58,19 @@ def test_only_the_platform_publishes_the_follow_graph_and_posts() -> None:
 def test_only_the_operator_may_ask_for_a_rebuild_and_the_gateway_publishes_nothing() -> None:
     askers = [u for u in USERS if "admin.groupchat.plaza.rebuild" in PERMISSIONS[u].publish]
     assert askers == ["operator"]
-    assert PERMISSIONS["gateway"].publish == ()
+    # Only what watching the revoked tokens takes: a lookup, its own ordered consumer, and
+    # the empty bucket if it comes first.
+    assert PERMISSIONS["gateway"].publish == (
+        *revocation_watch_calls(),
+        revocation_bucket_create(),
+    )
+
+
+def test_only_the_operator_may_revoke_tokens() -> None:
+    writers = [u for u in USERS if "$KV.GROUPCHAT_REVOCATIONS.>" in PERMISSIONS[u].publish]
+    assert writers == ["operator"]
+    for user in ("gateway", "groups", "messaging", "plaza"):
+        assert set(revocation_watch_calls()) <= set(PERMISSIONS[user].publish), user
 
 
 def test_generated_passwords_are_rendered_quoted_and_the_deployed_from_the_environment() -> None:
