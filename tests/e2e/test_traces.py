@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,9 +26,10 @@ GROUPS_SEND = "/groupchat.groups.v1.Groups/SendGroupMessage"
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> Iterator[Suite]:
     with running_suite(
         tmp_path_factory.mktemp("traces_suite"),
+        public_keys_file,
         TRACES="1",
         LOG_LEVEL="info",
         OTEL_BSP_SCHEDULE_DELAY="100",  # milliseconds: spans reach the files at once
