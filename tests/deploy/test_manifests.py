@@ -1223,3 +1223,45 @@ def test_the_build_context_leaves_out_local_state() -> None:
             for source in parts[:-1]:
                 assert (ROOT / source).exists(), f"COPY {source}: no such path"
                 assert not allow_list or sent(source.rstrip("/")), f"ignored: {source}"
+
+
+MUTUAL_TLS = "overlays/prod-mtls"
+TLS_SECRET = "groupchat-tls"
+TLS_FILES = {"GRPC_TLS_CERT": "tls.crt", "GRPC_TLS_KEY": "tls.key", "GRPC_TLS_CA": "ca.crt"}
+HEALTHCHECK = ["python", "-m", "services.kit.healthcheck"]
+
+
+def test_the_mutual_tls_overlay_mounts_the_certificates_and_probes_with_them() -> None:
+    """The kubelet's gRPC probe cannot present a client certificate: with mutual TLS on, the
+    probes run the image's own health check, which does."""
+    test_every_object_is_valid_against_the_kubernetes_schemas(MUTUAL_TLS)
+    manifests = manifests_for(MUTUAL_TLS)
+    services = manifests.service_deployments()
+    assert set(services) == set(manifests_for("overlays/prod").service_deployments())
+    placeholder_keys = manifests_for(BASE).secret_keys(TLS_SECRET)
+    assert manifests.get("Secret", TLS_SECRET) is None  # created in the cluster, never applied
+    for name, workload in services.items():
+        secrets = {
+            v["name"]: v["secret"]["secretName"]
+            for v in workload.spec.get("volumes") or []
+            if "secret" in v
+        }
+        (container,) = workload.containers(init=False)
+        (mount,) = [m for m in container["volumeMounts"] if secrets.get(m["name"]) == TLS_SECRET]
+        assert mount.get("readOnly") is True, name
+        env = manifests.environment(container)
+        for variable, key in TLS_FILES.items():
+            assert env[variable] == f"{mount['mountPath']}/{key}", (name, variable)
+            assert key in placeholder_keys
+        assert container["startupProbe"]["exec"]["command"] == [
+            *HEALTHCHECK,
+            "--service",
+            "liveness",
+        ]
+        assert container["livenessProbe"]["exec"]["command"] == [
+            *HEALTHCHECK,
+            "--service",
+            "liveness",
+        ]
+        assert container["readinessProbe"]["exec"]["command"] == HEALTHCHECK
+        assert not any("grpc" in container[p] for p in ("startupProbe", "livenessProbe"))

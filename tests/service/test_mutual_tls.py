@@ -29,6 +29,7 @@ from services.gateway.service import build as build_gateway
 from services.groups.config import GroupsConfig
 from services.groups.service import build as build_groups
 from services.kit.config import Env, TlsFiles
+from services.kit.healthcheck import is_serving
 from tests.service.conftest import ServiceEnv
 from tools.suite import health_channel
 
@@ -193,3 +194,11 @@ async def test_the_suites_health_checks_use_the_same_material(tls_world: TlsWorl
             return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
     assert await asyncio.to_thread(check) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_the_pods_own_probe_speaks_the_same_material(tls_world: TlsWorld) -> None:
+    """What deploy's mutual-TLS component probes with, as the kubelet's gRPC probe cannot."""
+    tls = TlsFiles.from_env(Env(tls_world.env))
+    for service in ("", "liveness"):
+        assert await is_serving(tls_world.groups_port, service, tls, "localhost")
+    assert not await is_serving(tls_world.groups_port, "", None, "localhost")
