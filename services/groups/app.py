@@ -544,7 +544,7 @@ class GroupsApp:
             now = self._clock()
             domain.ensure_can_send(member, now)
             self._send_rate.take(user_id, now)
-            await self._take_slow_mode_slot(state.group, member, now)
+            await self._take_slow_mode_slot(state.group, member, now, key)
         except (domain.Muted, SendRateLimited, domain.SlowMode):
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return first  # a retry of what was sent before: it costs nothing again
@@ -556,14 +556,19 @@ class GroupsApp:
             self._outbox.committed(self._store.messages, storage.message_id(message), events)
         return message
 
-    async def _take_slow_mode_slot(self, group: Group, member: Membership, now: int) -> None:
+    async def _take_slow_mode_slot(
+        self, group: Group, member: Membership, now: int, dedup_key: str | None
+    ) -> None:
         """Under slow mode, the member's one message of the period (a conditional write, so
         exact across processes), or SlowMode with how long to wait. A send that fails after
-        this still used its slot: at most one message per period, never more."""
+        this still used its slot (at most one message per period, never more), but its
+        retry with the same client_msg_id takes it again."""
         if not domain.slow_mode_applies(group, member):
             return
         seconds = group.settings.slow_mode_seconds
-        last_sent = await self._store.take_send_slot(group.group_id, member.user_id, now, seconds)
+        last_sent = await self._store.take_send_slot(
+            group.group_id, member.user_id, now, seconds, dedup_key or ""
+        )
         if last_sent is not None:
             raise domain.slow_mode_refusal(group, member, last_sent, now)
 

@@ -318,18 +318,20 @@ class GroupsStore:
     # Slow mode
 
     async def take_send_slot(
-        self, group_id: str, user_id: str, now_ms: int, every_seconds: int
+        self, group_id: str, user_id: str, now_ms: int, every_seconds: int, holder: str
     ) -> int | None:
         """Take the member's one message of the slow-mode period: None when taken (their last
-        message was at least `every_seconds` ago, or there is none), else when they last
-        sent. One conditional write: two sends at once never both pass."""
+        message was at least `every_seconds` ago, or there is none, or `holder` (the
+        message's dedup key) took it: a retry of a send that stopped after taking it), else
+        when they last sent. One conditional write: two sends at once never both pass."""
         slot_id = f"{group_id}:{user_id}"
         expires_at = dt.datetime.fromtimestamp(now_ms / 1000 + every_seconds, tz=dt.UTC)
+        free: dict[str, Any] = {"last_sent_ms": {"$lte": now_ms - every_seconds * 1000}}
         if await upsert_where(
             self._send_slots,
             slot_id,
-            {"last_sent_ms": {"$lte": now_ms - every_seconds * 1000}},
-            {"$set": {"last_sent_ms": now_ms, "expires_at": expires_at}},
+            {"$or": [free, {"holder": holder}]} if holder else free,
+            {"$set": {"last_sent_ms": now_ms, "expires_at": expires_at, "holder": holder}},
         ):
             return None
         doc = await self._send_slots.find_one({"_id": slot_id})

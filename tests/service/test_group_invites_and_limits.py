@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from google.protobuf import field_mask_pb2
 from groupchat.groups.v1 import groups_pb2 as pb
 
 from services.kit.rpc_status import error_info
+from tests.conftest import unique_database_name
 from tests.service.conftest import GroupsCaller
 
 
@@ -270,3 +272,28 @@ async def test_only_the_owner_and_admins_set_slow_mode_and_it_can_be_lifted(
     assert (await send(groups, "bob", group.group_id)).seq == 2
     too_slow = await outcome(slow_mode(groups, "olga", group.group_id, 86_401))
     assert too_slow == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+SLOW_MODE_DB = unique_database_name()
+
+
+@pytest.mark.parametrize("groups_env", [{"MONGODB_DATABASE": SLOW_MODE_DB}])
+async def test_a_send_retried_after_it_stopped_past_its_slot_takes_the_slot_again(
+    groups: GroupsCaller, mongodb_client: Any
+) -> None:
+    group = await create(groups, "olga", listed=True)
+    await join(groups, "bob", group.group_id)
+    await slow_mode(groups, "olga", group.group_id, 60)
+    # What a send of bob's "m-1" leaves when it stops after taking its slot, before storing.
+    mongodb_client[SLOW_MODE_DB]["send_slots"].insert_one(
+        {
+            "_id": f"{group.group_id}:bob",
+            "last_sent_ms": int(time.time() * 1000),
+            "holder": f"{group.group_id}:bob:m-1",
+        }
+    )
+    assert (await send(groups, "bob", group.group_id, client_msg_id="m-1")).seq == 1
+    assert await outcome(send(groups, "bob", group.group_id, client_msg_id="m-2")) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "SLOW_MODE",
+    )
