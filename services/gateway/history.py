@@ -4,6 +4,7 @@ stream and what a resuming client missed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
@@ -76,22 +77,29 @@ def peer_in(conversation_id: str, user_id: str) -> str:
 
 
 def group_message_response(message: groups_pb2.GroupMessage) -> bytes:
-    envelope = events_pb2.Envelope(
+    return _response(
+        message.group_id,
+        message,
         type="groups.group_message_posted",
-        aggregate_id=message.group_id,
-        aggregate_version=message.seq,
-        occurred_at=message.sent_at,
         group_message_posted=events_pb2.GroupMessagePosted(message=message),
     )
-    return gateway_pb2.SubscribeResponse(event=envelope).SerializeToString()
 
 
 def direct_message_response(message: messaging_pb2.DirectMessage) -> bytes:
-    envelope = events_pb2.Envelope(
+    return _response(
+        message.conversation_id,
+        message,
         type="messaging.direct_message_sent",
-        aggregate_id=message.conversation_id,
+        direct_message_sent=events_pb2.DirectMessageSent(message=message),
+    )
+
+
+def _response(conversation: str, message: Any, **event: Any) -> bytes:
+    """A stored message as the stream response its event would have been (no event id)."""
+    envelope = events_pb2.Envelope(
+        aggregate_id=conversation,
         aggregate_version=message.seq,
         occurred_at=message.sent_at,
-        direct_message_sent=events_pb2.DirectMessageSent(message=message),
+        **event,
     )
     return gateway_pb2.SubscribeResponse(event=envelope).SerializeToString()
