@@ -33,7 +33,6 @@ from services.groups.domain import (
     Membership,
     Message,
     NotAMember,
-    PostChange,
     Role,
 )
 from services.groups.mapping import (
@@ -48,6 +47,7 @@ from services.kit.errors import ConcurrentUpdate, excerpt
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.locks import KeyedLocks
 from services.kit.outbox import Outbox, merged
+from services.kit.posts import PostChange
 from services.kit.rate import SendRate, SendRateLimit, SendRateLimited
 from services.kit.timestamps import now_ms
 
@@ -634,10 +634,10 @@ class GroupsApp:
     async def apply_post_change(self, change: PostChange) -> None:
         """Project a platform post event; once the post is no longer published, unlink it
         from every group that links it."""
-        await self._store.apply_post_change(change)
+        await self._store.posts.apply(change)
         # Decided on the projection, not on this event: a stale event must not unlink a post
         # published again since, and a redelivery after a failure midway finishes the job.
-        post = await self._store.get_post(change.post_id)
+        post = await self._store.posts.get(change.post_id)
         if post is None or post.published:
             return
         for group_id in await self._store.group_ids_linking(post.post_id):
@@ -645,7 +645,7 @@ class GroupsApp:
 
     async def _check_link(self, user_id: str, post_id: str) -> None:
         if post_id:
-            domain.ensure_can_link(await self._store.get_post(post_id), post_id, user_id)
+            domain.ensure_can_link(await self._store.posts.get(post_id), post_id, user_id)
 
     async def _settle_link(self, group: Group) -> Group:
         """Unlink the group's post if it was removed while the group was being written. The
@@ -654,7 +654,7 @@ class GroupsApp:
         post_id = group.settings.linked_post_id
         if not post_id:
             return group
-        post = await self._store.get_post(post_id)
+        post = await self._store.posts.get(post_id)
         if post is not None and post.published:
             return group
         return await self._unlink(group.group_id, post_id) or await self.get_group_internal(

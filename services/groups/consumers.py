@@ -5,11 +5,10 @@ from __future__ import annotations
 from groupchat.events.v1 import events_pb2
 
 from services.groups.app import GroupsApp
-from services.groups.mapping import post_change_from_event
 from services.kit.events import EventHandler
+from services.kit.posts import post_change_from_event
 
 POSTS_DURABLE = "groups-posts"
-POSTS_SUBJECT = "posts.>"
 
 
 def posts_handler(app: GroupsApp) -> EventHandler:

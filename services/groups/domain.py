@@ -14,6 +14,7 @@ from services.kit.errors import (
     Validator,
     excerpt,
 )
+from services.kit.posts import Post, ensure_published
 
 NAME_MAX = 50
 DESCRIPTION_MAX = 500
@@ -89,18 +90,9 @@ class SlowMode(QuotaExceeded):
     reason = "SLOW_MODE"
 
 
-class PostNotFound(DomainError):
-    kind = ErrorKind.NOT_FOUND
-    reason = "POST_NOT_FOUND"
-
-
 class PostNotOwned(DomainError):
     kind = ErrorKind.PERMISSION_DENIED
     reason = "POST_NOT_OWNED"
-
-
-class PostNotPublished(DomainError):
-    reason = "POST_NOT_PUBLISHED"
 
 
 @dataclass(frozen=True)
@@ -199,37 +191,11 @@ def activity_for_member(group: Group, member: Membership) -> int:
     return max(group.last_activity_ms, member.joined_at_ms)
 
 
-@dataclass(frozen=True)
-class Post:
-    """The groups service's view of a platform post: enough to decide whether it may be linked."""
-
-    post_id: str
-    author_id: str
-    title: str
-    published: bool
-    version: int
-
-
-@dataclass(frozen=True)
-class PostChange:
-    """One platform post event. `published` is None for an edit, which leaves it as it was
-    (an edit of a hidden post must not publish it); `title` is None when the event has none."""
-
-    post_id: str
-    author_id: str
-    version: int
-    published: bool | None
-    title: str | None
-
-
 def ensure_can_link(post: Post | None, post_id: str, user_id: str) -> None:
     """A group links only one of its caller's own published posts."""
-    if post is None:
-        raise PostNotFound(f"no post {excerpt(post_id)}", post_id=excerpt(post_id))
-    if post.author_id != user_id:
+    if post is not None and post.author_id != user_id:
         raise PostNotOwned("you can only link your own posts", post_id=post_id)
-    if not post.published:
-        raise PostNotPublished("the post is hidden or deleted", post_id=post_id)
+    ensure_published(post, post_id)
 
 
 def unlinked_post_after_update(group: Group, settings: GroupSettings) -> str:

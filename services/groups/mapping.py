@@ -10,7 +10,6 @@ from services.groups.domain import (
     Invite,
     Membership,
     Message,
-    PostChange,
     activity_for_member,
     unread_count,
 )
@@ -108,28 +107,3 @@ def category_name(value: int) -> str | None:
     if value == groups_pb2.CATEGORY_UNSPECIFIED or value not in groups_pb2.Category.values():
         return None
     return groups_pb2.Category.Name(value)
-
-
-def post_change_from_event(envelope: events_pb2.Envelope) -> PostChange | None:
-    """The post change a platform post event stands for; None for any other event."""
-    kind = envelope.WhichOneof("payload")
-    version = envelope.aggregate_version
-    if kind in ("post_published", "post_updated"):
-        post = getattr(envelope, kind).post
-        return PostChange(
-            post_id=post.post_id,
-            author_id=post.author_id,
-            version=version,
-            published=True if kind == "post_published" else None,
-            title=post.title,
-        )
-    if kind == "post_removed":
-        removed = envelope.post_removed
-        return PostChange(
-            post_id=removed.post_id,
-            author_id=removed.author_id,
-            version=version,
-            published=False,
-            title=None,
-        )
-    return None

@@ -7,10 +7,11 @@ from groupchat.groups.v1 import groups_pb2, groups_pb2_grpc
 from services.groups.api import GroupsServicer
 from services.groups.app import GroupsApp
 from services.groups.config import GroupsConfig
-from services.groups.consumers import POSTS_DURABLE, POSTS_SUBJECT, posts_handler
+from services.groups.consumers import POSTS_DURABLE, posts_handler
 from services.groups.snapshots import AREA, group_snapshots
 from services.groups.storage import GroupsStore
 from services.kit.infrastructure import open_infrastructure
+from services.kit.posts import POSTS_SUBJECT
 from services.kit.server import ServiceContext, ServiceHost
 from services.kit.snapshots import serve_snapshots
 

@@ -41,14 +41,13 @@ from services.groups.domain import (
     Invite,
     Membership,
     Message,
-    Post,
-    PostChange,
     Role,
 )
 from services.kit.documents import upsert_and_read, upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, pending, with_pending
 from services.kit.paging import seq_page
+from services.kit.posts import PostsStore
 
 _GROUP_FIELDS = (
     "name",
@@ -97,7 +96,7 @@ class GroupsStore:
         self._user_groups = db["user_groups"]
         self._join_windows = db["join_windows"]
         self._send_slots = db["send_slots"]
-        self._posts = db["posts"]
+        self.posts = PostsStore(db["posts"])
 
     async def create_indexes(self) -> None:
         await self.groups.create_index("create_key", unique=True, sparse=True)
@@ -372,40 +371,6 @@ class GroupsStore:
             self.messages, {"group_id": group_id}, after_seq, before_seq, limit
         )
         return [message_from_doc(d) for d in docs], more
-
-    # Posts
-
-    async def apply_post_change(self, change: PostChange) -> bool:
-        """Apply a platform post event if it is newer than the post's projection; False when
-        it is stale or a redelivery."""
-        set_fields: dict[str, Any] = {"author_id": change.author_id, "version": change.version}
-        on_insert: dict[str, Any] = {}
-        if change.published is None:
-            on_insert["published"] = True  # an edit of a post not seen yet: it is live
-        else:
-            set_fields["published"] = change.published
-        if change.title is not None:
-            set_fields["title"] = change.title
-        else:
-            on_insert["title"] = ""
-        update: dict[str, Any] = {"$set": set_fields}
-        if on_insert:
-            update["$setOnInsert"] = on_insert
-        return await upsert_where(
-            self._posts, change.post_id, {"version": {"$lt": change.version}}, update
-        )
-
-    async def get_post(self, post_id: str) -> Post | None:
-        doc = await self._posts.find_one({"_id": post_id})
-        if doc is None:
-            return None
-        return Post(
-            post_id=doc["_id"],
-            author_id=doc["author_id"],
-            title=doc["title"],
-            published=doc["published"],
-            version=doc["version"],
-        )
 
 
 # The updates a command makes to a group document (see GroupsStore.commit).

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ EVENTS_FIELD = "_events"
 WAITING_SINCE_FIELD = "_events_since"
 # The filter for documents that hold events not yet published.
 HOLDS_EVENTS = {f"{EVENTS_FIELD}.0": {"$exists": True}}
+# How long a recorded event's document is kept (Outbox.record): long after it was published.
+RECORDS_KEPT_SECONDS = 7 * 86400
 
 
 def _stored(events: Iterable[OutgoingEvent]) -> list[dict[str, Any]]:
@@ -128,6 +131,13 @@ class Outbox:
         self._collections[collection.name] = collection
         if finish is not None:
             self._finishers[collection.name] = finish
+
+    async def record(self, collection: Any, event: OutgoingEvent) -> None:
+        """Commit an event that changes no document of its own (a view, a tap): a document
+        of its own in `collection` (watched, with a TTL index on `expires_at`) carries it."""
+        doc = {"_id": event.envelope.event_id, "expires_at": _expires_at(RECORDS_KEPT_SECONDS)}
+        await collection.insert_one(with_pending(doc, [event]))
+        self.committed(collection, doc["_id"], [event])
 
     def committed(self, collection: Any, doc_id: Any, events: list[OutgoingEvent]) -> None:
         """Publish soon the `events` just committed into `collection`'s document `doc_id`."""
@@ -253,6 +263,10 @@ class Outbox:
             )
         for name, operations in by_collection.items():
             await self._collections[name].bulk_write(operations, ordered=False)
+
+
+def _expires_at(seconds: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(now_ms() / 1000 + seconds, tz=dt.UTC)
 
 
 def _outgoing(stored: dict[str, Any]) -> OutgoingEvent:

@@ -11,10 +11,11 @@ from typing import Any
 from groupchat.events.v1 import events_pb2
 
 from services.groups.app import GroupsApp, GroupsLimits
-from services.groups.domain import GroupSettings, PostChange
+from services.groups.domain import GroupSettings
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
 from services.kit.outbox import Outbox
+from services.kit.posts import PostChange
 from tests.faults.conftest import Published
 from tools.doctor import check_groups
 
@@ -66,8 +67,8 @@ async def build_scene(world: World, solo: bool) -> Scene:
     app, outbox = world._builder
     post_id = f"p{tag}"
     store = GroupsStore(world.db)
-    await store.apply_post_change(PostChange(post_id, owner, 1, True, "Tea"))
-    await store.apply_post_change(PostChange(f"{post_id}u", outsider, 1, True, "Coffee"))
+    await store.posts.apply(PostChange(post_id, owner, 1, True, "Tea"))
+    await store.posts.apply(PostChange(f"{post_id}u", outsider, 1, True, "Coffee"))
     group, _ = await app.create_group(owner, settings("Tea", post_id), f"r{tag}")
     if not solo:
         await app.join_group(member, group.group_id, 1)

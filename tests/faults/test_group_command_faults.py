@@ -27,12 +27,12 @@ from services.groups.domain import (
     MemberNotFound,
     NotAllowed,
     NotAMember,
-    PostChange,
     Role,
 )
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus
 from services.kit.outbox import EVENTS_FIELD, WAITING_SINCE_FIELD, Outbox
+from services.kit.posts import PostChange
 from tests.faults.conftest import Published
 from tests.faults.faulty import Crash, Fault, FaultKind, FaultyDatabase, Plan
 from tests.faults.groups_world import (

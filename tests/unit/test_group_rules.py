@@ -14,14 +14,11 @@ from services.groups.domain import (
     Muted,
     NotAllowed,
     OwnerMustTransfer,
-    Post,
-    PostNotFound,
     PostNotOwned,
-    PostNotPublished,
     Role,
 )
-from services.groups.mapping import post_change_from_event
 from services.kit.errors import ErrorKind, InvalidArgument
+from services.kit.posts import Post, PostNotFound, PostNotPublished, post_change_from_event
 from tools.platform import post_event
 
 
@@ -203,7 +200,7 @@ def test_negative_sequence_numbers_are_named() -> None:
 
 
 def post(author: str = "alice", published: bool = True) -> Post:
-    return Post("p1", author, "Matcha at home", published, version=1)
+    return Post("p1", author, "Matcha at home", "", published, version=1)
 
 
 def group(linked_post_id: str = "", unlinked_post_id: str = "", **fields: object) -> Group:
