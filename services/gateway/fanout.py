@@ -37,7 +37,8 @@ DEPARTURES = frozenset({"member_left", "member_removed"})
 REPAIR_CONCURRENCY = 8
 
 # What a stream's buffer holds: (conversation key or None, seq, serialized response), or
-# Session.RECHECK: compare the direct conversations with the messaging service (NATS was away).
+# Session.RECHECK: NATS was away, so compare the direct conversations with the messaging
+# service and tell the client to refresh what changes it may have missed.
 Item = tuple[str | None, int, bytes]
 Fetch = Callable[[Identity, str, int], Awaitable[Fetched]]
 Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Coroutine[Any, Any, Any]]
@@ -173,6 +174,10 @@ class FanoutHub:
                         f"groupchat.messaging.direct_message_sent.*.{user_id}",
                         self._on_direct_message,
                     ),
+                    await self._subscribe_detached(
+                        f"groupchat.messaging.direct_message_changed.*.{user_id}",
+                        self._on_direct_change,
+                    ),
                 ]
         return session
 
@@ -303,6 +308,12 @@ class FanoutHub:
             envelope.aggregate_version,
             _response(envelope),
         )
+
+    async def _on_direct_change(self, msg: Any) -> None:
+        """A direct message the user sent or received changed (a recall): a new state of a
+        delivered message, with no seq of its own."""
+        user_id = msg.subject.rsplit(".", 1)[1]
+        self._deliver(user_id, None, 0, _response(events_pb2.Envelope.FromString(msg.data)))
 
     async def _on_group_event(self, msg: Any) -> None:
         _, _, event_type, group_id, user_id = msg.subject.split(".", 4)

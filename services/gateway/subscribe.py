@@ -133,6 +133,7 @@ class SubscribeHandler:
                 raise GatewayShuttingDown("this gateway is shutting down: " + RESUBSCRIBE)
             if item is Session.RECHECK:
                 await self._recheck_direct(session, context)
+                await self._write(context, _refresh(session))
                 continue
             await self._deliver(session, item, context)
 
@@ -265,6 +266,16 @@ class SubscribeHandler:
             token = page.next_page_token
             if not token:
                 return last_seqs
+
+
+def _refresh(session: Session) -> bytes:
+    """Changes (reactions, recalls, group updates) carry no seq, so those this stream may
+    have missed cannot be fetched like messages: the client re-reads what it shows."""
+    group_ids = sorted(
+        key.removeprefix("group:") for key in session.positions if key.startswith("group:")
+    )
+    refresh = gateway_pb2.Refresh(group_ids=group_ids)
+    return gateway_pb2.SubscribeResponse(refresh=refresh).SerializeToString()
 
 
 class _Budget:

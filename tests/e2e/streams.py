@@ -18,14 +18,18 @@ class OpenStream:
         self.call = call
         self.ready: gateway_pb2.Ready | None = None
         self.events: list[events_pb2.Envelope] = []
+        self.refreshes: list[gateway_pb2.Refresh] = []
         self.error: grpc.aio.AioRpcError | None = None
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         try:
             async for response in self.call:
-                if response.HasField("ready"):
+                kind = response.WhichOneof("kind")
+                if kind == "ready":
                     self.ready = response.ready
+                elif kind == "refresh":
+                    self.refreshes.append(response.refresh)
                 else:
                     self.events.append(response.event)
         except grpc.aio.AioRpcError as error:

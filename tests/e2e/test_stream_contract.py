@@ -274,10 +274,14 @@ async def test_a_stalled_reader_is_ended_on_time_and_the_other_499_do_not_wait(
 
 
 async def streams_stay_whole_through(
-    gateway: Any, per_sender: int, fault: Callable[[], Awaitable[None]]
+    gateway: Any,
+    per_sender: int,
+    fault: Callable[[], Awaitable[None]],
+    then: Callable[[str, OpenStream], Awaitable[None]] | None = None,
 ) -> None:
     """Three members send `per_sender` messages each while `fault` strikes after the first
-    ten: every send is answered once, and every open stream gets every message in order."""
+    ten: every send is answered once, and every open stream gets every message in order
+    (and passes `then`, given the group)."""
     owner = unique("owner")
     senders = [unique("s") for _ in range(3)]
     group_id = await group_of(gateway, owner, *senders)
@@ -291,6 +295,8 @@ async def streams_stay_whole_through(
         for stream in streams:
             await eventually(lambda s=stream: s.seqs(group_id) == list(range(1, total + 1)), 30)
             assert stream.error is None
+            if then is not None:
+                await then(group_id, stream)
     finally:
         await asyncio.gather(*(s.close() for s in streams))
 
@@ -315,7 +321,12 @@ async def test_streams_stay_whole_while_nats_is_sigkilled_and_restarted_under_lo
         suite.processes["nats"].kill()
         await eventually(lambda: suite.restarts("nats") > restarts, 30)
 
-    await streams_stay_whole_through(gateway, 30, sigkill_nats)
+    async def told_to_refresh(group_id: str, stream: OpenStream) -> None:
+        # Changes have no seq to show a gap by: every stream is told to re-read the group.
+        await eventually(lambda: bool(stream.refreshes), 30)
+        assert all(list(r.group_ids) == [group_id] for r in stream.refreshes)
+
+    await streams_stay_whole_through(gateway, 30, sigkill_nats, told_to_refresh)
 
 
 async def test_streams_on_a_lost_gateway_resume_on_the_other_whole(

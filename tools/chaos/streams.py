@@ -75,7 +75,7 @@ class WatchedStream:
             async for response in self._call:
                 if response.HasField("ready"):
                     self._ready.set()
-                else:
+                elif response.HasField("event"):
                     self._count(response.event)
             self.end = StreamEnd(grpc.StatusCode.OK.name, "")
         except grpc.aio.AioRpcError as error:
