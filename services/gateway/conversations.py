@@ -116,6 +116,7 @@ def _group_row(g: groups_pb2.MyGroup) -> tuple[tuple[int, str], gateway_pb2.Conv
         group=g,
         title=g.group.name,
         unread_count=g.unread_count,
+        mention_count=g.mention_count,
         last_activity_at=g.last_activity_at,
     )
     _set_last_message(row, g.group.last_message if g.group.HasField("last_message") else None)
@@ -124,5 +125,7 @@ def _group_row(g: groups_pb2.MyGroup) -> tuple[tuple[int, str], gateway_pb2.Conv
 
 def _set_last_message(row: gateway_pb2.Conversation, message: Any) -> None:
     if message is not None:
-        row.preview = message.text[:PREVIEW_CHARS]
+        # A message that only shares a post previews as the post's title (a recalled one
+        # has neither left).
+        row.preview = (message.text or message.shared_post.title)[:PREVIEW_CHARS]
         row.last_sender_id = message.sender_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from groupchat.content.v1 import content_pb2
 from groupchat.gateway.v1 import gateway_pb2
 from groupchat.groups.v1 import groups_pb2
 from groupchat.messaging.v1 import messaging_pb2
@@ -13,6 +14,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.conversations import ConversationsHandler
 from services.gateway.fanout import FanoutHub
 from services.gateway.history import History
+from services.gateway.shared_posts import OpenSharedPostHandler
 from services.gateway.subscribe import SubscribeHandler
 from services.kit.downstream import Downstream, proxy_handlers
 from services.kit.events import EventBus
@@ -103,6 +105,11 @@ def build(config: GatewayConfig) -> ServiceHost:
             ConversationsHandler(groups, messaging),
             request_deserializer=gateway_pb2.ListConversationsRequest.FromString,
             response_serializer=gateway_pb2.ListConversationsResponse.SerializeToString,
+        )
+        handlers["OpenSharedPost"] = grpc.unary_unary_rpc_method_handler(
+            OpenSharedPostHandler(groups, messaging),
+            request_deserializer=content_pb2.OpenSharedPostRequest.FromString,
+            response_serializer=content_pb2.OpenSharedPostResponse.SerializeToString,
         )
         handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
             SubscribeHandler(hub, groups, messaging, history, config.streams),
