@@ -14,6 +14,9 @@ from groupchat.gateway.v1 import gateway_pb2_grpc
 
 from tools.suite import Suite
 
+# Short enough for a test to see a recall refused once the window has passed.
+RECALL_WINDOW_SECONDS = 6
+
 
 @contextmanager
 def running_suite(
@@ -34,7 +37,11 @@ def running_suite(
         data_dir,
         public_keys_file,
         replicas=replicas,
-        **{"DOWNSTREAM_TIMEOUT_SECONDS": "120", **extra_env},
+        **{
+            "DOWNSTREAM_TIMEOUT_SECONDS": "120",
+            "RECALL_WINDOW_SECONDS": str(RECALL_WINDOW_SECONDS),
+            **extra_env,
+        },
     )
     suite.supervised = supervised
     suite.start()

@@ -10,6 +10,7 @@ on stderr.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from services.kit.auth import SigningKey, mint_token
+from tests.e2e.conftest import RECALL_WINDOW_SECONDS
 from tools.platform import post_event, publish
 from tools.suite import Suite, installed_binary
 
@@ -45,12 +47,18 @@ GATEWAY_METHODS = (
     "MarkGroupRead",
     "CreateInvite",
     "RevokeInvite",
+    "ReactToGroupMessage",
+    "RecallGroupMessage",
+    "SetGroupAnnouncement",
+    "PinGroupMessage",
     "SendDirectMessage",
     "ListDirectMessages",
     "MarkDirectRead",
     "GetStrangerQuota",
     "BlockUser",
     "UnblockUser",
+    "RecallDirectMessage",
+    "OpenSharedPost",
     "ListConversations",
     "BrowsePlaza",
     "ListSelectedGroups",
@@ -58,6 +66,7 @@ GATEWAY_METHODS = (
     "ListCategories",
     "SearchGroups",
     "GetGroupInsights",
+    "ListMyGroupInsights",
     "Subscribe",
 )
 _DETAIL_LINE = re.compile(r"^\s*\d+\)\s+(\{.*\})\s*$")
@@ -659,3 +668,132 @@ def test_only_editors_pick_the_selected_shelf(call: Callable[..., Outcome]) -> N
 
     assert refused.code == "PermissionDenied", refused.stderr
     assert refused.reason == "EDITOR_ONLY"
+
+
+# What people do in a group, and what the creator sees of it
+
+
+def published_post(suite: Suite, author: str, title: str) -> str:
+    post_id = f"post_{uuid.uuid4().hex[:10]}"
+    event = post_event("publish", post_id, author, title=title, cover_url="https://c/p.png")
+    asyncio.run(publish(suite.nats_url_as("platform"), [event]))
+    return post_id
+
+
+def until_known(attempt: Callable[[], Outcome]) -> Outcome:
+    """`attempt` again while the service has not heard of the post yet (over NATS)."""
+    deadline = time.monotonic() + 20
+    while True:
+        outcome = attempt()
+        if outcome.ok or outcome.reason != "POST_NOT_FOUND" or time.monotonic() > deadline:
+            return outcome
+
+
+def test_share_reply_react_recall_and_the_funnel(
+    call: Callable[..., Outcome], suite: Suite
+) -> None:
+    owner, member, admin = new_user("owner"), new_user("member"), new_user("admin")
+    group_id = create_group(call, owner)["group_id"]
+    for user in (member, admin):
+        assert call("JoinGroup", {"group_id": group_id, "source": "PLAZA"}, user=user).ok
+    assert call(
+        "SetMemberRole", {"group_id": group_id, "user_id": admin, "role": "ADMIN"}, user=owner
+    ).ok
+    post_id = published_post(suite, owner, "My sourdough starter")
+
+    shared = until_known(
+        lambda: call(
+            "SendGroupMessage",
+            {"group_id": group_id, "text": "feeding schedule here", "shared_post_id": post_id},
+            user=owner,
+        )
+    ).json()["message"]
+    assert shared["shared_post"] == {
+        "post_id": post_id,
+        "title": "My sourdough starter",
+        "cover_url": "https://c/p.png",
+        "author_id": owner,
+    }
+    assert shared["version"] == "1"
+
+    reply = call(
+        "SendGroupMessage",
+        {"group_id": group_id, "text": "thank you!", "reply_to_seq": shared["seq"]},
+        user=member,
+    ).json()["message"]
+    assert reply["reply_to"] == {
+        "seq": shared["seq"],
+        "sender_id": owner,
+        "excerpt": "feeding schedule here",
+        "shared_post_id": post_id,
+    }
+    missing = call(
+        "SendGroupMessage", {"group_id": group_id, "text": "?", "reply_to_seq": "999"}, user=member
+    )
+    assert missing.code == "InvalidArgument", missing.stderr
+    assert missing.violated_fields == ["reply_to_seq"]
+
+    react = {"group_id": group_id, "seq": shared["seq"], "emoji": "\N{THUMBS UP SIGN}"}
+    reacted = call("ReactToGroupMessage", react, user=member).json()["message"]
+    assert reacted["reactions"] == [{"emoji": "\N{THUMBS UP SIGN}", "count": 1, "mine": True}]
+    assert reacted["version"] == "2"
+    odd = call("ReactToGroupMessage", {**react, "emoji": "not-an-emoji"}, user=member)
+    assert odd.code == "InvalidArgument", odd.stderr
+
+    opened = call("OpenSharedPost", {"group_id": group_id, "seq": shared["seq"]}, user=member)
+    assert opened.json()["post_id"] == post_id
+    neither = call("OpenSharedPost", {"seq": shared["seq"]}, user=member)
+    assert neither.code == "InvalidArgument", neither.stderr
+
+    recalled = call(
+        "RecallGroupMessage", {"group_id": group_id, "seq": reply["seq"]}, user=member
+    ).json()["message"]
+    assert recalled["recall"]["recalled_by"] == member
+    assert "text" not in recalled
+    spam = call("SendGroupMessage", {"group_id": group_id, "text": "buy now"}, user=member)
+    spam_seq = spam.json()["message"]["seq"]
+    removal = call("RecallGroupMessage", {"group_id": group_id, "seq": spam_seq}, user=admin)
+    assert removal.json()["message"]["recall"]["moderation"] is True
+    not_theirs = call(
+        "RecallGroupMessage", {"group_id": group_id, "seq": shared["seq"]}, user=member
+    )
+    assert not_theirs.code == "PermissionDenied", not_theirs.stderr
+
+    announced = call(
+        "SetGroupAnnouncement", {"group_id": group_id, "text": "Bake-off on Sunday"}, user=admin
+    ).json()["group"]
+    assert announced["announcement"]["text"] == "Bake-off on Sunday"
+    pinned = call("PinGroupMessage", {"group_id": group_id, "seq": shared["seq"]}, user=owner)
+    assert [p["message"]["seq"] for p in pinned.json()["group"]["pinned"]] == [shared["seq"]]
+
+    deadline = time.monotonic() + 30
+    while True:  # the plaza learns of it all over NATS
+        insights = call("GetGroupInsights", {"group_id": group_id, "days": 1}, user=owner).json()
+        total = insights["total"]
+        if total.get("shared_post_opens") == 1 or time.monotonic() > deadline:
+            break
+    assert insights["time_zone"] == "Asia/Shanghai"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", insights["days"][0]["date"])
+    assert (total["joins"], total["posts_shared"], total["own_posts_shared"]) == (2, 1, 1)
+    assert (total["shared_post_opens"], total["own_post_opens"]) == (1, 1)
+    assert total["funnel"]["open_rate"] == 1.0
+    mine = call("ListMyGroupInsights", {"days": 1}, user=owner).json()
+    assert [g["group_id"] for g in mine["groups"]] == [group_id]
+
+
+def test_a_recall_after_the_window_is_refused_with_its_reason(
+    call: Callable[..., Outcome],
+) -> None:
+    owner = new_user("owner")
+    group_id = create_group(call, owner)["group_id"]
+    sent = call("SendGroupMessage", {"group_id": group_id, "text": "typo"}, user=owner).json()
+    sent_at = dt.datetime.fromisoformat(sent["message"]["sent_at"].replace("Z", "+00:00"))
+    # The window is wall-clock time: wait it out.
+    time.sleep(max(0.0, sent_at.timestamp() + RECALL_WINDOW_SECONDS - time.time()) + 0.5)
+
+    late = call(
+        "RecallGroupMessage", {"group_id": group_id, "seq": sent["message"]["seq"]}, user=owner
+    )
+
+    assert late.code == "FailedPrecondition", late.stderr
+    assert late.reason == "RECALL_WINDOW_PASSED"
