@@ -4,12 +4,16 @@ Everything goes through the public API (`groupchat.gateway.v1.Gateway`) and the 
 post events (tools.platform), as real clients and the platform would: a few hundred groups
 across every interest category, most of them linked to one of their creator's own published
 posts, members joining from the plaza, the Selected shelf, posts, search and invite links,
-conversations in most groups, a few posts hidden afterwards (so some groups show an unlinked
-post), and editors' picks on the Selected shelf.
+conversations in most groups, with posts shared into them (the creator's own and others'),
+replies, reactions, a few messages recalled and a few announcements, visitors looking at
+cards and members opening shared posts (so creators' funnels have figures), a few posts
+hidden afterwards (so some groups show an unlinked post), and editors' picks on the
+Selected shelf.
 
 Run it twice with the same --seed and nothing is duplicated: groups are created with a
-request id derived from the seed, messages carry client message ids, joining is idempotent
-and choosing a pick is a setting.
+request id derived from the seed, messages carry client message ids, joining, reacting and
+recalling are idempotent and choosing a pick is a setting. Only taps add up again: card
+views and shared-post opens count each time, as taps do.
 
     GATEWAY_ADDRESS (127.0.0.1:50051), NATS_URL (nats://127.0.0.1:4222) say which suite; tokens
     are signed as `make token` signs them (tools.dev_keys).
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from groupchat.content.v1 import content_pb2 as content_pb
 from groupchat.gateway.v1 import gateway_pb2_grpc
 from groupchat.groups.v1 import groups_pb2 as groups_pb
 from groupchat.plaza.v1 import plaza_pb2 as plaza_pb
@@ -186,6 +191,7 @@ SOURCES: dict[groups_pb.JoinSource, int] = {
     groups_pb.SEARCH: 15,
     groups_pb.INVITE_LINK: 10,
 }
+REACTIONS = ["\N{THUMBS UP SIGN}", "\N{FACE WITH TEARS OF JOY}", "\N{PARTY POPPER}"]
 JOINS_PER_USER = 25  # below JOIN_RATE_LIMIT (30 per minute): one run never hits it
 CREATE_ATTEMPTS = 30  # waiting for the groups service to project a just-published post
 SEND_ATTEMPTS = 5  # a speaker of many groups may meet the send rate (SEND_RATE_LIMITED)
@@ -418,22 +424,100 @@ class Seeder:
             request = groups_pb.SendGroupMessageRequest(
                 group_id=plan.group_id, text=text, client_msg_id=f"seed-{self._seed}-{n}"
             )
-            metadata = self._metadata(rng.choice(speakers))
-            for attempt in range(SEND_ATTEMPTS):
-                try:
-                    await self._call(self._stub.SendGroupMessage, request, metadata)
-                except grpc.aio.AioRpcError as error:
-                    info = error_info(error)
-                    if self._refusal(error) == "SEND_RATE_LIMITED" and attempt + 1 < SEND_ATTEMPTS:
-                        # A busy speaker of many groups: wait as told (the same client_msg_id).
-                        await asyncio.sleep(
-                            float(info.metadata["retry_after_seconds"]) if info else 1
-                        )
-                        continue
-                    self.tally.add(f"messages refused: {self._refusal(error)}")
-                    break
+            if await self._send(rng.choice(speakers), request):
                 self.tally.add("messages")
-                break
+
+    async def engage(self, plan: GroupPlan, others: list[PostPlan], rng: random.Random) -> None:
+        """What members do besides talking: the creator shares their post (and sometimes
+        an announcement), a member shares someone else's, replies, reactions, a message
+        recalled at once; visitors look at the card and members open what was shared."""
+        if not plan.members:
+            return
+        group = plan.group_id
+        creator = self._metadata(plan.creator)
+        shares: list[tuple[str, groups_pb.SendGroupMessageRequest]] = []
+        if plan.post:
+            text = "New post, tell me what you think!"
+            shares.append((plan.creator, self._message(plan, "share", text, plan.post.post_id)))
+        if others and rng.random() < 0.4:
+            post = rng.choice(others)
+            text = "Saw this and thought of you all"
+            shares.append(
+                (rng.choice(plan.members), self._message(plan, "tip", text, post.post_id))
+            )
+        shared = [sent for user, request in shares if (sent := await self._send(user, request))]
+        self.tally.add("posts shared", len(shared))
+        if plan.messages:
+            reply = self._message(plan, "reply", "+1, same here")
+            reply.reply_to_seq = 1
+            if await self._send(rng.choice(plan.members), reply):
+                self.tally.add("replies")
+            for user in rng.sample(plan.members, min(len(plan.members), rng.randint(0, 8))):
+                request = groups_pb.ReactToGroupMessageRequest(
+                    group_id=group, seq=1, emoji=rng.choice(REACTIONS)
+                )
+                await self._tried("reactions", self._stub.ReactToGroupMessage, request, user)
+        if rng.random() < 0.15:
+            oops = await self._send(plan.creator, self._message(plan, "oops", "oops, wrong group"))
+            if oops:
+                request = groups_pb.RecallGroupMessageRequest(group_id=group, seq=oops.seq)
+                await self._tried("messages recalled", self._stub.RecallGroupMessage, request,
+                                  plan.creator)  # fmt: skip
+        if rng.random() < 0.3:
+            request = groups_pb.SetGroupAnnouncementRequest(
+                group_id=group, text="Welcome! Read the pinned rules before posting."
+            )
+            await self._call(self._stub.SetGroupAnnouncement, request, creator)
+            self.tally.add("announcements")
+        for _ in range(rng.randint(0, 4) if plan.listed else 0):
+            visitor = f"visitor{rng.randrange(1000):03d}"
+            request = groups_pb.GetGroupRequest(group_id=group)
+            await self._tried("card views", self._stub.GetGroup, request, visitor)
+        for message in shared:
+            for user in rng.sample(plan.members, min(len(plan.members), rng.randint(0, 5))):
+                request = content_pb.OpenSharedPostRequest(group_id=group, seq=message.seq)
+                await self._tried("shared-post opens", self._stub.OpenSharedPost, request, user)
+
+    def _message(
+        self, plan: GroupPlan, label: str, text: str, post_id: str = ""
+    ) -> groups_pb.SendGroupMessageRequest:
+        return groups_pb.SendGroupMessageRequest(
+            group_id=plan.group_id,
+            text=text,
+            shared_post_id=post_id,
+            client_msg_id=f"seed-{self._seed}-{label}",
+        )
+
+    async def _send(
+        self, user: str, request: groups_pb.SendGroupMessageRequest
+    ) -> groups_pb.GroupMessage | None:
+        """Send as `user`, waiting as told while the send rate holds it back; None when
+        refused."""
+        metadata = self._metadata(user)
+        for attempt in range(SEND_ATTEMPTS):
+            try:
+                reply = await self._call(self._stub.SendGroupMessage, request, metadata)
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                if self._refusal(error) == "SEND_RATE_LIMITED" and attempt + 1 < SEND_ATTEMPTS:
+                    # A busy speaker of many groups: wait as told (the same client_msg_id).
+                    await asyncio.sleep(float(info.metadata["retry_after_seconds"]) if info else 1)
+                    continue
+                self.tally.add(f"messages refused: {self._refusal(error)}")
+                return None
+            return reply.message
+        return None
+
+    async def _tried(
+        self, what: str, method: Callable[..., Awaitable[T]], request: object, user: str
+    ) -> None:
+        """One call as `user`, tallied as `what` or as refused with its reason."""
+        try:
+            await self._call(method, request, self._metadata(user))
+        except grpc.aio.AioRpcError as error:
+            self.tally.add(f"{what} refused: {self._refusal(error)}")
+            return
+        self.tally.add(what)
 
     async def hide_posts(self, plans: list[GroupPlan]) -> None:
         events: list[OutgoingEvent] = [
@@ -486,6 +570,10 @@ async def seed_suite(
         created = [p for p in plans if p.group_id]
         await asyncio.gather(*(seeder.join(p, u, s) for p in created for u, s in p.joins))
         await asyncio.gather(*(seeder.converse(p, random.Random(rng.random())) for p in created))
+        posts = [p.post for p in created if p.post and not p.post.hidden_later]
+        await asyncio.gather(
+            *(seeder.engage(p, posts, random.Random(rng.random())) for p in created)
+        )
         await seeder.hide_posts(created)
         await seeder.pick(created, picks)
     finally:

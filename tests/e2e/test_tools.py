@@ -18,6 +18,7 @@ from groupchat.plaza.v1 import plaza_pb2
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.commands import doctor_finds_nothing_off, run_tool
+from tools.seed import plan_demo
 from tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
@@ -39,6 +40,33 @@ async def test_seed_fills_the_plaza_with_linked_groups_members_and_picks(
     stub, md = gateway("visitor")
     shelf = await stub.ListSelectedGroups(plaza_pb2.ListSelectedGroupsRequest(), metadata=md)
     assert sum(card.selected for card in shelf.cards) >= 3
+    assert int(summary["posts shared"]) > 0 and int(summary["replies"]) > 0
+    assert int(summary["reactions"]) > 0
+
+    # The creators' funnels add up to what the seed did (no other test seeds this suite).
+    creators = {plan.creator for plan in plan_demo(int(seed), 12)}
+
+    async def funnels() -> tuple[int, int, int]:
+        totals = [0, 0, 0]
+        for creator in creators:
+            stub, md = gateway(creator)
+            mine = await stub.ListMyGroupInsights(
+                plaza_pb2.ListMyGroupInsightsRequest(days=1, page_size=100), metadata=md
+            )
+            for group in mine.groups:
+                totals[0] += group.total.posts_shared
+                totals[1] += group.total.shared_post_opens
+                totals[2] += group.total.card_views
+        return totals[0], totals[1], totals[2]
+
+    expected = tuple(
+        int(summary.get(what, "0")) for what in ("posts shared", "shared-post opens", "card views")
+    )
+    await eventually(lambda: _equal(funnels(), expected), 60)
+
+
+async def _equal(figures: Awaitable[tuple[int, ...]], expected: tuple[int, ...]) -> bool:
+    return await figures == expected
 
 
 async def test_make_follow_makes_two_users_mutual_followers(gateway: Any, suite: Suite) -> None:
