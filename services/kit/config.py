@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.kit.auth import DEFAULT_MAX_LIFETIME_SECONDS, KeySet
+
+# The app's day: when the stranger quota resets and what day a creator's insights count in.
+DEFAULT_APP_TIMEZONE = "Asia/Shanghai"
+# Read when APP_TIMEZONE is unset: deployments from before the setting was the app's.
+LEGACY_TIMEZONE_VARIABLES = ("QUOTA_TIMEZONE",)
 
 
 class ConfigError(Exception):
@@ -136,6 +142,8 @@ class ServerConfig:
     # Mutual TLS on every gRPC hop, when configured: this server asks for and checks client
     # certificates, and its own calls present one.
     tls: TlsFiles | None = None
+    # The app's time zone (APP_TIMEZONE): where its days begin and end.
+    time_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_APP_TIMEZONE))
 
     @classmethod
     def from_env(
@@ -161,7 +169,22 @@ class ServerConfig:
             metrics_port=env.optional_integer("METRICS_PORT"),
             max_concurrent_streams=env.integer("GRPC_MAX_CONCURRENT_STREAMS", 1000, minimum=1),
             tls=TlsFiles.from_env(env),
+            time_zone=app_time_zone(env),
         )
+
+
+def app_time_zone(env: Env) -> ZoneInfo:
+    """The app's time zone: APP_TIMEZONE, else the older QUOTA_TIMEZONE, else Asia/Shanghai.
+    One setting for every service, so the stranger quota's day and the insights' days agree."""
+    names = ("APP_TIMEZONE", *LEGACY_TIMEZONE_VARIABLES)
+    variable = next((name for name in names if env.optional_string(name)), "APP_TIMEZONE")
+    name = env.string(variable, DEFAULT_APP_TIMEZONE)
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{variable} must be an IANA time zone such as Asia/Shanghai, got {name!r}"
+        ) from None
 
 
 TLS_VARIABLES = ("GRPC_TLS_CERT", "GRPC_TLS_KEY", "GRPC_TLS_CA")

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from services.kit.config import DEFAULT_APP_TIMEZONE
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.outbox import Outbox
@@ -33,7 +34,6 @@ from services.messaging.storage import MessagingStore, message_id
 
 log = structlog.get_logger("messaging")
 
-DEFAULT_QUOTA_TIMEZONE = "Asia/Shanghai"
 # A send tries the seq after the newest message it read; each miss means another message
 # got that seq, so a send runs out of attempts only under a flood into one conversation.
 SEQ_ATTEMPTS = 100
@@ -45,7 +45,7 @@ T = TypeVar("T")
 class MessagingLimits:
     stranger_daily_limit: int = 5
     unanswered_limit: int = 3
-    quota_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_QUOTA_TIMEZONE))
+    quota_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_APP_TIMEZONE))
     send_rate: SendRateLimit = field(default_factory=SendRateLimit)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
+from services.kit.config import Env, EventSettings, ServerConfig
 from services.kit.rate import SendRateLimit
-from services.messaging.app import DEFAULT_QUOTA_TIMEZONE, MessagingLimits
+from services.messaging.app import MessagingLimits
 
 
 @dataclass(frozen=True)
@@ -19,24 +18,15 @@ class MessagingConfig:
     @classmethod
     def from_env(cls, env: Env | None = None) -> MessagingConfig:
         env = env or Env()
+        server = ServerConfig.from_env(env, default_listen="127.0.0.1:50053", database="messaging")
         return cls(
-            server=ServerConfig.from_env(
-                env, default_listen="127.0.0.1:50053", database="messaging"
-            ),
+            server=server,
             limits=MessagingLimits(
                 stranger_daily_limit=env.integer("STRANGER_DAILY_LIMIT", 5, minimum=1),
                 unanswered_limit=env.integer("UNANSWERED_LIMIT", 3, minimum=1),
-                quota_zone=_zone(env.string("QUOTA_TIMEZONE", DEFAULT_QUOTA_TIMEZONE)),
+                # The quota's day is the app's (APP_TIMEZONE).
+                quota_zone=server.time_zone,
                 send_rate=SendRateLimit.from_env(env),
             ),
             events=EventSettings.from_env(env),
         )
-
-
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"QUOTA_TIMEZONE must be an IANA time zone such as Asia/Shanghai, got {name!r}"
-        ) from None

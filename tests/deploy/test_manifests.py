@@ -1047,7 +1047,8 @@ def test_the_stranger_quota_is_the_products(target: str) -> None:
     env = manifests.environment(container)
     # DESIGN.md: at most 5 new strangers a day, the day ending at midnight in Shanghai.
     assert env.get("STRANGER_DAILY_LIMIT") == "5"
-    assert env.get("QUOTA_TIMEZONE") == "Asia/Shanghai"
+    assert env.get("APP_TIMEZONE") == "Asia/Shanghai"
+    assert "QUOTA_TIMEZONE" not in env  # its former name: one setting, not two
     assert int(env.get("UNANSWERED_LIMIT") or 0) >= 1
 
 

@@ -120,9 +120,23 @@ def test_limits_and_zone_come_from_the_environment(config_env: Callable[..., Env
     assert config.server.database == "messaging"
 
 
+def test_the_quota_day_is_the_apps_and_its_former_setting_is_a_fallback(
+    config_env: Callable[..., Env],
+) -> None:
+    both = config_env(APP_TIMEZONE="America/New_York", QUOTA_TIMEZONE="Europe/Paris")
+    assert MessagingConfig.from_env(both).limits.quota_zone == ZoneInfo("America/New_York")
+    assert MessagingConfig.from_env(config_env()).limits.quota_zone == SHANGHAI
+    assert MessagingConfig.from_env(config_env()).server.time_zone == SHANGHAI
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("QUOTA_TIMEZONE", "Mars/Olympus"), ("STRANGER_DAILY_LIMIT", "0"), ("UNANSWERED_LIMIT", "x")],
+    [
+        ("QUOTA_TIMEZONE", "Mars/Olympus"),
+        ("APP_TIMEZONE", "Mars/Olympus"),
+        ("STRANGER_DAILY_LIMIT", "0"),
+        ("UNANSWERED_LIMIT", "x"),
+    ],
 )
 def test_a_bad_setting_names_its_variable(
     name: str, value: str, config_env: Callable[..., Env]
