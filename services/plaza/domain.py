@@ -101,6 +101,8 @@ class GroupFacts:
     owner_id: str
     member_count: int
     created_at_ms: int
+    # The owner's or an admin's announcement; empty when none.
+    announcement: str = ""
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ class Card:
     active_members: int
     last_active_at_ms: int | None
     filler: bool = False
+    announcement: str = ""
 
     @property
     def full(self) -> bool:

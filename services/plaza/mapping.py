@@ -54,6 +54,7 @@ def group_facts(group: groups_pb2.Group) -> GroupFacts:
         owner_id=group.owner_id,
         member_count=group.member_count,
         created_at_ms=timestamp_ms(group.created_at),
+        announcement=group.announcement.text if group.HasField("announcement") else "",
     )
 
 
@@ -79,6 +80,7 @@ def card_to_proto(card: Card) -> pb.GroupCard:
         filler=card.filler,
         created_at=timestamp_from_ms(card.created_at_ms),
         hot_score=card.hot_score,
+        announcement=card.announcement,
     )
     if card.last_active_at_ms is not None:
         proto.last_active_at.FromMilliseconds(card.last_active_at_ms)

@@ -494,6 +494,8 @@ def _stored(doc: dict[str, Any]) -> StoredCard:
             owner_id=doc["owner_id"],
             member_count=doc["member_count"],
             created_at_ms=doc["created_at_ms"],
+            # Cards stored before announcements existed have none.
+            announcement=doc.get("announcement", ""),
         )
     state = GroupState(
         group_id=doc["_id"],
@@ -534,4 +536,5 @@ def _card(doc: dict[str, Any], filler: bool = False) -> Card:
         active_members=doc["active_members"],
         last_active_at_ms=doc.get("last_active_at_ms") or None,
         filler=filler,
+        announcement=doc.get("announcement") or "",
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2 as gpb
 from groupchat.plaza.v1 import plaza_pb2 as pb
@@ -89,7 +90,10 @@ class FakeGroup:
 
     def updated(self, **fields: Any) -> OutgoingEvent:
         for name, value in fields.items():
-            setattr(self.group, name, value)
+            if isinstance(value, Message):
+                getattr(self.group, name).CopyFrom(value)
+            else:
+                setattr(self.group, name, value)
         group = gpb.Group()
         group.CopyFrom(self.group)
         group.version = self.group.version + 1
@@ -115,6 +119,20 @@ class FakeGroup:
     def dissolved(self) -> OutgoingEvent:
         return self._event(
             "group_dissolved", self.group.owner_id, group_dissolved={"group_id": self.id}
+        )
+
+    def snapshot(self) -> OutgoingEvent:
+        self.group.version += 1
+        group = gpb.Group()
+        group.CopyFrom(self.group)
+        owner = gpb.Member(group_id=self.id, user_id=self.group.owner_id, role=gpb.OWNER)
+        return new_event(
+            "groups",
+            "group_snapshot",
+            aggregate_id=self.id,
+            aggregate_version=self.group.version,
+            user_id=self.group.owner_id,
+            group_snapshot={"group": group, "members": [owner]},
         )
 
     def message(self, sender: str) -> OutgoingEvent:
@@ -547,6 +565,36 @@ async def test_joins_with_an_invite_count_as_invite_joins_of_an_unlisted_group(
         return await by_source() == {(gpb.INVITE_LINK, 2)}
 
     await eventually(counted)
+
+
+# The announcement on the card
+
+
+async def test_the_card_shows_the_latest_announcement(plaza: PlazaCaller, bus: EventBus) -> None:
+    group = FakeGroup()
+    created = group.created()
+    welcome = group.updated(announcement=gpb.Announcement(text="Welcome!", set_by="alice"))
+    stale = events_pb2.Envelope()
+    stale.CopyFrom(welcome.envelope)
+    stale.event_id = uuid.uuid4().hex
+    stale.aggregate_version = created.envelope.aggregate_version
+    stale.group_updated.group.announcement.text = "Stale"
+    await send(bus, created, welcome, OutgoingEvent(welcome.subject, stale))
+
+    async def announced(text: str) -> bool:
+        c = await card(plaza, group.id)
+        return c is not None and c.announcement == text
+
+    await eventually(lambda: announced("Welcome!"))
+    # The groups service republishes its state for a rebuild; a newer one wins.
+    group.group.announcement.text = "Tea on Fridays"
+    await send(bus, group.snapshot())
+    await eventually(lambda: announced("Tea on Fridays"))
+    group.group.ClearField("announcement")  # cleared: no announcement
+    await send(bus, group.updated())
+    await eventually(lambda: announced(""))
+    c = await card(plaza, group.id)
+    assert c is not None and c.name == "Tea lovers"
 
 
 # The projection itself: redelivery, reordering, rebuild
