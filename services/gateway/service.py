@@ -55,6 +55,7 @@ PLAZA_IDEMPOTENT = (
     "ListCategories",
     "SearchGroups",
     "GetGroupInsights",
+    "ListMyGroupInsights",
 )
 
 
