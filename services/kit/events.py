@@ -77,6 +77,7 @@ SERVICE_STREAMS: dict[str, tuple[str, ...]] = {
     "plaza": (
         "GROUPCHAT_PLAZA",
         "GROUPCHAT_GROUPS",
+        "GROUPCHAT_MESSAGING",
         "PLATFORM_POSTS",
         DEAD_LETTER_STREAM,
         SNAPSHOT_STREAM,
@@ -432,16 +433,19 @@ class EventBus:
             error=headers["Groupchat-Error"],
         )
 
-    async def replay(self, stream: str, handler: EventHandler, batch: int = 256) -> int:
-        """Hand every event stored in `stream`, oldest first, up to its last sequence at the
-        time of the call, to `handler` (an ephemeral consumer: no durable position moves).
-        Returns how many events were replayed; for rebuilding a projection."""
+    async def replay(
+        self, stream: str, handler: EventHandler, batch: int = 256, subject: str | None = None
+    ) -> int:
+        """Hand every event stored in `stream` (those on `subject` only, when given), oldest
+        first, up to its last sequence at the time of the call, to `handler` (an ephemeral
+        consumer: no durable position moves). Returns how many events were replayed; for
+        rebuilding a projection."""
         info = await self._js.stream_info(stream)
         last = info.state.last_seq
         if info.state.messages == 0:
             return 0
         sub = await self._js.pull_subscribe(
-            STREAMS[stream][0],
+            subject or STREAMS[stream][0],
             stream=stream,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.NONE,
@@ -451,6 +455,8 @@ class EventBus:
         )
         replayed = 0
         try:
+            if subject is not None and (await sub.consumer_info()).num_pending == 0:
+                return 0  # nothing on that subject: a fetch would only wait
             while True:
                 msgs = await sub.fetch(batch, timeout=5.0)
                 for msg in msgs:

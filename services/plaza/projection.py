@@ -25,6 +25,9 @@ FEEDS = (
     ("plaza-groups", "groupchat.groups.>", "GROUPCHAT_GROUPS"),
     ("plaza-posts", "posts.>", "PLATFORM_POSTS"),
     ("plaza-selections", "groupchat.plaza.>", "GROUPCHAT_PLAZA"),
+    # Taps on posts shared in direct conversations, for their authors' insights: only those
+    # of messaging's events (never the messages themselves).
+    ("plaza-messaging", "groupchat.messaging.shared_post_opened.>", "GROUPCHAT_MESSAGING"),
 )
 # Compare-and-set attempts on one card before the event is handed back for redelivery.
 SAVE_ATTEMPTS = 20

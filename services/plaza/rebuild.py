@@ -66,8 +66,8 @@ async def rebuild(store: PlazaStore, projection: PlazaProjection, bus: EventBus)
         if published is None:
             log.warning("no_snapshots", area=area, why="nobody answers snapshot requests")
     replayed = {SNAPSHOT_STREAM: await bus.replay(SNAPSHOT_STREAM, projection.handle)}
-    for _, _, stream in FEEDS:
-        replayed[stream] = await bus.replay(stream, projection.handle)
+    for _, subject, stream in FEEDS:
+        replayed[stream] = await bus.replay(stream, projection.handle, subject=subject)
     for group_id, selected, version in await store.selections():
         await store.set_selected(group_id, selected, version)
     await projection.refresh_rankings()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.kit.config import ConfigError, Env, NatsCredentials, without_credentials
+from services.kit.events import SERVICE_STREAMS, STREAMS
+from services.plaza.projection import FEEDS
 from tools.nats_users import (
     PERMISSIONS,
     USERS,
@@ -83,3 +85,42 @@ def test_generated_passwords_are_rendered_quoted_and_the_deployed_from_the_envir
         assert f"password: ${user.upper()}_NATS_PASSWORD" in deployed
     assert "harness" not in local
     assert "user: harness" in render(NatsUsers.generate("harness").passwords)
+
+
+def covers(pattern: str, subject: str) -> bool:
+    """Whether NATS subject `pattern` (with * and >) matches `subject`."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(wanted) == len(tokens)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "groupchat.groups.group_card_viewed.g_1.u_1",
+        "groupchat.groups.shared_post_opened.g_1.u_1",
+        "groupchat.groups.group_message_changed.g_1.u_1",
+        "groupchat.messaging.shared_post_opened.alice:bob.alice",
+    ],
+)
+def test_the_plaza_consumes_the_funnels_events_from_the_streams_holding_them(
+    subject: str,
+) -> None:
+    (durable, stream) = next(
+        (durable, stream) for durable, filter_, stream in FEEDS if covers(filter_, subject)
+    )
+    assert any(covers(kept, subject) for kept in STREAMS[stream])
+    assert stream in SERVICE_STREAMS["plaza"]
+    allowed = PERMISSIONS["plaza"].publish
+    assert f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}" in allowed
+    assert f"$JS.ACK.{stream}.{durable}.>" in allowed
+
+
+def test_the_plaza_reads_no_direct_message_itself() -> None:
+    messaging_feeds = [f for _, f, stream in FEEDS if stream == "GROUPCHAT_MESSAGING"]
+    assert messaging_feeds == ["groupchat.messaging.shared_post_opened.>"]
+    assert not covers(messaging_feeds[0], "groupchat.messaging.direct_message_sent.c.u")
