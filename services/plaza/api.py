@@ -17,6 +17,7 @@ from services.plaza.mapping import (
     category_value,
     insights_to_proto,
     sort_from,
+    summary_to_proto,
 )
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
@@ -95,4 +96,20 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
         insights = await self._app.insights(
             current_identity().user_id, request.group_id, request.days
         )
-        return insights_to_proto(request.group_id, insights)
+        return insights_to_proto(request.group_id, insights, self._app.time_zone)
+
+    async def ListMyGroupInsights(
+        self, request: pb.ListMyGroupInsightsRequest, context: Ctx
+    ) -> pb.ListMyGroupInsightsResponse:
+        mine = await self._app.my_insights(
+            current_identity().user_id,
+            request.days,
+            request.page_size,
+            decode_page_token(request.page_token),
+        )
+        return pb.ListMyGroupInsightsResponse(
+            groups=[summary_to_proto(s) for s in mine.groups],
+            next_page_token=encode_page_token(mine.next_position) if mine.next_position else "",
+            time_zone=self._app.time_zone,
+            own_post_opens=mine.own_post_opens,
+        )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
+from services.kit.config import DEFAULT_APP_TIMEZONE
 from services.kit.errors import FieldViolation, InvalidArgument, excerpt, validate_ids
 from services.kit.events import new_event
 from services.kit.outbox import Outbox
@@ -21,10 +24,15 @@ from services.plaza.domain import (
     SHELF_DEFAULT,
     SHELF_MAX,
     Card,
+    DayCounts,
     GroupNotFound,
+    GroupState,
+    GroupSummary,
     Insights,
     PageTokenExpired,
+    PostDay,
     Sort,
+    SummaryPosition,
 )
 from services.plaza.projection import PlazaProjection
 from services.plaza.storage import PlazaStore
@@ -39,6 +47,8 @@ class PlazaSettings:
     page_token_ttl_seconds: int = 1800
     rank_interval_seconds: int = 60
     ranking_cache_seconds: float = 1.0
+    # The app's time zone (APP_TIMEZONE): the insights' days.
+    time_zone: dt.tzinfo = field(default_factory=lambda: ZoneInfo(DEFAULT_APP_TIMEZONE))
 
 
 Ranking = tuple[list[str], str | None]  # the ordered ids of a walk, and its snapshot id
@@ -85,21 +95,34 @@ class CardPage:
     next_position: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class MyInsights:
+    """A page of a creator's groups, best first, and the taps on their posts anywhere."""
+
+    groups: list[GroupSummary]
+    # Where the next page starts; None on the last page.
+    next_position: dict[str, Any] | None
+    own_post_opens: int
+
+
 class ImpressionCounter:
-    """Counts the cards the plaza returned, per group and UTC day, in memory; `flush` adds
+    """Counts the cards the plaza returned, per group and day (the app's), in memory; `flush` adds
     them to the store in one bulk write (every second, and at shutdown).
 
     The trade-off: a request never waits on a write per card, at the price of losing up to
     a second of impressions if the process dies without a clean shutdown, and of insights
     lagging up to a second behind. Impressions are a statistic, not a ledger."""
 
-    def __init__(self, store: PlazaStore, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self, store: PlazaStore, time_zone: dt.tzinfo, clock: Callable[[], int] = now_ms
+    ) -> None:
         self._store = store
+        self._zone = time_zone
         self._clock = clock
         self._pending: dict[tuple[str, str], int] = {}
 
     def count(self, cards: list[Card]) -> None:
-        date = domain.day_key(self._clock())
+        date = domain.day_key(self._clock(), self._zone)
         for card in cards:
             key = (card.group_id, date)
             self._pending[key] = self._pending.get(key, 0) + 1
@@ -271,15 +294,78 @@ class PlazaApp:
 
     # Insights
 
+    @property
+    def time_zone(self) -> str:
+        """The IANA name of the zone the insights' days are in."""
+        return str(self._settings.time_zone)
+
     async def insights(self, user_id: str, group_id: str, days: int) -> Insights:
-        """A group's daily figures over the last `days` UTC days, for its owner and admins."""
-        window = domain.insight_window(days, self._clock())
+        """A group's funnel per day over the last `days` days, for its owner and admins."""
+        window = domain.insight_window(days, self._clock(), self._settings.time_zone)
         validate_ids(group_id=group_id)
         stored = await self._store.load(group_id)
-        domain.ensure_can_see_insights(stored.state if stored else None, user_id)
-        counts = await self._store.days(group_id, window)
-        impressions = await self._store.impressions(group_id, window)
-        return domain.insights(window, counts, impressions)
+        state = domain.ensure_can_see_insights(stored.state if stored else None, user_id)
+        counts, impressions, shared = await self._figures([group_id], window)
+        titles = await self._store.titles(sorted({p.post_id for p in shared[group_id]}))
+        return domain.insights(
+            window,
+            counts[group_id],
+            impressions[group_id],
+            shared[group_id],
+            owner_id=_owner(state),
+            titles=titles,
+        )
+
+    async def my_insights(
+        self, user_id: str, days: int, page_size: int, position: dict[str, Any] | None
+    ) -> MyInsights:
+        """The groups `user_id` owns (unlisted ones too), each with its totals over the
+        window, best first, one page after `position`; and the taps on the user's posts
+        shared anywhere, direct conversations included."""
+        window = domain.insight_window(days, self._clock(), self._settings.time_zone)
+        after: SummaryPosition | None = None
+        if position is not None:
+            after = domain.summary_position(position, len(window))
+        owned = await self._store.owned(user_id)
+        ids = [g.group_id for g in owned]
+        counts, impressions, shared = await self._figures(ids, window)
+        summaries = [
+            GroupSummary(
+                g.group_id,
+                g.facts.name if g.facts else "",
+                domain.insights(
+                    window,
+                    counts[g.group_id],
+                    impressions[g.group_id],
+                    shared[g.group_id],
+                    owner_id=user_id,
+                ).total,
+            )
+            for g in owned
+        ]
+        page, last = domain.summaries_page(summaries, after, page_size)
+        next_position = {"d": len(window), "r": list(last)} if last else None
+        opens = await self._store.author_opens(user_id, window)
+        return MyInsights(page, next_position, opens)
+
+    async def _figures(
+        self, group_ids: list[str], window: list[str]
+    ) -> tuple[
+        dict[str, dict[str, DayCounts]], dict[str, dict[str, int]], dict[str, list[PostDay]]
+    ]:
+        """The counters of `group_ids` over `window`: daily counts, impressions and shared
+        posts, each by group id."""
+        if not group_ids:
+            return {}, {}, {}
+        return (
+            await self._store.days(group_ids, window),
+            await self._store.impressions(group_ids, window),
+            await self._store.shared_posts(group_ids, window),
+        )
+
+
+def _owner(state: GroupState) -> str:
+    return state.facts.owner_id if state.facts else ""
 
 
 def _snapshot_position(position: dict[str, Any]) -> tuple[str, int]:

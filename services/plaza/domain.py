@@ -400,30 +400,71 @@ def ensure_can_see_insights(state: GroupState | None, user_id: str) -> GroupStat
 
 # Insights
 
+# Where a post's open was tapped when it was not in a group: a direct conversation.
+DIRECT = "direct"
+SUMMARY_PAGE_DEFAULT, SUMMARY_PAGE_MAX = 20, 100
 
-def day_key(at_ms: int) -> str:
-    """The UTC day of `at_ms`, as YYYY-MM-DD."""
-    return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC).date().isoformat()
+
+def day_key(at_ms: int, zone: dt.tzinfo) -> str:
+    """The day of `at_ms` in `zone` (the app's), as YYYY-MM-DD."""
+    return dt.datetime.fromtimestamp(at_ms / 1000, tz=zone).date().isoformat()
 
 
-def insight_window(days: int, now_ms: int) -> list[str]:
-    """The UTC days of an insights window ending today, oldest first (0 means 7, 1-90)."""
+def day_start_ms(date: str, zone: dt.tzinfo) -> int:
+    """When the day `date` (YYYY-MM-DD) begins in `zone`."""
+    midnight = dt.datetime.combine(dt.date.fromisoformat(date), dt.time(0), tzinfo=zone)
+    return int(midnight.timestamp() * 1000)
+
+
+def insight_window(days: int, now_ms: int, zone: dt.tzinfo) -> list[str]:
+    """The days (in `zone`) of an insights window ending today, oldest first (0 means 7,
+    1-90)."""
     if days == 0:
         days = INSIGHT_DAYS_DEFAULT
     if not 1 <= days <= INSIGHT_DAYS_MAX:
         raise InvalidArgument([FieldViolation("days", f"between 1 and {INSIGHT_DAYS_MAX}")])
-    today = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).date()
+    today = dt.date.fromisoformat(day_key(now_ms, zone))
     return [(today - dt.timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
 
 
 @dataclass(frozen=True)
 class DayCounts:
-    """What the events of one group said about one UTC day."""
+    """What the events of one group said about one day."""
 
     joins_by_source: dict[str, int] = field(default_factory=dict)
     leaves: int = 0
     messages: int = 0
     speakers: frozenset[str] = frozenset()
+    card_views: int = 0
+
+
+@dataclass(frozen=True)
+class PostDay:
+    """One post in one group on one day: how often it was shared there and its card tapped."""
+
+    date: str
+    post_id: str
+    author_id: str
+    shares: int = 0
+    opens: int = 0
+
+
+@dataclass(frozen=True)
+class Funnel:
+    """Each step of the creator's funnel as a share of the step before (0 when that is 0):
+    plaza impressions -> card views -> joins -> members who wrote -> posts shared -> opens.
+    Steps are counted apart (a join through a link never saw a card), so a rate may pass 1."""
+
+    view_rate: float
+    join_rate: float
+    write_rate: float
+    share_rate: float
+    open_rate: float
+
+
+def rate(step: int, before: int) -> float:
+    """`step` as a share of the step before it; 0 when nothing came before."""
+    return step / before if before else 0.0
 
 
 @dataclass(frozen=True)
@@ -436,6 +477,33 @@ class DayInsights:
     active_members: int
     plaza_impressions: int
     plaza_joins: int
+    card_views: int = 0
+    posts_shared: int = 0
+    own_posts_shared: int = 0
+    shared_post_opens: int = 0
+    own_post_opens: int = 0
+
+    @property
+    def funnel(self) -> Funnel:
+        return Funnel(
+            view_rate=rate(self.card_views, self.plaza_impressions),
+            join_rate=rate(self.joins, self.card_views),
+            write_rate=rate(self.active_members, self.joins),
+            share_rate=rate(self.posts_shared, self.active_members),
+            open_rate=rate(self.shared_post_opens, self.posts_shared),
+        )
+
+
+@dataclass(frozen=True)
+class PostInsights:
+    """A post shared into the group over the window."""
+
+    post_id: str
+    author_id: str
+    title: str
+    own: bool
+    shares: int
+    opens: int
 
 
 @dataclass(frozen=True)
@@ -443,10 +511,14 @@ class Insights:
     days: list[DayInsights]
     total: DayInsights
     plaza_conversion: float
+    posts: list[PostInsights] = field(default_factory=list)
 
 
-def _day(date: str, counts: DayCounts, impressions: int) -> DayInsights:
+def _day(
+    date: str, counts: DayCounts, impressions: int, shared: list[PostDay], owner_id: str
+) -> DayInsights:
     by_source = {s: n for s, n in sorted(counts.joins_by_source.items()) if n}
+    own = [p for p in shared if p.author_id == owner_id]
     return DayInsights(
         date=date,
         joins_by_source=by_source,
@@ -456,15 +528,58 @@ def _day(date: str, counts: DayCounts, impressions: int) -> DayInsights:
         active_members=len(counts.speakers),
         plaza_impressions=impressions,
         plaza_joins=sum(n for s, n in by_source.items() if s in PLAZA_SOURCES),
+        card_views=counts.card_views,
+        posts_shared=sum(p.shares for p in shared),
+        own_posts_shared=sum(p.shares for p in own),
+        shared_post_opens=sum(p.opens for p in shared),
+        own_post_opens=sum(p.opens for p in own),
     )
 
 
+def _posts(shared: list[PostDay], owner_id: str, titles: dict[str, str]) -> list[PostInsights]:
+    """Per post over the window, most opened first (then most shared, then by id)."""
+    totals: dict[str, PostDay] = {}
+    for p in shared:
+        held = totals.get(p.post_id, PostDay("", p.post_id, p.author_id))
+        totals[p.post_id] = replace(held, shares=held.shares + p.shares, opens=held.opens + p.opens)
+    posts = [
+        PostInsights(
+            post_id=p.post_id,
+            author_id=p.author_id,
+            title=titles.get(p.post_id, ""),
+            own=p.author_id == owner_id,
+            shares=p.shares,
+            opens=p.opens,
+        )
+        for p in totals.values()
+    ]
+    return sorted(posts, key=lambda p: (-p.opens, -p.shares, p.post_id))
+
+
 def insights(
-    window: list[str], counts: dict[str, DayCounts], impressions: dict[str, int]
+    window: list[str],
+    counts: dict[str, DayCounts],
+    impressions: dict[str, int],
+    shared: Iterable[PostDay] = (),
+    owner_id: str = "",
+    titles: dict[str, str] | None = None,
 ) -> Insights:
-    """Per-day rows, a total row (distinct speakers over the whole window) and the share of
-    plaza impressions that turned into plaza joins."""
-    days = [_day(d, counts.get(d, DayCounts()), impressions.get(d, 0)) for d in window]
+    """Per-day rows, a total row (distinct speakers over the whole window), the share of
+    plaza impressions that turned into plaza joins, and the posts shared in the window.
+    A post is the owner's own when its author is the group's owner now (`owner_id`), so
+    the figures do not depend on the order events came in; after a transfer, the new
+    owner's posts are the own ones."""
+    in_window = set(window)
+    shared_by_day: dict[str, list[PostDay]] = {}
+    for p in shared:
+        if p.date in in_window:
+            shared_by_day.setdefault(p.date, []).append(p)
+    days = [
+        _day(
+            d, counts.get(d, DayCounts()), impressions.get(d, 0), shared_by_day.get(d, []), owner_id
+        )
+        for d in window
+    ]
     by_source: dict[str, int] = {}
     speakers: set[str] = set()
     for d in window:
@@ -477,7 +592,63 @@ def insights(
         leaves=sum(d.leaves for d in days),
         messages=sum(d.messages for d in days),
         speakers=frozenset(speakers),
+        card_views=sum(d.card_views for d in days),
     )
-    total = _day("", whole, sum(d.plaza_impressions for d in days))
+    every_share = [p for d in window for p in shared_by_day.get(d, [])]
+    total = _day("", whole, sum(d.plaza_impressions for d in days), every_share, owner_id)
     conversion = total.plaza_joins / total.plaza_impressions if total.plaza_impressions else 0.0
-    return Insights(days=days, total=total, plaza_conversion=conversion)
+    return Insights(
+        days=days,
+        total=total,
+        plaza_conversion=conversion,
+        posts=_posts(every_share, owner_id, titles or {}),
+    )
+
+
+# A creator's groups, best first
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One of a creator's groups with its totals over the window."""
+
+    group_id: str
+    name: str
+    total: DayInsights
+
+    @property
+    def rank(self) -> tuple[int, int, int, str]:
+        """Best first: most joins, then most shared-post opens, then most messages, then
+        by group id (so the order is total and a page position is exact)."""
+        t = self.total
+        return (-t.joins, -t.shared_post_opens, -t.messages, self.group_id)
+
+
+SummaryPosition = tuple[int, int, int, str]
+
+
+def summaries_page(
+    summaries: Iterable[GroupSummary], after: SummaryPosition | None, page_size: int
+) -> tuple[list[GroupSummary], SummaryPosition | None]:
+    """The page of `summaries` (best first) that follows the position `after` (None: the
+    first page), and the position after it (None on the last page). Positions are ranks,
+    not offsets: a group whose figures change between pages moves, the others keep their
+    places relative to the position."""
+    size = page_limit(page_size, SUMMARY_PAGE_DEFAULT, SUMMARY_PAGE_MAX)
+    ordered = sorted(summaries, key=lambda s: s.rank)
+    rest = [s for s in ordered if after is None or s.rank > after]
+    page = rest[:size]
+    return page, (page[-1].rank if len(rest) > size else None)
+
+
+def summary_position(position: dict[str, object], days: int) -> SummaryPosition:
+    """A page token's position, valid only for the window (`days`) it was made for."""
+    rank, token_days = position.get("r"), position.get("d")
+    if token_days != days or not isinstance(rank, list) or len(rank) != 4:
+        raise InvalidArgument([FieldViolation("page_token", "not a token for this request")])
+    joins, opens, messages, group_id = rank
+    if not all(isinstance(n, int) for n in (joins, opens, messages)) or not isinstance(
+        group_id, str
+    ):
+        raise InvalidArgument([FieldViolation("page_token", "not a token this API returned")])
+    return (joins, opens, messages, group_id)

@@ -8,7 +8,15 @@ from groupchat.groups.v1 import groups_pb2
 from groupchat.plaza.v1 import plaza_pb2 as pb
 
 from services.kit.timestamps import timestamp_from_ms
-from services.plaza.domain import Card, DayInsights, GroupFacts, Insights, Sort
+from services.plaza.domain import (
+    Card,
+    DayInsights,
+    GroupFacts,
+    GroupSummary,
+    Insights,
+    PostInsights,
+    Sort,
+)
 
 _SORTS: dict[int, Sort] = {pb.HOT: Sort.HOT, pb.NEW: Sort.NEW, pb.MEMBERS: Sort.MEMBERS}
 
@@ -95,6 +103,7 @@ def card_to_proto(card: Card) -> pb.GroupCard:
 
 
 def _day_to_proto(day: DayInsights) -> pb.DayInsights:
+    funnel = day.funnel
     return pb.DayInsights(
         date=day.date,
         joins_by_source=[
@@ -107,13 +116,46 @@ def _day_to_proto(day: DayInsights) -> pb.DayInsights:
         active_members=day.active_members,
         plaza_impressions=day.plaza_impressions,
         plaza_joins=day.plaza_joins,
+        card_views=day.card_views,
+        posts_shared=day.posts_shared,
+        own_posts_shared=day.own_posts_shared,
+        shared_post_opens=day.shared_post_opens,
+        own_post_opens=day.own_post_opens,
+        funnel=pb.Funnel(
+            view_rate=funnel.view_rate,
+            join_rate=funnel.join_rate,
+            write_rate=funnel.write_rate,
+            share_rate=funnel.share_rate,
+            open_rate=funnel.open_rate,
+        ),
     )
 
 
-def insights_to_proto(group_id: str, insights: Insights) -> pb.GetGroupInsightsResponse:
+def _post_to_proto(post: PostInsights) -> pb.PostInsights:
+    return pb.PostInsights(
+        post_id=post.post_id,
+        author_id=post.author_id,
+        title=post.title,
+        own=post.own,
+        shares=post.shares,
+        opens=post.opens,
+    )
+
+
+def insights_to_proto(
+    group_id: str, insights: Insights, time_zone: str
+) -> pb.GetGroupInsightsResponse:
     return pb.GetGroupInsightsResponse(
         group_id=group_id,
         days=[_day_to_proto(d) for d in insights.days],
         total=_day_to_proto(insights.total),
         plaza_conversion=insights.plaza_conversion,
+        posts=[_post_to_proto(p) for p in insights.posts],
+        time_zone=time_zone,
+    )
+
+
+def summary_to_proto(summary: GroupSummary) -> pb.GroupInsightsSummary:
+    return pb.GroupInsightsSummary(
+        group_id=summary.group_id, name=summary.name, total=_day_to_proto(summary.total)
     )

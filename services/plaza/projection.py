@@ -3,11 +3,15 @@
 The three durable consumers, the rebuild and SetGroupSelected all hand envelopes to
 `PlazaProjection.handle`, which is idempotent on the event id (ProcessedEvents.once) and
 order-safe: group state and posts apply only when newer than what is held (by the
-aggregate's version); messages and joins are activity, counted once per event id.
+aggregate's version); messages and joins are activity, counted once per event id. The
+insights' counters (a day's joins, messages, card views; a post's shares and opens) also
+remember in their own documents which events they counted, so they stay exact even when an
+event is handled again after failing halfway (see storage.py).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
 import structlog
@@ -43,10 +47,13 @@ class PlazaProjection:
         store: PlazaStore,
         *,
         half_life_hours: float,
+        time_zone: dt.tzinfo,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self._half_life = half_life_hours
+        # The insights' days are the app's (APP_TIMEZONE).
+        self._zone = time_zone
         self._clock = clock
         self._once = store.processed.once(self._apply)
 
@@ -88,7 +95,7 @@ class PlazaProjection:
             )
             await self._activity(group_id, at_ms, joins=1)
             source = mapping.source_name(joined.source)
-            await self._count_day(group_id, at_ms, {f"joins.{source}": 1})
+            await self._count_day(e, group_id, {f"joins.{source}": 1})
         elif kind in ("member_left", "member_removed"):
             gone = getattr(e, kind)
             await self._change(
@@ -97,7 +104,7 @@ class PlazaProjection:
                     s, gone.member_count, version, (gone.user_id, 0)
                 ),
             )
-            await self._count_day(gone.group_id, at_ms, {"leaves": 1})
+            await self._count_day(e, gone.group_id, {"leaves": 1})
         elif kind == "member_role_changed":
             m = e.member_role_changed.member
             await self._change(
@@ -111,9 +118,21 @@ class PlazaProjection:
             # Its aggregate_version is the message seq, not the group's version: activity only.
             message = e.group_message_posted.message
             await self._activity(message.group_id, at_ms, speaker=message.sender_id)
-            await self._count_day(
-                message.group_id, at_ms, {"messages": 1}, speaker=message.sender_id
-            )
+            await self._count_day(e, message.group_id, {"messages": 1}, speaker=message.sender_id)
+            shared = message.shared_post
+            if message.HasField("shared_post") and shared.post_id:
+                post = (shared.post_id, shared.author_id)
+                await self._count_post(e, message.group_id, post, shares=1)
+        elif kind == "group_message_changed":
+            # A reaction or a recall changes a message already counted: it is neither a
+            # message nor activity, and a recalled share stays a share that happened.
+            return
+        elif kind == "group_card_viewed":
+            await self._count_day(e, e.group_card_viewed.group_id, {"card_views": 1})
+        elif kind == "shared_post_opened":
+            opened = e.shared_post_opened
+            where = opened.group_id or domain.DIRECT
+            await self._count_post(e, where, (opened.post_id, opened.author_id), opens=1)
         elif kind in ("post_published", "post_updated"):
             post = getattr(e, kind).post
             fields = {**mapping.post_fields(post), "published": True}
@@ -187,12 +206,33 @@ class PlazaProjection:
         figures = domain.activity(buckets.get(group_id, []), now, self._half_life)
         await self._store.set_activity({group_id: figures})
 
+    def _day_of(self, e: events_pb2.Envelope) -> tuple[str, int]:
+        """The app's day the event happened on, and when that day began."""
+        date = domain.day_key(mapping.timestamp_ms(e.occurred_at), self._zone)
+        return date, domain.day_start_ms(date, self._zone)
+
     async def _count_day(
-        self, group_id: str, at_ms: int, inc: dict[str, int], speaker: str | None = None
+        self,
+        e: events_pb2.Envelope,
+        group_id: str,
+        inc: dict[str, int],
+        speaker: str | None = None,
     ) -> None:
-        day_start = at_ms - at_ms % domain.DAY_MS
-        await self._store.count_day(
-            group_id, domain.day_key(at_ms), day_start, inc=inc, speaker=speaker
+        date, start = self._day_of(e)
+        await self._store.count_day(group_id, date, start, e.event_id, inc=inc, speaker=speaker)
+
+    async def _count_post(
+        self,
+        e: events_pb2.Envelope,
+        where: str,
+        post: tuple[str, str],
+        *,
+        shares: int = 0,
+        opens: int = 0,
+    ) -> None:
+        date, start = self._day_of(e)
+        await self._store.count_post(
+            where, date, start, e.event_id, post, shares=shares, opens=opens
         )
 
     async def refresh_rankings(self) -> int:

@@ -2,23 +2,34 @@
 
 `python -m services.plaza.rebuild` (`make plaza-rebuild`) asks the running plaza, over NATS
 (NATS_URL, as the operator's user: NATS_USER/NATS_PASSWORD or NATS_CREDS, the only one allowed
-to ask), to drop everything derived from events (cards, posts, activity, daily counters,
+to ask), to drop what it derives from events and can derive again (cards, posts, activity,
 processed event ids, page snapshots) and fill it again, through the same projection its
 live consumers use:
 
 1. the owners of what the plaza shows republish its current state (services/kit/snapshots.py):
    the groups service every group, the platform every post; each answers once its snapshots
    are stored;
-2. the SNAPSHOTS stream is replayed, then every stream the plaza is fed from, oldest first,
-   up to each stream's last sequence at the start. What the streams still hold counts as
-   activity and applies where newer than the snapshots; what expired is in the snapshots;
+2. the SNAPSHOTS stream is replayed, then every stream the plaza is fed from (only the
+   subjects it consumes), oldest first, up to each stream's last sequence at the start. What
+   the streams still hold counts as activity and applies where newer than the snapshots;
+   what expired is in the snapshots;
 3. the editors' selections come back from the plaza's own record of them.
 
-So a rebuild gives the same groups, cards, member counts, linked posts and Selected shelf
-however long ago the events expired. Activity (HOT, messages, active members) and the
-insights' daily counters are counted from events, so they come back only as far as the
-streams still reach: keep EVENT_RETENTION_SECONDS above the two days of activity HOT reads,
-and above the insights window when they matter. The platform must answer snapshot requests
+So a rebuild gives the same groups, cards (announcements too), member counts, owners,
+linked posts and Selected shelf however long ago the events expired. Activity (HOT,
+messages last hour and day, active members on the card) is counted from events, so it
+comes back only as far as the streams still reach: keep EVENT_RETENTION_SECONDS above the
+two days of activity HOT reads.
+
+The creators' insights are not dropped: their counters (joins, leaves, messages and
+speakers, card views per day; shares and opens per post and day) remember the events they
+counted, so the replay adds nothing to what they hold and fills in only what they missed,
+and what they counted from events that expired since stays. No snapshot could give those
+back: card views and taps on shared posts are in no one's state, and impressions are the
+plaza's own record. What a rebuild cannot restore is a counter lost with the plaza's
+database, or one counted wrongly: those come back only as far as the streams reach (drop
+`daily` and `post_stats` by hand before a rebuild to recount them from the streams alone).
+The platform must answer snapshot requests
 on admin.snapshots.posts (publishing each post's post_published, or post_removed, at the
 post's version on snapshots.posts.<post id>) for linked posts to survive the expiry of
 PLATFORM_POSTS; while nobody answers there, posts come only from what that stream holds.
@@ -27,7 +38,8 @@ The running service does the work, so this is the same wherever its store lives 
 server of `make run` or a production replica set); one replica answers. The live consumers
 go on meanwhile: an event published during the replay is applied once, by whichever gets
 there first (processed ids). An event being applied at the very moment of the drop may be
-counted twice in the activity figures; scale the plaza to one replica to rule that out.
+counted twice in the activity figures (never in the insights' counters); scale the plaza
+to one replica to rule that out.
 """
 
 from __future__ import annotations

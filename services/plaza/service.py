@@ -27,7 +27,9 @@ def build(config: PlazaConfig) -> ServiceHost:
         await store.create_indexes()
         await outbox.watch(store.selection_versions)
 
-        projection = PlazaProjection(store, half_life_hours=settings.hot_half_life_hours)
+        projection = PlazaProjection(
+            store, half_life_hours=settings.hot_half_life_hours, time_zone=settings.time_zone
+        )
         # Closing the bus (drain) lets handlers in flight finish before the store closes.
         for durable, subject, _ in FEEDS:
             await bus.consume(durable, subject, projection.handle)
@@ -42,7 +44,7 @@ def build(config: PlazaConfig) -> ServiceHost:
             "plaza-rankings",
         )
 
-        impressions = ImpressionCounter(store)
+        impressions = ImpressionCounter(store, settings.time_zone)
         # The last flush runs after the flusher stops and the server has drained its calls.
         stack.push_async_callback(impressions.flush)
         run_in_background(

@@ -1,9 +1,15 @@
-"""The plaza's MongoDB documents: the read model (cards, posts, activity buckets, daily
-counters, processed event ids, page snapshots) and the plaza's own records (impressions and
-the editors' selections with their versions), which a rebuild keeps.
+"""The plaza's MongoDB documents: the read model (cards, posts, activity buckets, processed
+event ids, page snapshots) and what a rebuild keeps: the plaza's own records (impressions
+and the editors' selections with their versions) and the insights' counters (daily figures
+and shared posts' shares and opens).
 
 A card's group state is written with a compare-and-set on its `rev`, so two consumers (or
-two replicas) never overwrite each other's change; counters are single `$inc` upserts.
+two replicas) never overwrite each other's change; activity counters are single `$inc`
+upserts. An insights counter document also keeps the ids of the events it counted, and
+counts an event only if its id is not among them, in the same single write: exact under
+redelivery, a handler that failed halfway, two replicas or a replay. That is why a rebuild
+keeps them: replaying what they counted changes nothing, and what they counted from events
+that have expired since (card views and taps are in no snapshot) stays counted.
 """
 
 from __future__ import annotations
@@ -33,16 +39,17 @@ from services.plaza.domain import (
     LinkedPost,
     Listing,
     Post,
+    PostDay,
     Sort,
 )
 
-# Collections a rebuild drops and refills from the streams.
+# Collections a rebuild drops and refills from snapshots and streams. The insights'
+# counters (`daily`, `post_stats`) and impressions are kept (see the module's docstring).
 READ_MODEL = (
     "cards",
     "category_counts",
     "posts",
     "activity",
-    "daily",
     "processed_events",
     "snapshots",
 )
@@ -80,6 +87,7 @@ class PlazaStore:
         self._posts = db["posts"]
         self._activity = db["activity"]
         self._daily = db["daily"]
+        self._post_stats = db["post_stats"]
         self._snapshots = db["snapshots"]
         self._impressions = db["impressions"]
         self.selection_versions = db["selection_versions"]
@@ -103,12 +111,22 @@ class PlazaStore:
         await self._activity.create_index([("group_id", ASCENDING), ("start_ms", ASCENDING)])
         await self._activity.create_index("start_ms")
         await self._activity.create_index("expires_at", expireAfterSeconds=0)
+        # A creator's groups (ListMyGroupInsights), transfers included: owner_id follows the
+        # group's events.
+        await self._cards.create_index([("owner_id", ASCENDING), ("_id", ASCENDING)])
+        # The days of a window, for one group or all of a creator's.
+        for days in (self._daily, self._impressions, self._post_stats):
+            await days.create_index([("group_id", ASCENDING), ("date", ASCENDING)])
+        # Taps on one author's posts wherever they were shared.
+        await self._post_stats.create_index([("author_id", ASCENDING), ("date", ASCENDING)])
         await self._daily.create_index("expires_at", expireAfterSeconds=0)
+        await self._post_stats.create_index("expires_at", expireAfterSeconds=0)
         await self._impressions.create_index("expires_at", expireAfterSeconds=0)
         await self._snapshots.create_index("expires_at", expireAfterSeconds=0)
 
     async def drop_read_model(self) -> None:
-        """Drop everything derived from events (not impressions nor selection versions)."""
+        """Drop what a rebuild fills again from snapshots and streams (not impressions,
+        selection versions nor the insights' counters)."""
         for name in READ_MODEL:
             await self._db.drop_collection(name)
         await self.create_indexes()
@@ -147,6 +165,11 @@ class PlazaStore:
             await self._category_counts.update_one({"_id": was}, {"$inc": {"shown": -1}})
         if now is not None:
             await upsert_where(self._category_counts, now, {}, {"$inc": {"shown": 1}})
+
+    async def owned(self, owner_id: str) -> list[GroupState]:
+        """The groups `owner_id` owns now, dissolved ones left out, unlisted ones included."""
+        docs = await self._cards.find({"owner_id": owner_id, "dissolved": False}).to_list(None)
+        return [_stored(d).state for d in docs]
 
     async def cards_linking(self, post_id: str) -> list[str]:
         docs = await self._cards.find({"linked_post_id": post_id}, {"_id": 1}).to_list(None)
@@ -303,6 +326,13 @@ class PlazaStore:
             return None
         return Post(doc["_id"], doc["author_id"], doc["title"], doc["cover_url"], doc["published"])
 
+    async def titles(self, post_ids: list[str]) -> dict[str, str]:
+        """The titles of those of `post_ids` the plaza knows published."""
+        docs = await self._posts.find(
+            {"_id": {"$in": post_ids}, "published": True}, {"title": 1}
+        ).to_list(None)
+        return {d["_id"]: d["title"] for d in docs}
+
     async def save_post(self, post_id: str, version: int, **fields: Any) -> bool:
         """Apply a post event if newer than what is held; False when stale."""
         blank = {"author_id": "", "title": "", "cover_url": "", "published": False}
@@ -345,42 +375,92 @@ class PlazaStore:
             )
         return found
 
-    # Daily counters and impressions
+    # Insights counters and impressions
 
     async def count_day(
         self,
         group_id: str,
         date: str,
         day_start_ms: int,
+        event_id: str,
         *,
         inc: dict[str, int],
         speaker: str | None = None,
-    ) -> None:
-        update: dict[str, Any] = {
-            "$inc": inc,
-            "$setOnInsert": {
+    ) -> bool:
+        """Count event `event_id` in the group's day; False when it was counted before."""
+        added: dict[str, Any] = {"speakers": speaker} if speaker else {}
+        return await _count_once(
+            self._daily,
+            f"{group_id}:{date}",
+            event_id,
+            inc,
+            {
                 "group_id": group_id,
                 "date": date,
                 "expires_at": _expires(day_start_ms + DAILY_KEEP_MS),
             },
-        }
-        if speaker:
-            update["$addToSet"] = {"speakers": speaker}
-        await upsert_where(self._daily, f"{group_id}:{date}", {}, update)
-
-    async def days(self, group_id: str, dates: list[str]) -> dict[str, DayCounts]:
-        docs = await self._daily.find({"_id": {"$in": [f"{group_id}:{d}" for d in dates]}}).to_list(
-            None
+            added,
         )
-        return {
-            d["date"]: DayCounts(
+
+    async def count_post(
+        self,
+        where: str,
+        date: str,
+        day_start_ms: int,
+        event_id: str,
+        post: tuple[str, str],
+        *,
+        shares: int = 0,
+        opens: int = 0,
+    ) -> bool:
+        """Count event `event_id` for the post (id, author) shared in `where` (a group id, or
+        DIRECT) on `date`; False when it was counted before."""
+        post_id, author_id = post
+        return await _count_once(
+            self._post_stats,
+            f"{where}:{date}:{post_id}",
+            event_id,
+            {"shares": shares, "opens": opens},
+            {
+                "group_id": where,
+                "date": date,
+                "post_id": post_id,
+                "author_id": author_id,
+                "expires_at": _expires(day_start_ms + DAILY_KEEP_MS),
+            },
+        )
+
+    async def days(
+        self, group_ids: list[str], window: list[str]
+    ) -> dict[str, dict[str, DayCounts]]:
+        """The daily counters of `group_ids` over `window` (consecutive dates, oldest
+        first): group id -> date -> counts."""
+        found: dict[str, dict[str, DayCounts]] = {g: {} for g in group_ids}
+        async for d in self._daily.find(_window_filter(group_ids, window), {"counted": 0}):
+            found[d["group_id"]][d["date"]] = DayCounts(
                 joins_by_source=dict(d.get("joins", {})),
                 leaves=d.get("leaves", 0),
                 messages=d.get("messages", 0),
                 speakers=frozenset(d.get("speakers", ())),
+                card_views=d.get("card_views", 0),
             )
-            for d in docs
-        }
+        return found
+
+    async def shared_posts(
+        self, group_ids: list[str], window: list[str]
+    ) -> dict[str, list[PostDay]]:
+        """Posts shared in `group_ids` over `window`, per group, per post and day."""
+        found: dict[str, list[PostDay]] = {g: [] for g in group_ids}
+        async for d in self._post_stats.find(_window_filter(group_ids, window), {"counted": 0}):
+            found[d["group_id"]].append(
+                PostDay(d["date"], d["post_id"], d["author_id"], d["shares"], d["opens"])
+            )
+        return found
+
+    async def author_opens(self, author_id: str, window: list[str]) -> int:
+        """Taps on `author_id`'s posts over `window`, in groups and direct conversations."""
+        query = {"author_id": author_id, "date": {"$gte": window[0], "$lte": window[-1]}}
+        return sum([d["opens"] async for d in self._post_stats.find(query, {"opens": 1})])
 
     async def add_impressions(self, counts: dict[tuple[str, str], int]) -> None:
         """Add `counts` per (group, date) in one bulk write."""
@@ -405,11 +485,37 @@ class PlazaStore:
             ],
         )
 
-    async def impressions(self, group_id: str, dates: list[str]) -> dict[str, int]:
-        docs = await self._impressions.find(
-            {"_id": {"$in": [f"{group_id}:{d}" for d in dates]}}
-        ).to_list(None)
-        return {d["date"]: int(d["count"]) for d in docs}
+    async def impressions(
+        self, group_ids: list[str], window: list[str]
+    ) -> dict[str, dict[str, int]]:
+        """Impressions of `group_ids` over `window`: group id -> date -> count."""
+        found: dict[str, dict[str, int]] = {g: {} for g in group_ids}
+        async for d in self._impressions.find(_window_filter(group_ids, window)):
+            found[d["group_id"]][d["date"]] = int(d["count"])
+        return found
+
+
+async def _count_once(
+    collection: Any,
+    doc_id: str,
+    event_id: str,
+    inc: dict[str, int],
+    on_insert: dict[str, Any],
+    added: dict[str, Any] | None = None,
+) -> bool:
+    """Add `inc` to counter document `doc_id` and record `event_id` among those it counted,
+    in one write, unless it is there already: False then (nothing changed)."""
+    update: dict[str, Any] = {
+        "$inc": inc,
+        "$addToSet": {**(added or {}), "counted": event_id},
+        "$setOnInsert": on_insert,
+    }
+    return await upsert_where(collection, doc_id, {"counted": {"$ne": event_id}}, update)
+
+
+def _window_filter(group_ids: list[str], window: list[str]) -> dict[str, Any]:
+    # Dates are YYYY-MM-DD, so their order is the string order.
+    return {"group_id": {"$in": group_ids}, "date": {"$gte": window[0], "$lte": window[-1]}}
 
 
 def _day_start_ms(date: str) -> int:

@@ -15,7 +15,7 @@ from groupchat.groups.v1 import groups_pb2 as gpb
 from groupchat.plaza.v1 import plaza_pb2 as pb
 from groupchat.plaza.v1 import plaza_pb2_grpc
 
-from services.kit.events import SNAPSHOT_STREAM, EventBus
+from services.kit.events import SNAPSHOT_STREAM, EventBus, new_event
 from services.kit.snapshots import serve_snapshots
 from services.plaza.config import PlazaConfig
 from services.plaza.rebuild import request_rebuild
@@ -29,7 +29,7 @@ from tools.suite import running_nats_server
 
 # Seconds the streams keep events here: short, so they expire within the test.
 RETENTION_SECONDS = 2
-FED_STREAMS = ("GROUPCHAT_GROUPS", "PLATFORM_POSTS", "GROUPCHAT_PLAZA")
+FED_STREAMS = ("GROUPCHAT_GROUPS", "PLATFORM_POSTS", "GROUPCHAT_PLAZA", "GROUPCHAT_MESSAGING")
 # What a card shows that is counted from events (activity): it comes back only as far as
 # the streams still reach, so it is not compared here.
 ACTIVITY_FIELDS = (
@@ -174,3 +174,76 @@ async def test_the_plaza_is_rebuilt_the_same_after_its_events_expired(
     ]
     assert {stream: replayed[stream] for stream in FED_STREAMS} == dict.fromkeys(FED_STREAMS, 0)
     assert replayed[SNAPSHOT_STREAM] >= 3  # two groups and a post
+
+
+async def test_the_insights_counted_from_expired_events_survive_a_rebuild(
+    nats_url: str,
+    nats_users: NatsUsers,
+    groups: GroupsCaller,
+    plaza: Any,
+    platform: EventBus,
+) -> None:
+    """Card views and taps on shared posts are analytics: in no snapshot, gone from the
+    streams after their retention. The counters keep them through a rebuild."""
+    group = await listed_group(groups, "Capsule wardrobes")
+    post = ("p_capsule", "alice")
+
+    def tap(area: str, aggregate_id: str, **where: str) -> Any:
+        return new_event(
+            area,
+            "shared_post_opened",
+            aggregate_id=aggregate_id,
+            aggregate_version=0,
+            user_id="bob",
+            shared_post_opened={
+                "post_id": post[0],
+                "author_id": post[1],
+                "opener_id": "bob",
+                "seq": 1,
+                **where,
+            },
+        )
+
+    viewed = new_event(
+        "groups",
+        "group_card_viewed",
+        aggregate_id=group.group_id,
+        aggregate_version=0,
+        user_id="bob",
+        group_card_viewed={"group_id": group.group_id, "viewer_id": "bob"},
+    )
+    # As the groups and messaging services would (a bus that leaves the streams' short
+    # retention alone).
+    harness = await EventBus.connect(nats_url, "harness")
+    try:
+        for event in (
+            viewed,
+            tap("groups", group.group_id, group_id=group.group_id),
+            tap("messaging", "alice:bob", conversation_id="alice:bob"),
+        ):
+            await harness.publish(event)
+    finally:
+        await harness.close()
+    stub, md = plaza("alice")
+
+    async def figures() -> tuple[int, int, int]:
+        try:
+            total = (
+                await stub.GetGroupInsights(
+                    pb.GetGroupInsightsRequest(group_id=group.group_id), metadata=md
+                )
+            ).total
+        except grpc.aio.AioRpcError:  # the plaza has not seen the group yet
+            return (0, 0, 0)
+        mine = await stub.ListMyGroupInsights(pb.ListMyGroupInsightsRequest(), metadata=md)
+        return total.card_views, total.shared_post_opens, mine.own_post_opens
+
+    async def counted() -> bool:
+        return await figures() == (1, 1, 2)
+
+    await eventually(counted)
+    await streams_emptied(nats_url)
+
+    await request_rebuild(nats_url, 30, nats_users.credentials("operator"))
+
+    assert await figures() == (1, 1, 2)

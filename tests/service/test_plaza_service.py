@@ -6,10 +6,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
+import nats
 import pytest
 from google.protobuf.message import Message
+from groupchat.content.v1 import content_pb2
 from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2 as gpb
 from groupchat.plaza.v1 import plaza_pb2 as pb
@@ -19,6 +22,7 @@ from services.kit.events import EventBus, OutgoingEvent, new_event
 from services.kit.mongo import open_database
 from services.kit.paging import encode_page_token
 from services.kit.rpc_status import error_info
+from services.plaza import domain
 from services.plaza.config import PlazaConfig
 from services.plaza.projection import PlazaProjection
 from services.plaza.rebuild import rebuild
@@ -121,6 +125,37 @@ class FakeGroup:
             "group_dissolved", self.group.owner_id, group_dissolved={"group_id": self.id}
         )
 
+    def message(self, sender: str, shared: tuple[str, str] | None = None) -> OutgoingEvent:
+        """A message; `shared` = (post id, author) when it shares a post."""
+        self.seq += 1
+        message = gpb.GroupMessage(
+            group_id=self.id, seq=self.seq, sender_id=sender, text="hi", version=1
+        )
+        if shared is not None:
+            message.shared_post.CopyFrom(
+                content_pb2.SharedPost(post_id=shared[0], author_id=shared[1], title="t")
+            )
+        return new_event(
+            "groups",
+            "group_message_posted",
+            aggregate_id=self.id,
+            aggregate_version=self.seq,
+            user_id=sender,
+            group_message_posted={"message": message},
+        )
+
+    def recalled(self, seq: int, by: str) -> OutgoingEvent:
+        message = gpb.GroupMessage(group_id=self.id, seq=seq, sender_id=by, version=2)
+        message.recall.recalled_by = by
+        return new_event(
+            "groups",
+            "group_message_changed",
+            aggregate_id=self.id,
+            aggregate_version=2,
+            user_id=by,
+            group_message_changed={"message": message, "change": events_pb2.RECALLED},
+        )
+
     def snapshot(self) -> OutgoingEvent:
         self.group.version += 1
         group = gpb.Group()
@@ -135,17 +170,64 @@ class FakeGroup:
             group_snapshot={"group": group, "members": [owner]},
         )
 
-    def message(self, sender: str) -> OutgoingEvent:
-        self.seq += 1
-        message = gpb.GroupMessage(group_id=self.id, seq=self.seq, sender_id=sender, text="hi")
+    def card_viewed(self, viewer: str) -> OutgoingEvent:
         return new_event(
             "groups",
-            "group_message_posted",
+            "group_card_viewed",
             aggregate_id=self.id,
-            aggregate_version=self.seq,
-            user_id=sender,
-            group_message_posted={"message": message},
+            aggregate_version=0,
+            user_id=viewer,
+            group_card_viewed={"group_id": self.id, "viewer_id": viewer},
         )
+
+    def post_opened(self, opener: str, seq: int, post: tuple[str, str]) -> OutgoingEvent:
+        return new_event(
+            "groups",
+            "shared_post_opened",
+            aggregate_id=self.id,
+            aggregate_version=0,
+            user_id=opener,
+            shared_post_opened={
+                "post_id": post[0],
+                "author_id": post[1],
+                "opener_id": opener,
+                "group_id": self.id,
+                "seq": seq,
+            },
+        )
+
+
+def opened_in_direct(opener: str, peer: str, post: tuple[str, str]) -> OutgoingEvent:
+    """messaging.shared_post_opened: a tap on a post shared in a direct conversation."""
+    conversation = ":".join(sorted((opener, peer)))
+    return new_event(
+        "messaging",
+        "shared_post_opened",
+        aggregate_id=conversation,
+        aggregate_version=0,
+        user_id=opener,
+        shared_post_opened={
+            "post_id": post[0],
+            "author_id": post[1],
+            "opener_id": opener,
+            "conversation_id": conversation,
+            "seq": 1,
+        },
+    )
+
+
+async def redeliver(nats_url: str, event: OutgoingEvent) -> None:
+    """Store `event` in its stream once more, as the relay does when it publishes again
+    after JetStream's duplicate window: the same event id, a new stream message."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().publish(
+            event.subject,
+            event.envelope.SerializeToString(),
+            headers={"Nats-Msg-Id": uuid.uuid4().hex},
+        )
+    finally:
+        await nc.close()
 
 
 async def send(bus: EventBus, *events: OutgoingEvent) -> None:
@@ -597,9 +679,161 @@ async def test_the_card_shows_the_latest_announcement(plaza: PlazaCaller, bus: E
     assert c is not None and c.name == "Tea lovers"
 
 
+# The creators' funnel
+
+
+async def insights_of(
+    plaza: PlazaCaller, user: str, group_id: str, days: int = 1
+) -> pb.GetGroupInsightsResponse | None:
+    stub, md = plaza(user)
+    try:
+        return await stub.GetGroupInsights(
+            pb.GetGroupInsightsRequest(group_id=group_id, days=days), metadata=md
+        )
+    except grpc.aio.AioRpcError:  # the plaza has not seen the group yet
+        return None
+
+
+async def test_the_funnel_counts_each_step_once_and_a_recall_is_no_message(
+    plaza: PlazaCaller, bus: EventBus, nats_url: str
+) -> None:
+    owner = unique("creator")
+    group = FakeGroup(owner, category=gpb.FASHION)
+    mine, theirs = (unique("p_mine"), owner), (unique("p_theirs"), unique("author"))
+    await publish_posts(bus, mine, "My capsule wardrobe")
+    opened_twice = group.post_opened("u1", 2, mine)
+    await send(
+        bus,
+        group.created(),
+        *(group.card_viewed(f"v{i}") for i in range(3)),
+        group.joined("u1"),
+        group.joined("u2", gpb.POST),
+        group.message("u1"),
+        group.message(owner, shared=mine),
+        group.message("u1", shared=theirs),
+        opened_twice,
+        group.post_opened("u2", 2, mine),
+        group.post_opened("u2", 3, theirs),
+        group.recalled(3, "u1"),
+    )
+    await redeliver(nats_url, opened_twice)
+    # Events of one group are applied in order: once this last view counts, all before it have.
+    await send(bus, group.card_viewed("v_last"))
+    await until_shown(plaza, {group.id}, category=gpb.FASHION)  # plaza impressions
+
+    async def counted() -> bool:
+        report = await insights_of(plaza, owner, group.id)
+        if report is None:
+            return False
+        total, titled = report.total, [p.title for p in report.posts if p.title]
+        return total.card_views == 4 and total.plaza_impressions > 0 and titled != []
+
+    await eventually(counted)
+    report = await insights_of(plaza, owner, group.id)
+    assert report is not None
+    total = report.total
+    assert (total.card_views, total.joins, total.plaza_joins) == (4, 2, 1)
+    assert (total.messages, total.active_members) == (3, 2)  # the recall is no 4th message
+    assert (total.posts_shared, total.own_posts_shared) == (2, 1)
+    assert (total.shared_post_opens, total.own_post_opens) == (3, 2)  # the redelivery once
+    today = pb.DayInsights()
+    today.CopyFrom(total)
+    today.date = report.days[-1].date
+    assert list(report.days) == [today]  # a window of one day: the day is the total
+    funnel = total.funnel
+    assert funnel.view_rate == pytest.approx(4 / total.plaza_impressions)
+    assert (funnel.join_rate, funnel.write_rate) == (pytest.approx(2 / 4), pytest.approx(2 / 2))
+    assert (funnel.share_rate, funnel.open_rate) == (pytest.approx(2 / 2), pytest.approx(3 / 2))
+    assert [(p.post_id, p.shares, p.opens, p.own, p.title) for p in report.posts] == [
+        (mine[0], 1, 2, True, "My capsule wardrobe"),
+        (theirs[0], 1, 1, False, ""),  # a post the plaza never saw has no title
+    ]
+    assert report.time_zone == "Asia/Shanghai"
+    assert report.days[-1].date == time.strftime("%Y-%m-%d", time.gmtime(time.time() + 8 * 3600))
+
+
+async def publish_posts(bus: EventBus, post: tuple[str, str], title: str) -> None:
+    await bus.publish(post_event("publish", post[0], post[1], title=title))
+
+
+async def my_insights(
+    plaza: PlazaCaller, user: str, **fields: Any
+) -> pb.ListMyGroupInsightsResponse:
+    stub, md = plaza(user)
+    return await stub.ListMyGroupInsights(pb.ListMyGroupInsightsRequest(**fields), metadata=md)
+
+
+async def test_a_creator_lists_their_own_groups_best_first_page_by_page(
+    plaza: PlazaCaller, bus: EventBus
+) -> None:
+    creator, someone = unique("creator"), unique("someone")
+    post = (unique("p"), creator)
+    joined = FakeGroup(creator, name="Most joined")
+    opened = FakeGroup(creator, name="Most opened")
+    chatty = FakeGroup(creator, name="Chatty")
+    unlisted = FakeGroup(creator, name="Unlisted", listed=False)
+    handed = FakeGroup(someone, name="Handed over")
+    given_away, dissolved, not_mine = FakeGroup(creator), FakeGroup(creator), FakeGroup(someone)
+    every = (joined, opened, chatty, unlisted, handed, given_away, dissolved, not_mine)
+    await send(bus, *(g.created() for g in every))
+    await send(
+        bus,
+        *(joined.joined(unique("u")) for _ in range(3)),
+        opened.joined("u1"),
+        opened.post_opened("u1", 1, post),
+        opened.post_opened("u2", 1, post),
+        chatty.joined("u1"),
+        chatty.message("u1"),
+        chatty.message("u1"),
+        unlisted.joined("u1"),
+        unlisted.message("u1"),
+        handed.updated(owner_id=creator),  # a transfer to the creator
+        given_away.updated(owner_id=someone),  # and one away from them
+        dissolved.dissolved(),
+        not_mine.joined("u9"),
+        opened_in_direct("u7", creator, post),  # their post, opened in a direct conversation
+        opened_in_direct("u7", creator, (unique("p"), someone)),  # someone else's post
+    )
+    expected = [joined.id, opened.id, chatty.id, unlisted.id, handed.id]
+
+    async def listed() -> bool:
+        reply = await my_insights(plaza, creator, page_size=100)
+        return [g.group_id for g in reply.groups] == expected and reply.own_post_opens == 3
+
+    await eventually(listed)
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        reply = await my_insights(plaza, creator, page_size=2, page_token=token)
+        pages.append([g.group_id for g in reply.groups])
+        token = reply.next_page_token
+        if not token:
+            break
+    assert pages == [expected[:2], expected[2:4], expected[4:]]
+    first = (await my_insights(plaza, creator, page_size=2)).groups
+    assert [(g.name, g.total.joins, g.total.shared_post_opens) for g in first] == [
+        ("Most joined", 3, 0),
+        ("Most opened", 1, 2),
+    ]
+    assert reply.time_zone == "Asia/Shanghai" and reply.own_post_opens == 3
+    theirs = {g.group_id for g in (await my_insights(plaza, someone)).groups}
+    assert theirs == {given_away.id, not_mine.id}
+
+    token = (await my_insights(plaza, creator, page_size=2)).next_page_token
+    stub, md = plaza(creator)
+    code, _ = await refused(
+        stub.ListMyGroupInsights(
+            pb.ListMyGroupInsightsRequest(days=30, page_token=token), metadata=md
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # a token is for the window it came from
+    assert (await my_insights(plaza, unique("nobody"))).groups == []
+
+
 # The projection itself: redelivery, reordering, rebuild
 
 FIXED_NOW = int(time.time() * 1000)
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 @pytest.fixture
@@ -612,7 +846,7 @@ async def store(mongodb_uri: str, database: str) -> AsyncIterator[PlazaStore]:
 
 
 def projection_of(store: PlazaStore) -> PlazaProjection:
-    return PlazaProjection(store, half_life_hours=6, clock=lambda: FIXED_NOW)
+    return PlazaProjection(store, half_life_hours=6, time_zone=SHANGHAI, clock=lambda: FIXED_NOW)
 
 
 async def test_a_redelivered_or_older_event_changes_nothing(store: PlazaStore) -> None:
@@ -680,3 +914,51 @@ async def test_a_rebuild_gives_identical_cards(store: PlazaStore, bus: EventBus)
     linked_card = after[1][0]
     assert busy_card is not None and busy_card.selected and busy_card.messages_last_day == 2
     assert linked_card is not None and linked_card.linked_post is not None
+
+
+async def test_a_counter_counts_an_event_once_even_when_handled_again_after_a_failure(
+    store: PlazaStore, mongo_db: Any
+) -> None:
+    projection = projection_of(store)
+    group = FakeGroup()
+    post = (unique("p"), "alice")
+    events = [group.message("bob", shared=post), group.post_opened("bob", 1, post)]
+    for event in events:
+        await projection.handle(event.envelope)
+    # As if the handler had failed after counting and before recording the event id.
+    await mongo_db["processed_events"].delete_many({})
+    for event in events:
+        await projection.handle(event.envelope)
+    (day,) = domain.insight_window(1, FIXED_NOW, SHANGHAI)
+    counts = (await store.days([group.id], [day]))[group.id][day]
+    (shared,) = (await store.shared_posts([group.id], [day]))[group.id]
+    assert (counts.messages, shared.shares, shared.opens) == (1, 1, 1)
+
+
+async def test_a_rebuild_keeps_the_insights_counters(store: PlazaStore, bus: EventBus) -> None:
+    projection = projection_of(store)
+    group, post = FakeGroup(), (unique("p"), "alice")
+    events = [
+        group.created(),
+        group.card_viewed("v1"),
+        group.joined("bob"),
+        group.message("bob", shared=post),
+        group.post_opened("carol", 1, post),
+        opened_in_direct("dan", "alice", post),
+    ]
+    for event in events:
+        await bus.publish(event)
+        await projection.handle(event.envelope)
+    window = domain.insight_window(1, FIXED_NOW, SHANGHAI)
+
+    async def counters() -> tuple[Any, ...]:
+        return (
+            await store.days([group.id], window),
+            await store.shared_posts([group.id], window),
+            await store.author_opens("alice", window),
+        )
+
+    before = await counters()
+    await rebuild(store, projection, bus)  # replays all of them: each was counted already
+    assert await counters() == before
+    assert before[2] == 2 and before[0][group.id][window[0]].card_views == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -14,12 +16,20 @@ from services.plaza.domain import (
     HOUR_MS,
     ActivityBucket,
     DayCounts,
+    DayInsights,
     GroupFacts,
     GroupState,
+    GroupSummary,
     Post,
+    PostDay,
 )
 
 NOW = 1_750_000_000_000 - 1_750_000_000_000 % BUCKET_MS
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def utc_ms(moment: str) -> int:
+    return int(dt.datetime.fromisoformat(moment).replace(tzinfo=dt.UTC).timestamp() * 1000)
 
 
 def bucket(
@@ -175,20 +185,31 @@ def test_a_snapshot_older_than_what_is_held_changes_nothing() -> None:
 
 
 def test_the_insight_window_ends_today_oldest_first() -> None:
-    window = domain.insight_window(3, NOW)
-    assert window[-1] == domain.day_key(NOW)
+    window = domain.insight_window(3, NOW, SHANGHAI)
+    assert window[-1] == domain.day_key(NOW, SHANGHAI)
     assert len(window) == 3 and window == sorted(window)
-    assert len(domain.insight_window(0, NOW)) == 7
+    assert len(domain.insight_window(0, NOW, SHANGHAI)) == 7
 
 
 @pytest.mark.parametrize("days", [-1, 91])
 def test_an_insight_window_outside_1_to_90_days_is_refused(days: int) -> None:
     with pytest.raises(InvalidArgument):
-        domain.insight_window(days, NOW)
+        domain.insight_window(days, NOW, SHANGHAI)
+
+
+def test_a_day_is_the_apps_not_utcs() -> None:
+    # Shanghai is UTC+8: 16:30 UTC is already half past midnight of the next day there.
+    assert domain.day_key(utc_ms("2026-03-01T16:30:00"), SHANGHAI) == "2026-03-02"
+    assert domain.day_key(utc_ms("2026-03-01T15:59:59"), SHANGHAI) == "2026-03-01"
+    assert domain.day_key(utc_ms("2026-03-01T16:30:00"), dt.UTC) == "2026-03-01"
+    assert domain.day_start_ms("2026-03-02", SHANGHAI) == utc_ms("2026-03-01T16:00:00")
+    # Just after Shanghai's midnight, its window ends on its today, not UTC's.
+    window = domain.insight_window(2, utc_ms("2026-03-01T16:30:00"), SHANGHAI)
+    assert window == ["2026-03-01", "2026-03-02"]
 
 
 def test_insights_total_the_window_and_convert_plaza_impressions() -> None:
-    d1, d2 = domain.insight_window(2, NOW)
+    d1, d2 = domain.insight_window(2, NOW, SHANGHAI)
     counts = {
         d1: DayCounts({"PLAZA": 1, "POST": 1}, leaves=1, messages=2, speakers=frozenset({"a"})),
         d2: DayCounts({"SEARCH": 1}, messages=1, speakers=frozenset({"a", "b"})),
@@ -199,6 +220,83 @@ def test_insights_total_the_window_and_convert_plaza_impressions() -> None:
     assert (report.total.plaza_joins, report.total.active_members) == (2, 2)
     assert report.plaza_conversion == pytest.approx(2 / 10)
     assert domain.insights([d1], {}, {}).plaza_conversion == 0
+
+
+def test_the_funnel_is_each_step_over_the_one_before() -> None:
+    (day,) = domain.insight_window(1, NOW, SHANGHAI)
+    counts = {
+        day: DayCounts({"PLAZA": 4}, messages=9, speakers=frozenset({"a", "b"}), card_views=10)
+    }
+    shared = [PostDay(day, "p1", "owner", shares=1, opens=3), PostDay(day, "p2", "x", 3, 1)]
+    funnel = domain.insights([day], counts, {day: 40}, shared, owner_id="owner").total.funnel
+    assert funnel.view_rate == pytest.approx(10 / 40)
+    assert funnel.join_rate == pytest.approx(4 / 10)
+    assert funnel.write_rate == pytest.approx(2 / 4)
+    assert funnel.share_rate == pytest.approx(4 / 2)  # posts shared per member who wrote
+    assert funnel.open_rate == pytest.approx(4 / 4)
+
+
+def test_a_funnel_step_after_an_empty_one_is_zero_not_an_error() -> None:
+    (day,) = domain.insight_window(1, NOW, SHANGHAI)
+    # Joins through a link with no impression nor card view: the rates before are 0.
+    counts = {day: DayCounts({"INVITE_LINK": 2})}
+    funnel = domain.insights([day], counts, {}).days[0].funnel
+    assert (funnel.view_rate, funnel.join_rate, funnel.write_rate) == (0.0, 0.0, 0.0)
+    assert (funnel.share_rate, funnel.open_rate) == (0.0, 0.0)
+
+
+def test_shared_posts_total_per_post_most_opened_first_and_own_by_the_owner() -> None:
+    d1, d2 = domain.insight_window(2, NOW, SHANGHAI)
+    shared = [
+        PostDay(d1, "p_mine", "owner", shares=2, opens=1),
+        PostDay(d2, "p_mine", "owner", shares=1, opens=1),
+        PostDay(d2, "p_hit", "other", shares=1, opens=5),
+        PostDay("1999-01-01", "p_old", "owner", shares=9, opens=9),  # outside the window
+    ]
+    report = domain.insights([d1, d2], {}, {}, shared, "owner", {"p_hit": "Matcha"})
+    assert [(p.post_id, p.shares, p.opens, p.own, p.title) for p in report.posts] == [
+        ("p_hit", 1, 5, False, "Matcha"),
+        ("p_mine", 3, 2, True, ""),
+    ]
+    total = report.total
+    assert (total.posts_shared, total.own_posts_shared) == (4, 3)
+    assert (total.shared_post_opens, total.own_post_opens) == (7, 2)
+    assert [d.posts_shared for d in report.days] == [2, 2]
+
+
+def summary(group_id: str, joins: int, opens: int, messages: int) -> GroupSummary:
+    total = DayInsights("", {"PLAZA": joins}, joins, 0, messages, 0, 0, 0, shared_post_opens=opens)
+    return GroupSummary(group_id, group_id, total)
+
+
+def test_a_creators_groups_rank_by_joins_then_opens_then_messages_then_id() -> None:
+    groups = [
+        summary("g_quiet", 0, 0, 0),
+        summary("g_chatty", 1, 0, 50),
+        summary("g_opened", 1, 3, 0),
+        summary("g_joined", 5, 0, 0),
+        summary("g_also_chatty", 1, 0, 50),
+    ]
+    first, position = domain.summaries_page(groups, None, 2)
+    second, position2 = domain.summaries_page(groups, position, 2)
+    third, last = domain.summaries_page(groups, position2, 2)
+    assert [s.group_id for s in first + second + third] == [
+        "g_joined",
+        "g_opened",
+        "g_also_chatty",
+        "g_chatty",
+        "g_quiet",
+    ]
+    assert last is None and position is not None
+
+
+def test_a_summary_page_token_is_only_for_its_window() -> None:
+    position = {"d": 7, "r": [-1, 0, 0, "g1"]}
+    assert domain.summary_position(position, 7) == (-1, 0, 0, "g1")
+    with pytest.raises(InvalidArgument):
+        domain.summary_position(position, 30)
+    with pytest.raises(InvalidArgument):
+        domain.summary_position({"d": 7, "r": ["x", 0, 0, "g1"]}, 7)
 
 
 # The ranking cache
