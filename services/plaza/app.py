@@ -326,6 +326,8 @@ class PlazaApp:
         after: SummaryPosition | None = None
         if position is not None:
             after = domain.summary_position(position, len(window))
+        # The ranking is over the window's figures, known only once summed: all of the
+        # user's groups are read (a user is in at most MAX_GROUPS_PER_USER groups, 500).
         owned = await self._store.owned(user_id)
         ids = [g.group_id for g in owned]
         counts, impressions, shared = await self._figures(ids, window)

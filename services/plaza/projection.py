@@ -1,6 +1,6 @@
 """Applies events to the plaza's read model: the one way anything gets into it.
 
-The three durable consumers, the rebuild and SetGroupSelected all hand envelopes to
+The durable consumers (FEEDS), the rebuild and SetGroupSelected all hand envelopes to
 `PlazaProjection.handle`, which is idempotent on the event id (ProcessedEvents.once) and
 order-safe: group state and posts apply only when newer than what is held (by the
 aggregate's version); messages and joins are activity, counted once per event id. The
