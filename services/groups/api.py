@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import grpc
+from groupchat.content.v1 import content_pb2
 from groupchat.groups.v1 import groups_pb2 as pb
 from groupchat.groups.v1 import groups_pb2_grpc
 
@@ -17,7 +18,9 @@ from services.groups.mapping import (
     member_to_proto,
     message_to_proto,
     my_group_to_proto,
+    shared_post_to_proto,
 )
+from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.paging import decode_page_token, encode_page_token, page_size
 from services.kit.rpc import current_identity
 
@@ -166,9 +169,9 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             current_identity().user_id, position.get("after"), limit + 1
         )
         page = rows[:limit]
-        token = encode_page_token({"after": page[-1][0].group_id}) if len(rows) > limit else ""
+        token = encode_page_token({"after": page[-1].group.group_id}) if len(rows) > limit else ""
         return pb.ListMyGroupsResponse(
-            groups=[my_group_to_proto(group, member) for group, member in page],
+            groups=[my_group_to_proto(c.group, c.membership, c.mention_count) for c in page],
             next_page_token=token,
         )
 
@@ -182,7 +185,9 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             page_size(request.page_size, default=20, maximum=100),
         )
         return pb.ListGroupConversationsResponse(
-            groups=[my_group_to_proto(c.group, c.membership) for c in conversations],
+            groups=[
+                my_group_to_proto(c.group, c.membership, c.mention_count) for c in conversations
+            ],
             has_more=has_more,
         )
 
@@ -195,6 +200,9 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             request.text,
             list(request.mentions),
             request.client_msg_id,
+            shared_post_id=request.shared_post_id,
+            reply_to_seq=request.reply_to_seq,
+            mention_all=request.mention_all,
         )
         return pb.SendGroupMessageResponse(message=message_to_proto(message))
 
@@ -208,8 +216,9 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
             request.before_seq,
             page_size(request.page_size, maximum=200),
         )
+        viewer = current_identity().user_id
         return pb.ListGroupMessagesResponse(
-            messages=[message_to_proto(m) for m in messages], has_more=has_more
+            messages=[message_to_proto(m, viewer) for m in messages], has_more=has_more
         )
 
     async def MarkGroupRead(
@@ -236,3 +245,49 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
     ) -> pb.RevokeInviteResponse:
         await self._app.revoke_invite(current_identity().user_id, request.group_id, request.code)
         return pb.RevokeInviteResponse()
+
+    async def ReactToGroupMessage(
+        self, request: pb.ReactToGroupMessageRequest, context: Ctx
+    ) -> pb.ReactToGroupMessageResponse:
+        user_id = current_identity().user_id
+        message = await self._app.conversation.react(
+            user_id, request.group_id, request.seq, request.emoji, request.remove
+        )
+        return pb.ReactToGroupMessageResponse(message=message_to_proto(message, user_id))
+
+    async def RecallGroupMessage(
+        self, request: pb.RecallGroupMessageRequest, context: Ctx
+    ) -> pb.RecallGroupMessageResponse:
+        message = await self._app.conversation.recall(
+            current_identity().user_id, request.group_id, request.seq
+        )
+        return pb.RecallGroupMessageResponse(message=message_to_proto(message))
+
+    async def SetGroupAnnouncement(
+        self, request: pb.SetGroupAnnouncementRequest, context: Ctx
+    ) -> pb.SetGroupAnnouncementResponse:
+        group = await self._app.set_announcement(
+            current_identity().user_id, request.group_id, request.text
+        )
+        return pb.SetGroupAnnouncementResponse(group=group_to_proto(group))
+
+    async def PinGroupMessage(
+        self, request: pb.PinGroupMessageRequest, context: Ctx
+    ) -> pb.PinGroupMessageResponse:
+        group = await self._app.pin_message(
+            current_identity().user_id, request.group_id, request.seq, request.unpin
+        )
+        return pb.PinGroupMessageResponse(group=group_to_proto(group))
+
+    async def OpenSharedPost(
+        self, request: content_pb2.OpenSharedPostRequest, context: Ctx
+    ) -> content_pb2.OpenSharedPostResponse:
+        if request.WhichOneof("conversation") != "group_id":
+            # Direct conversations' shared posts are the messaging service's.
+            raise InvalidArgument([FieldViolation("group_id", "a group's id (required here)")])
+        card = await self._app.conversation.open_shared_post(
+            current_identity().user_id, request.group_id, request.seq
+        )
+        return content_pb2.OpenSharedPostResponse(
+            post_id=card.post_id, post=shared_post_to_proto(card)
+        )

@@ -20,6 +20,8 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from services.groups import domain, storage
+from services.groups import message_rules as rules
+from services.groups.conversation import Conversation
 from services.groups.domain import (
     Banned,
     Group,
@@ -43,12 +45,12 @@ from services.groups.mapping import (
     message_to_proto,
 )
 from services.groups.storage import GroupsStore, GroupState
-from services.kit.errors import ConcurrentUpdate, excerpt
+from services.kit.errors import ConcurrentUpdate, DomainError, excerpt
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.locks import KeyedLocks
 from services.kit.outbox import Outbox, merged
 from services.kit.posts import PostChange
-from services.kit.rate import SendRate, SendRateLimit, SendRateLimited
+from services.kit.rate import SendRate, SendRateLimit
 from services.kit.timestamps import now_ms
 
 log = structlog.get_logger("groups")
@@ -83,6 +85,7 @@ class GroupsLimits:
     join_rate_window_seconds: int = 60
     max_mute_seconds: int = 30 * 86_400
     send_rate: SendRateLimit = field(default_factory=SendRateLimit)
+    content: rules.ContentLimits = field(default_factory=rules.ContentLimits)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class GroupConversation:
     group: Group
     membership: Membership
     activity_ms: int
+    mention_count: int = 0
 
 
 @dataclass
@@ -158,6 +162,10 @@ class GroupsApp:
         # The version this process last committed per group: a read older than that is
         # stale before it is tried.
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # Reactions, recalls, what a message carries and how it reads now.
+        self.conversation = Conversation(
+            store, outbox, limits.content, clock, self.member_state, self._finish_message
+        )
 
     async def start(self) -> None:
         """Have the relay finish and publish what a stopped command committed."""
@@ -166,6 +174,7 @@ class GroupsApp:
             self._store.messages,
             finish=lambda doc: self._finish_message(storage.message_from_doc(doc)),
         )
+        await self.conversation.start()
 
     # Groups
 
@@ -213,12 +222,16 @@ class GroupsApp:
 
     async def get_group(self, user_id: str, group_id: str, invite_code: str = "") -> Group:
         """The whole group for a member; for anyone else what its plaza card shows, and of an
-        unlisted group nothing (GROUP_NOT_FOUND) unless they hold a usable invite."""
+        unlisted group nothing (GROUP_NOT_FOUND) unless they hold a usable invite (and the
+        view is recorded for the group's insights)."""
         domain.validate_invite_code(invite_code, required=False)
         state = await self._load(group_id, user_id, invite_code=invite_code)
         if state.member(user_id):
-            return state.group
-        return domain.ensure_outsider_may_see(state.group, state.invite, self._clock())
+            [group] = await self.conversation.as_members_see([state.group])
+            return group
+        card = domain.ensure_outsider_may_see(state.group, state.invite, self._clock())
+        await self.conversation.record_card_view(group_id, user_id)
+        return card
 
     async def get_group_internal(self, group_id: str) -> Group:
         """The whole group, for the service's own follow-ups (not a caller's view)."""
@@ -257,6 +270,71 @@ class GroupsApp:
 
         updated = await self._change(group_id, [user_id], decide)
         return await self._settle_link(updated)
+
+    async def set_announcement(self, user_id: str, group_id: str, text: str) -> Group:
+        """Owner and admins; an empty text clears it, the same text again changes nothing."""
+        rules.validate_announcement(text)
+
+        def decide(state: GroupState) -> _Change[Group]:
+            domain.ensure_can_manage(self._member(state, user_id))
+            now = self._clock()
+            changes, announcement = rules.announcement_after(state.group, text, user_id, now)
+            if not changes:
+                return _Change({}, state.group)
+            return self._group_updated(
+                state,
+                user_id,
+                "announcement",
+                storage.set_announcement(announcement, now),
+                announcement=announcement,
+                updated_at_ms=now,
+            )
+
+        return await self._member_view(await self._change(group_id, [user_id], decide))
+
+    async def pin_message(self, user_id: str, group_id: str, seq: int, unpin: bool) -> Group:
+        """Owner and admins; newest pin first, at most MAX_PINNED_MESSAGES."""
+        rules.validate_seq(seq)
+        message = await self._store.get_message(group_id, seq)
+        if message is None:
+            self._member(await self._load(group_id, user_id, activity=False), user_id)
+            raise rules.no_such_message("seq")
+
+        def decide(state: GroupState) -> _Change[Group]:
+            domain.ensure_can_manage(self._member(state, user_id))
+            now = self._clock()
+            limit = self._limits.content.max_pinned_messages
+            pins = rules.pins_after(state.group, message, user_id, now, unpin, limit)
+            if pins is None:
+                return _Change({}, state.group)
+            return self._group_updated(
+                state,
+                user_id,
+                "pinned",
+                storage.set_pins(pins, now),
+                pinned=pins,
+                updated_at_ms=now,
+            )
+
+        return await self._member_view(await self._change(group_id, [user_id], decide))
+
+    def _group_updated(
+        self, state: GroupState, user_id: str, changed: str, update: dict[str, Any], **fields: Any
+    ) -> _Change[Group]:
+        """The change of one of the group's fields, with its group_updated event."""
+        events = _Events(state)
+        updated = replace(state.group, **fields, version=events.next_version)
+        events.add(
+            "group_updated",
+            user_id,
+            group_updated={"group": group_to_proto(updated), "changed_fields": [changed]},
+        )
+        return _Change(update, updated, events.events)
+
+    async def _member_view(self, group: Group) -> Group:
+        """The group as a member sees it: its pins as they are now."""
+        [shown] = await self.conversation.as_members_see([group])
+        return shown
 
     # Membership
 
@@ -505,9 +583,12 @@ class GroupsApp:
 
     async def list_my_groups(
         self, user_id: str, after_group: str | None, limit: int
-    ) -> list[tuple[Group, Membership]]:
+    ) -> list[GroupConversation]:
         rows = await self._store.memberships_of_user(user_id)
-        return [r for r in rows if after_group is None or r[0].group_id > after_group][:limit]
+        page = [r for r in rows if after_group is None or r[0].group_id > after_group][:limit]
+        return await self._as_conversations(
+            user_id, [GroupConversation(g, m, domain.activity_for_member(g, m)) for g, m in page]
+        )
 
     async def list_group_conversations(
         self, user_id: str, before_activity_ms: int, before_group_id: str, limit: int
@@ -529,28 +610,75 @@ class GroupsApp:
             conversations = [
                 c for c in conversations if (c.activity_ms, c.group.group_id) < position
             ]
-        return conversations[:limit], len(conversations) > limit
+        page = await self._as_conversations(user_id, conversations[:limit])
+        return page, len(conversations) > limit
+
+    async def _as_conversations(
+        self, user_id: str, page: list[GroupConversation]
+    ) -> list[GroupConversation]:
+        """The page with its groups as the member sees them and their mention counts."""
+        groups, mentions = await asyncio.gather(
+            self.conversation.as_members_see([c.group for c in page]),
+            self.conversation.mention_counts(user_id, [c.membership for c in page]),
+        )
+        return [
+            replace(c, group=g, mention_count=mentions.get(g.group_id, 0))
+            for c, g in zip(page, groups, strict=True)
+        ]
 
     # Messages
 
     async def send_message(
-        self, user_id: str, group_id: str, text: str, mentions: list[str], client_msg_id: str
+        self,
+        user_id: str,
+        group_id: str,
+        text: str,
+        mentions: list[str],
+        client_msg_id: str,
+        *,
+        shared_post_id: str = "",
+        reply_to_seq: int = 0,
+        mention_all: bool = False,
     ) -> Message:
-        domain.validate_message(text, mentions, client_msg_id)
+        """Post the group's next message: text, or a shared post (anyone's published one),
+        optionally replying to an earlier message, and from the owner or an admin
+        optionally to everyone (@all, limited per group)."""
+        domain.validate_message(
+            text, mentions, client_msg_id, shared_post_id=shared_post_id, reply_to_seq=reply_to_seq
+        )
         state = await self._load(group_id, user_id, activity=False)
         member = self._member(state, user_id)
         key = domain.dedup_key(group_id, user_id, client_msg_id)
         try:
             now = self._clock()
             domain.ensure_can_send(member, now)
+            if mention_all:
+                rules.ensure_may_mention_all(member)
+            shared, quote = await self.conversation.attachments(
+                group_id, shared_post_id, reply_to_seq
+            )
             self._send_rate.take(user_id, now)
             await self._take_slow_mode_slot(state.group, member, now, key)
-        except (domain.Muted, SendRateLimited, domain.SlowMode):
+            if mention_all:
+                await self.conversation.take_mention_all_slot(member, now, key)
+        except DomainError:
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return first  # a retry of what was sent before: it costs nothing again
             raise
+        draft = Message(
+            group_id,
+            0,
+            user_id,
+            text,
+            tuple(mentions),
+            client_msg_id,
+            0,
+            mention_all=mention_all,
+            shared_post=shared,
+            reply_to=quote,
+        )
         async with self._senders.hold(group_id):
-            message, events = await self._append(group_id, user_id, text, mentions, client_msg_id)
+            message, events = await self._append(draft)
         if events:
             await self._finish_message(message)
             self._outbox.committed(self._store.messages, storage.message_id(message), events)
@@ -572,26 +700,22 @@ class GroupsApp:
         if last_sent is not None:
             raise domain.slow_mode_refusal(group, member, last_sent, now)
 
-    async def _append(
-        self, group_id: str, user_id: str, text: str, mentions: list[str], client_msg_id: str
-    ) -> tuple[Message, list[OutgoingEvent]]:
-        """Store the message as the group's next seq with its event; (the first message, [])
+    async def _append(self, draft: Message) -> tuple[Message, list[OutgoingEvent]]:
+        """Store `draft` as the group's next seq with its event; (the first message, [])
         when a concurrent retry with the same client message id stored it first."""
-        key = domain.dedup_key(group_id, user_id, client_msg_id)
+        group_id, key = draft.group_id, draft.dedup_key
         last = self._last_seqs.get(group_id)
         while True:
             if last is None:
                 last = await self._store.last_message_seq(group_id)
             seq = last + 1
-            message = Message(
-                group_id, seq, user_id, text, tuple(mentions), client_msg_id, self._clock()
-            )
+            message = replace(draft, seq=seq, sent_at_ms=self._clock(), version=1)
             event = new_event(
                 "groups",
                 "group_message_posted",
                 aggregate_id=group_id,
                 aggregate_version=seq,
-                user_id=user_id,
+                user_id=draft.sender_id,
                 group_message_posted={"message": message_to_proto(message)},
             )
             if await self._store.insert_message(message, [event]):
@@ -615,7 +739,8 @@ class GroupsApp:
     ) -> tuple[list[Message], bool]:
         domain.validate_seqs(after_seq=after_seq, before_seq=before_seq)
         self._member(await self._load(group_id, user_id, activity=False), user_id)
-        return await self._store.messages_page(group_id, after_seq, before_seq, limit)
+        messages, more = await self._store.messages_page(group_id, after_seq, before_seq, limit)
+        return await self.conversation.as_read(messages), more
 
     async def mark_read(self, user_id: str, group_id: str, read_seq: int) -> tuple[int, int]:
         """Returns (read position, unread count)."""
@@ -746,6 +871,12 @@ class GroupsApp:
         guesses.move_to_end(group_id)
         if len(guesses) > GUESSES_KEPT:
             guesses.popitem(last=False)
+
+    async def member_state(self, group_id: str, user_id: str) -> tuple[GroupState, Membership]:
+        """The group (without its activity) and the caller's membership; NOT_A_MEMBER when
+        they are none."""
+        state = await self._load(group_id, user_id, activity=False)
+        return state, self._member(state, user_id)
 
     @staticmethod
     def _member(state: GroupState, user_id: str) -> Membership:

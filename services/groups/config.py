@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.groups.app import GroupsLimits
+from services.groups.message_rules import DEFAULT_REACTION_EMOJIS, ContentLimits
 from services.kit.config import Env, EventSettings, ServerConfig
 from services.kit.rate import SendRateLimit
 
@@ -27,6 +28,18 @@ class GroupsConfig:
                 join_rate_window_seconds=env.integer("JOIN_RATE_WINDOW_SECONDS", 60, minimum=1),
                 max_mute_seconds=env.integer("MAX_MUTE_SECONDS", 30 * 86_400, minimum=1),
                 send_rate=SendRateLimit.from_env(env),
+                content=ContentLimits(
+                    recall_window_seconds=env.integer("RECALL_WINDOW_SECONDS", 120, minimum=1),
+                    mention_all_interval_seconds=env.integer(
+                        "MENTION_ALL_INTERVAL_SECONDS", 300, minimum=1
+                    ),
+                    max_pinned_messages=env.integer("MAX_PINNED_MESSAGES", 5, minimum=1),
+                    # Space-separated.
+                    reaction_emojis=tuple(
+                        env.string("REACTION_EMOJIS", " ".join(DEFAULT_REACTION_EMOJIS)).split()
+                    )
+                    or DEFAULT_REACTION_EMOJIS,
+                ),
             ),
             events=EventSettings.from_env(env),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, replace
 
@@ -151,6 +152,11 @@ class Group:
     # The post the group linked until its author hid or deleted it; "" otherwise.
     unlinked_post_id: str = ""
     last_message: Message | None = None
+    announcement: Announcement | None = None
+    # Newest pin first.
+    pinned: tuple[Pin, ...] = ()
+    # The group's recalled seqs (the latest RECALLED_KEPT): no longer unread.
+    recalled_seqs: frozenset[int] = frozenset()
 
     @property
     def is_full(self) -> bool:
@@ -163,9 +169,32 @@ class Group:
 
     def as_seen_by_outsider(self) -> Group:
         """What a non-member may see: what the plaza card shows (name, description,
-        category, cover, size, linked post), never the conversation: no last message, no
-        seq, no notice of an unlinked post."""
-        return replace(self, last_message=None, last_seq=0, unlinked_post_id="")
+        category, cover, size, linked post, announcement), never the conversation: no last
+        message, no seq, no pins, no notice of an unlinked post."""
+        return replace(
+            self,
+            last_message=None,
+            last_seq=0,
+            unlinked_post_id="",
+            pinned=(),
+            recalled_seqs=frozenset(),
+        )
+
+
+@dataclass(frozen=True)
+class Announcement:
+    text: str
+    set_by: str
+    set_at_ms: int
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A pinned message, as it was when pinned."""
+
+    message: Message
+    pinned_by: str
+    pinned_at_ms: int
 
 
 @dataclass(frozen=True)
@@ -182,7 +211,10 @@ class Membership:
 
 
 def unread_count(group: Group, member: Membership) -> int:
-    return max(group.last_seq - member.read_seq, 0)
+    """Messages after the member's read position, less those recalled since (a recalled
+    message is no longer there to read)."""
+    recalled = sum(1 for seq in group.recalled_seqs if member.read_seq < seq <= group.last_seq)
+    return max(group.last_seq - member.read_seq - recalled, 0)
 
 
 def activity_for_member(group: Group, member: Membership) -> int:
@@ -295,10 +327,15 @@ def slow_mode_applies(group: Group, member: Membership) -> bool:
     return group.settings.slow_mode_seconds > 0 and member.role < Role.ADMIN
 
 
+def retry_after_seconds(last_ms: int, every_seconds: int, now_ms: int) -> int:
+    """Whole seconds (at least 1) until `every_seconds` have passed since `last_ms`."""
+    return max(1, -(-(last_ms + every_seconds * 1000 - now_ms) // 1000))
+
+
 def slow_mode_refusal(group: Group, member: Membership, last_sent_ms: int, now_ms: int) -> SlowMode:
     """The refusal of a member's message within slow mode of their last one."""
     seconds = group.settings.slow_mode_seconds
-    retry_after = max(1, -(-(last_sent_ms + seconds * 1000 - now_ms) // 1000))
+    retry_after = retry_after_seconds(last_sent_ms, seconds, now_ms)
     return SlowMode(
         f"slow mode: one message per {seconds}s; try again in {retry_after}s",
         subject=f"user:{member.user_id}",
@@ -390,9 +427,24 @@ def ensure_outsider_may_see(group: Group, invite: Invite | None, now_ms: int) ->
     return group.as_seen_by_outsider()
 
 
-def validate_message(text: str, mentions: list[str], client_msg_id: str) -> None:
+def validate_message(
+    text: str,
+    mentions: list[str],
+    client_msg_id: str,
+    *,
+    shared_post_id: str = "",
+    reply_to_seq: int = 0,
+) -> None:
+    """A message has text (1-4,000 characters), or shares a post and then may have none."""
     check = Validator()
-    check.check(0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters")
+    if shared_post_id:
+        check.check(len(text) <= TEXT_MAX, "text", f"at most {TEXT_MAX} characters")
+    else:
+        check.check(
+            0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters"
+        )
+    check.check_id(shared_post_id, "shared_post_id", required=False)
+    check.check(reply_to_seq >= 0, "reply_to_seq", "must not be negative")
     check.check(len(mentions) <= MENTIONS_MAX, "mentions", f"at most {MENTIONS_MAX} users")
     check.check(
         all(ID_PATTERN.match(m) for m in mentions),
@@ -426,6 +478,37 @@ def validate_mute_duration(seconds: int, maximum: int) -> None:
 
 
 @dataclass(frozen=True)
+class SharedPostCard:
+    """A post's card as it was when the message shared it; `removed` once it is not
+    published any more (decided when read, never stored)."""
+
+    post_id: str
+    title: str
+    cover_url: str
+    author_id: str
+    removed: bool = False
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The earlier message a message replies to, as it was when quoted (`recalled` is
+    decided again when read)."""
+
+    seq: int
+    sender_id: str
+    excerpt: str
+    recalled: bool = False
+    shared_post_id: str = ""
+
+
+@dataclass(frozen=True)
+class Recall:
+    recalled_by: str
+    recalled_at_ms: int
+    moderation: bool
+
+
+@dataclass(frozen=True)
 class Message:
     group_id: str
     seq: int
@@ -434,6 +517,14 @@ class Message:
     mentions: tuple[str, ...]
     client_msg_id: str
     sent_at_ms: int
+    mention_all: bool = False
+    shared_post: SharedPostCard | None = None
+    reply_to: Quote | None = None
+    # Emoji -> who reacted with it, in the order they did.
+    reactions: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    recall: Recall | None = None
+    # 1 when sent, one more per reaction change and for the recall.
+    version: int = 1
 
     @property
     def dedup_key(self) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from groupchat.content.v1 import content_pb2
 from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2
 
@@ -10,9 +11,12 @@ from services.groups.domain import (
     Invite,
     Membership,
     Message,
+    SharedPostCard,
     activity_for_member,
     unread_count,
 )
+from services.groups.message_rules import reaction_counts
+from services.kit.posts import as_removed
 from services.kit.timestamps import timestamp_from_ms
 
 # The join source every join with an invite counts as, in the creator's insights.
@@ -40,6 +44,21 @@ def group_to_proto(g: Group) -> groups_pb2.Group:
         last_activity_at=timestamp_from_ms(g.last_activity_ms),
         unlinked_post_id=g.unlinked_post_id,
         slow_mode_seconds=s.slow_mode_seconds,
+        announcement=groups_pb2.Announcement(
+            text=g.announcement.text,
+            set_by=g.announcement.set_by,
+            set_at=timestamp_from_ms(g.announcement.set_at_ms),
+        )
+        if g.announcement
+        else None,
+        pinned=[
+            groups_pb2.PinnedMessage(
+                message=message_to_proto(p.message),
+                pinned_by=p.pinned_by,
+                pinned_at=timestamp_from_ms(p.pinned_at_ms),
+            )
+            for p in g.pinned
+        ],
     )
 
 
@@ -67,12 +86,13 @@ def invite_event_payload(i: Invite) -> events_pb2.InviteCreated:
     return event
 
 
-def my_group_to_proto(g: Group, m: Membership) -> groups_pb2.MyGroup:
+def my_group_to_proto(g: Group, m: Membership, mention_count: int = 0) -> groups_pb2.MyGroup:
     """A group as one of the member's conversations."""
     return groups_pb2.MyGroup(
         group=group_to_proto(g),
         membership=member_to_proto(m),
         unread_count=unread_count(g, m),
+        mention_count=mention_count,
         last_activity_at=timestamp_from_ms(activity_for_member(g, m)),
     )
 
@@ -90,8 +110,9 @@ def member_to_proto(m: Membership) -> groups_pb2.Member:
     return member
 
 
-def message_to_proto(m: Message) -> groups_pb2.GroupMessage:
-    return groups_pb2.GroupMessage(
+def message_to_proto(m: Message, viewer: str | None = None) -> groups_pb2.GroupMessage:
+    """The message; its reactions say `mine` for `viewer` (none in events)."""
+    message = groups_pb2.GroupMessage(
         group_id=m.group_id,
         seq=m.seq,
         sender_id=m.sender_id,
@@ -99,7 +120,40 @@ def message_to_proto(m: Message) -> groups_pb2.GroupMessage:
         mentions=list(m.mentions),
         client_msg_id=m.client_msg_id,
         sent_at=timestamp_from_ms(m.sent_at_ms),
+        mention_all=m.mention_all,
+        shared_post=shared_post_to_proto(m.shared_post) if m.shared_post else None,
+        reactions=[
+            content_pb2.Reaction(emoji=e, count=n, mine=mine)
+            for e, n, mine in reaction_counts(m, viewer)
+        ],
+        version=m.version,
     )
+    if (q := m.reply_to) is not None:
+        message.reply_to.CopyFrom(
+            content_pb2.Quote(
+                seq=q.seq,
+                sender_id=q.sender_id,
+                excerpt=q.excerpt,
+                recalled=q.recalled,
+                shared_post_id=q.shared_post_id,
+            )
+        )
+    if (r := m.recall) is not None:
+        message.recall.CopyFrom(
+            content_pb2.Recall(
+                recalled_by=r.recalled_by,
+                recalled_at=timestamp_from_ms(r.recalled_at_ms),
+                moderation=r.moderation,
+            )
+        )
+    return message
+
+
+def shared_post_to_proto(p: SharedPostCard) -> content_pb2.SharedPost:
+    card = content_pb2.SharedPost(
+        post_id=p.post_id, title=p.title, cover_url=p.cover_url, author_id=p.author_id
+    )
+    return as_removed(card) if p.removed else card
 
 
 def category_name(value: int) -> str | None:

@@ -20,8 +20,14 @@ Collections:
   user_groups     per user, a lease per group joined or being joined: the per-user limit, and
                   where a user's groups are found
   join_windows    join attempts per user and rate window (TTL)
-  send_slots      per (group, member) under slow mode: when they last sent (TTL)
-  posts           the platform's posts, as far as linking one needs
+  send_slots      per (group, member) under slow mode: when they last sent (TTL); per group,
+                  when someone last mentioned everyone
+  posts           the platform's posts, as far as linking and sharing one needs
+  records         one per event that changes no document of its own (a card viewed, a
+                  shared post opened): Outbox.record (TTL)
+
+A message's reactions are a map emoji -> user ids ("reactions.👍": emoji are valid field
+names on MongoDB and SecantusDB alike); a recalled message keeps only its tombstone.
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from services.groups.domain import (
+    Announcement,
     Group,
     GroupSettings,
     Invite,
     Membership,
     Message,
+    Pin,
+    Quote,
+    Recall,
     Role,
+    SharedPostCard,
 )
+from services.groups.message_rules import RECALLED_KEPT
 from services.kit.documents import upsert_and_read, upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, pending, with_pending
@@ -66,6 +78,8 @@ _GROUP_FIELDS = (
     "unlinked_post_id",
     "dissolved",
     "invite_count",
+    "announcement",
+    "pinned",
 )
 
 
@@ -97,6 +111,7 @@ class GroupsStore:
         self._join_windows = db["join_windows"]
         self._send_slots = db["send_slots"]
         self.posts = PostsStore(db["posts"])
+        self.records = db["records"]
 
     async def create_indexes(self) -> None:
         await self.groups.create_index("create_key", unique=True, sparse=True)
@@ -104,6 +119,15 @@ class GroupsStore:
         # A message's _id is "<group>:<seq>": the _id index keeps seqs unique.
         await self.messages.create_index([("group_id", ASCENDING), ("seq", ASCENDING)])
         await self.messages.create_index("dedup_key", unique=True, sparse=True)
+        # Unread mentions of a member (mention_counts): each branch of its $or on one index.
+        await self.messages.create_index(
+            [("mentions", ASCENDING), ("group_id", ASCENDING), ("seq", ASCENDING)]
+        )
+        await self.messages.create_index(
+            [("mention_all", ASCENDING), ("group_id", ASCENDING), ("seq", ASCENDING)],
+            sparse=True,
+        )
+        await self.records.create_index("expires_at", expireAfterSeconds=0)
         await self._join_windows.create_index("expires_at", expireAfterSeconds=0)
         await self._send_slots.create_index("expires_at", expireAfterSeconds=0)
 
@@ -234,13 +258,20 @@ class GroupsStore:
     async def record_last_message(self, message: Message) -> None:
         """Make `message` the group's newest unless a later one is recorded already: the
         seq, the message and the activity time move together (not a change of the group:
-        its version stays)."""
+        its version stays). A recalled message replaces itself there with its tombstone,
+        and joins the group's recalled seqs (bounded, each once)."""
+        recalled = message.recall is not None
         await upsert_where(
             self._activity,
             message.group_id,
-            {"last_seq": {"$lt": message.seq}},
+            {"last_seq": {"$lte" if recalled else "$lt": message.seq}},
             {"$set": {"last_seq": message.seq, "last_message": _message_doc(message)}},
         )
+        if recalled:  # the activity document exists by now
+            await self._activity.update_one(
+                {"_id": message.group_id, "recalled": {"$ne": message.seq}},
+                {"$push": {"recalled": {"$each": [message.seq], "$slice": -RECALLED_KEPT}}},
+            )
 
     async def group_ids_linking(self, post_id: str) -> list[str]:
         docs = await self.groups.find(
@@ -372,6 +403,62 @@ class GroupsStore:
         )
         return [message_from_doc(d) for d in docs], more
 
+    async def get_message(self, group_id: str, seq: int) -> Message | None:
+        doc = await self.messages.find_one({"_id": f"{group_id}:{seq}"})
+        return message_from_doc(doc) if doc else None
+
+    async def messages_by_id(self, ids: set[tuple[str, int]]) -> dict[tuple[str, int], Message]:
+        """The messages (group id, seq) that exist, in one query."""
+        if not ids:
+            return {}
+        docs = await self.messages.find(
+            {"_id": {"$in": sorted(f"{g}:{seq}" for g, seq in ids)}}
+        ).to_list(None)
+        return {(d["group_id"], d["seq"]): message_from_doc(d) for d in docs}
+
+    async def recalled_among(self, ids: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of the messages (group id, seq) are recalled, in one query."""
+        if not ids:
+            return set()
+        docs = await self.messages.find(
+            {
+                "_id": {"$in": sorted(f"{g}:{seq}" for g, seq in ids)},
+                "recall": {"$exists": True},
+            },
+            {"group_id": 1, "seq": 1},
+        ).to_list(None)
+        return {(d["group_id"], d["seq"]) for d in docs}
+
+    async def commit_message(
+        self, message: Message, change: dict[str, Any], events: list[OutgoingEvent]
+    ) -> bool:
+        """Apply `change` with `events` to the message unless it changed since it was read
+        at `message.version` (False: read again and decide again)."""
+        result = await self.messages.update_one(
+            {"_id": message_id(message), "version": message.version},
+            merged(change, {"$inc": {"version": 1}}, pending(events)),
+        )
+        return bool(result.matched_count)
+
+    async def mention_counts(self, user_id: str, read_seqs: dict[str, int]) -> dict[str, int]:
+        """Per group, the messages after the member's read position (group id -> seq) that
+        mention them or everyone, neither recalled nor their own: one query for all their
+        groups, each branch on a mentions index."""
+        if not read_seqs:
+            return {}
+        branches: list[dict[str, Any]] = []
+        for group_id, read_seq in read_seqs.items():
+            after = {"group_id": group_id, "seq": {"$gt": read_seq}}
+            branches += [{"mentions": user_id, **after}, {"mention_all": True, **after}]
+        docs = await self.messages.find(
+            {"$or": branches, "recall": {"$exists": False}, "sender_id": {"$ne": user_id}},
+            {"group_id": 1},
+        ).to_list(None)
+        counts: dict[str, int] = {}
+        for doc in docs:
+            counts[doc["group_id"]] = counts.get(doc["group_id"], 0) + 1
+        return counts
+
 
 # The updates a command makes to a group document (see GroupsStore.commit).
 
@@ -445,6 +532,48 @@ def set_settings(
     }
 
 
+def set_announcement(announcement: Announcement | None, now_ms: int) -> dict[str, Any]:
+    if announcement is None:
+        return {"$unset": {"announcement": ""}, "$set": {"updated_at_ms": now_ms}}
+    entry = {
+        "text": announcement.text,
+        "set_by": announcement.set_by,
+        "set_at_ms": announcement.set_at_ms,
+    }
+    return {"$set": {"announcement": entry, "updated_at_ms": now_ms}}
+
+
+def set_pins(pins: tuple[Pin, ...], now_ms: int) -> dict[str, Any]:
+    entries = [
+        {
+            "message": _message_doc(p.message),
+            "pinned_by": p.pinned_by,
+            "pinned_at_ms": p.pinned_at_ms,
+        }
+        for p in pins
+    ]
+    return {"$set": {"pinned": entries, "updated_at_ms": now_ms}}
+
+
+# The updates a command makes to a message document (see GroupsStore.commit_message).
+
+
+def set_reaction(emoji: str, users: tuple[str, ...]) -> dict[str, Any]:
+    field = f"reactions.{emoji}"
+    return {"$set": {field: list(users)}} if users else {"$unset": {field: ""}}
+
+
+def recall(tombstone: Message) -> dict[str, Any]:
+    """Delete what the message said, shared and quoted (not just hide it); keep the
+    tombstone."""
+    assert tombstone.recall is not None
+    gone = ("text", "mentions", "mention_all", "shared_post", "reply_to", "reactions")
+    return {
+        "$unset": {name: "" for name in gone},
+        "$set": {"recall": _recall_doc(tombstone.recall)},
+    }
+
+
 def unlink_post(post_id: str, now_ms: int) -> dict[str, Any]:
     return {"$set": {"linked_post_id": "", "unlinked_post_id": post_id, "updated_at_ms": now_ms}}
 
@@ -515,6 +644,12 @@ def _group(doc: dict[str, Any], activity: dict[str, Any] | None) -> Group:
         version=doc["version"],
         unlinked_post_id=doc.get("unlinked_post_id", ""),
         last_message=message_from_doc(last) if last else None,
+        announcement=Announcement(**doc["announcement"]) if doc.get("announcement") else None,
+        pinned=tuple(
+            Pin(message_from_doc(p["message"]), p["pinned_by"], p["pinned_at_ms"])
+            for p in doc.get("pinned") or []
+        ),
+        recalled_seqs=frozenset((activity or {}).get("recalled") or ()),
     )
 
 
@@ -561,24 +696,66 @@ def _with_read_seq(m: Membership, read_seq: int) -> Membership:
 
 
 def _message_doc(m: Message) -> dict[str, Any]:
-    return {
+    """A message as stored: what it does not carry is absent (a tombstone has no text)."""
+    doc: dict[str, Any] = {
         "group_id": m.group_id,
         "seq": m.seq,
         "sender_id": m.sender_id,
-        "text": m.text,
-        "mentions": list(m.mentions),
         "client_msg_id": m.client_msg_id,
         "sent_at_ms": m.sent_at_ms,
+        "version": m.version,
+    }
+    if m.recall is not None:
+        doc["recall"] = _recall_doc(m.recall)
+        return doc
+    doc |= {"text": m.text, "mentions": list(m.mentions)}
+    if m.mention_all:
+        doc["mention_all"] = True
+    if m.shared_post is not None:
+        p = m.shared_post
+        doc["shared_post"] = {
+            "post_id": p.post_id,
+            "title": p.title,
+            "cover_url": p.cover_url,
+            "author_id": p.author_id,
+        }
+    if m.reply_to is not None:
+        q = m.reply_to
+        doc["reply_to"] = {
+            "seq": q.seq,
+            "sender_id": q.sender_id,
+            "excerpt": q.excerpt,
+            "recalled": q.recalled,
+            "shared_post_id": q.shared_post_id,
+        }
+    if m.reactions:
+        doc["reactions"] = {emoji: list(users) for emoji, users in m.reactions.items()}
+    return doc
+
+
+def _recall_doc(r: Recall) -> dict[str, Any]:
+    return {
+        "recalled_by": r.recalled_by,
+        "recalled_at_ms": r.recalled_at_ms,
+        "moderation": r.moderation,
     }
 
 
 def message_from_doc(doc: dict[str, Any]) -> Message:
+    shared, quote, recall = doc.get("shared_post"), doc.get("reply_to"), doc.get("recall")
     return Message(
         group_id=doc["group_id"],
         seq=doc["seq"],
         sender_id=doc["sender_id"],
-        text=doc["text"],
-        mentions=tuple(doc["mentions"]),
+        text=doc.get("text", ""),
+        mentions=tuple(doc.get("mentions") or ()),
         client_msg_id=doc["client_msg_id"],
         sent_at_ms=doc["sent_at_ms"],
+        mention_all=bool(doc.get("mention_all")),
+        shared_post=SharedPostCard(**shared) if shared else None,
+        reply_to=Quote(**quote) if quote else None,
+        reactions={e: tuple(u) for e, u in (doc.get("reactions") or {}).items() if u},
+        recall=Recall(**recall) if recall else None,
+        # Messages stored before versions were kept are at their first.
+        version=doc.get("version", 1),
     )
