@@ -39,6 +39,12 @@ GROUPS_IDEMPOTENT = (
     # Revoking an invite that is gone already changes nothing. CreateInvite is not here: a
     # second call makes a second invite.
     "RevokeInvite",
+    # Idempotent by design: a reaction the caller has already, a recall of a recalled
+    # message, the same announcement or pin again change nothing.
+    "ReactToGroupMessage",
+    "RecallGroupMessage",
+    "SetGroupAnnouncement",
+    "PinGroupMessage",
 )
 MESSAGING_IDEMPOTENT = (
     "ListDirectMessages",
