@@ -266,7 +266,7 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
     async def SetGroupAnnouncement(
         self, request: pb.SetGroupAnnouncementRequest, context: Ctx
     ) -> pb.SetGroupAnnouncementResponse:
-        group = await self._app.set_announcement(
+        group = await self._app.board.set_announcement(
             current_identity().user_id, request.group_id, request.text
         )
         return pb.SetGroupAnnouncementResponse(group=group_to_proto(group))
@@ -274,7 +274,7 @@ class GroupsServicer(groups_pb2_grpc.GroupsServicer):
     async def PinGroupMessage(
         self, request: pb.PinGroupMessageRequest, context: Ctx
     ) -> pb.PinGroupMessageResponse:
-        group = await self._app.pin_message(
+        group = await self._app.board.pin_message(
             current_identity().user_id, request.group_id, request.seq, request.unpin
         )
         return pb.PinGroupMessageResponse(group=group_to_proto(group))

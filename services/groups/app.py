@@ -15,12 +15,14 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
 import structlog
 
 from services.groups import domain, storage
 from services.groups import message_rules as rules
+from services.groups.board import Board
+from services.groups.changes import Change, GroupEvents, member_of
 from services.groups.conversation import Conversation
 from services.groups.domain import (
     Banned,
@@ -34,7 +36,6 @@ from services.groups.domain import (
     MemberNotFound,
     Membership,
     Message,
-    NotAMember,
     Role,
 )
 from services.groups.mapping import (
@@ -105,40 +106,6 @@ class GroupConversation:
     mention_count: int = 0
 
 
-@dataclass
-class _Change(Generic[T]):
-    """What a command decided: the update of the group document, its events, and what the
-    command returns once it is committed."""
-
-    update: dict[str, Any]
-    result: T
-    events: list[OutgoingEvent] = field(default_factory=list)
-
-
-class _Events:
-    """The events of one change to a group, numbered on from the version it was read at."""
-
-    def __init__(self, state: GroupState) -> None:
-        self._group = state.group
-        self.events: list[OutgoingEvent] = []
-
-    @property
-    def next_version(self) -> int:
-        return self._group.version + len(self.events) + 1
-
-    def add(self, event_type: str, user_id: str, **payload: Any) -> None:
-        self.events.append(
-            new_event(
-                "groups",
-                event_type,
-                aggregate_id=self._group.group_id,
-                aggregate_version=self.next_version,
-                user_id=user_id,
-                **payload,
-            )
-        )
-
-
 class GroupsApp:
     def __init__(
         self,
@@ -165,6 +132,10 @@ class GroupsApp:
         # Reactions, recalls, what a message carries and how it reads now.
         self.conversation = Conversation(
             store, outbox, limits.content, clock, self.member_state, self._finish_message
+        )
+        # The announcement and pins.
+        self.board = Board(
+            store, limits.content, clock, self._change, self.member_state, self.conversation
         )
 
     async def start(self) -> None:
@@ -244,15 +215,15 @@ class GroupsApp:
         if "linked_post_id" in fields:
             await self._check_link(user_id, changes.linked_post_id)
 
-        def decide(state: GroupState) -> _Change[Group]:
-            domain.ensure_can_manage(self._member(state, user_id))
+        def decide(state: GroupState) -> Change[Group]:
+            domain.ensure_can_manage(member_of(state, user_id))
             group = state.group
             settings = replace(group.settings, **{f: getattr(changes, f) for f in fields})
             settings.validate(self._limits.max_capacity)
             domain.ensure_capacity_fits(settings, group.member_count)
             now = self._clock()
             unlinked = domain.unlinked_post_after_update(group, settings)
-            events = _Events(state)
+            events = GroupEvents(state)
             updated = replace(
                 group,
                 settings=settings,
@@ -266,75 +237,10 @@ class GroupsApp:
                 group_updated={"group": group_to_proto(updated), "changed_fields": sorted(fields)},
             )
             update = storage.set_settings(settings, group.member_count, unlinked, now)
-            return _Change(update, updated, events.events)
+            return Change(update, updated, events.events)
 
         updated = await self._change(group_id, [user_id], decide)
         return await self._settle_link(updated)
-
-    async def set_announcement(self, user_id: str, group_id: str, text: str) -> Group:
-        """Owner and admins; an empty text clears it, the same text again changes nothing."""
-        rules.validate_announcement(text)
-
-        def decide(state: GroupState) -> _Change[Group]:
-            domain.ensure_can_manage(self._member(state, user_id))
-            now = self._clock()
-            changes, announcement = rules.announcement_after(state.group, text, user_id, now)
-            if not changes:
-                return _Change({}, state.group)
-            return self._group_updated(
-                state,
-                user_id,
-                "announcement",
-                storage.set_announcement(announcement, now),
-                announcement=announcement,
-                updated_at_ms=now,
-            )
-
-        return await self._member_view(await self._change(group_id, [user_id], decide))
-
-    async def pin_message(self, user_id: str, group_id: str, seq: int, unpin: bool) -> Group:
-        """Owner and admins; newest pin first, at most MAX_PINNED_MESSAGES."""
-        rules.validate_seq(seq)
-        message = await self._store.get_message(group_id, seq)
-        if message is None:
-            self._member(await self._load(group_id, user_id, activity=False), user_id)
-            raise rules.no_such_message("seq")
-
-        def decide(state: GroupState) -> _Change[Group]:
-            domain.ensure_can_manage(self._member(state, user_id))
-            now = self._clock()
-            limit = self._limits.content.max_pinned_messages
-            pins = rules.pins_after(state.group, message, user_id, now, unpin, limit)
-            if pins is None:
-                return _Change({}, state.group)
-            return self._group_updated(
-                state,
-                user_id,
-                "pinned",
-                storage.set_pins(pins, now),
-                pinned=pins,
-                updated_at_ms=now,
-            )
-
-        return await self._member_view(await self._change(group_id, [user_id], decide))
-
-    def _group_updated(
-        self, state: GroupState, user_id: str, changed: str, update: dict[str, Any], **fields: Any
-    ) -> _Change[Group]:
-        """The change of one of the group's fields, with its group_updated event."""
-        events = _Events(state)
-        updated = replace(state.group, **fields, version=events.next_version)
-        events.add(
-            "group_updated",
-            user_id,
-            group_updated={"group": group_to_proto(updated), "changed_fields": [changed]},
-        )
-        return _Change(update, updated, events.events)
-
-    async def _member_view(self, group: Group) -> Group:
-        """The group as a member sees it: its pins as they are now."""
-        [shown] = await self.conversation.as_members_see([group])
-        return shown
 
     # Membership
 
@@ -357,16 +263,16 @@ class GroupsApp:
         # a concurrent join of the same user that renewed it and got in.
         lease = await self._take_lease(user_id, group_id)
 
-        def decide(state: GroupState) -> _Change[JoinResult]:
+        def decide(state: GroupState) -> Change[JoinResult]:
             if existing := state.member(user_id):  # the same user joined concurrently
-                return _Change({}, JoinResult(existing, state.group, joined=False))
+                return Change({}, JoinResult(existing, state.group, joined=False))
             # Decided on the version the write is conditional on: an invite's last use goes
             # to one join only, however many race for it.
             domain.ensure_may_enter(state.group, invite_code, state.invite, self._clock())
             self._ensure_may_join(state, user_id)
             group = state.group
             member = Membership(group_id, user_id, Role.MEMBER, self._clock(), 0, group.last_seq)
-            events = _Events(state)
+            events = GroupEvents(state)
             seated = replace(
                 group, member_count=group.member_count + 1, version=events.next_version
             )
@@ -382,7 +288,7 @@ class GroupsApp:
             update = storage.add_member(member, lease)
             if state.invite is not None:
                 update = merged(update, storage.use_invite(state.invite.code))
-            return _Change(update, JoinResult(member, seated, True), events.events)
+            return Change(update, JoinResult(member, seated, True), events.events)
 
         # The group as read above is the first guess: only a change since costs a new read.
         return await self._change(group_id, [user_id], decide, read=state, invite_code=invite_code)
@@ -395,8 +301,8 @@ class GroupsApp:
         domain.validate_invite_terms(expires_in_seconds, max_uses)
         code = secrets.token_urlsafe(12)  # 16 characters of [A-Za-z0-9_-]: an id
 
-        def decide(state: GroupState) -> _Change[Invite]:
-            domain.ensure_can_manage(self._member(state, user_id))
+        def decide(state: GroupState) -> Change[Invite]:
+            domain.ensure_can_manage(member_of(state, user_id))
             if state.invite_count >= INVITES_MAX:
                 raise domain.TooManyInvites(
                     f"the group holds {INVITES_MAX} invites, the most allowed: revoke some"
@@ -411,9 +317,9 @@ class GroupsApp:
                 max_uses=max_uses,
                 uses=0,
             )
-            events = _Events(state)
+            events = GroupEvents(state)
             events.add("invite_created", user_id, invite_created=invite_event_payload(invite))
-            return _Change(storage.add_invite(invite), invite, events.events)
+            return Change(storage.add_invite(invite), invite, events.events)
 
         return await self._change(group_id, [user_id], decide)
 
@@ -421,34 +327,34 @@ class GroupsApp:
         """Delete the invite; one that is gone already changes nothing (a retry is safe)."""
         domain.validate_invite_code(code, required=True)
 
-        def decide(state: GroupState) -> _Change[None]:
-            domain.ensure_can_manage(self._member(state, user_id))
+        def decide(state: GroupState) -> Change[None]:
+            domain.ensure_can_manage(member_of(state, user_id))
             if state.invite is None:
-                return _Change({}, None)
-            events = _Events(state)
+                return Change({}, None)
+            events = GroupEvents(state)
             events.add(
                 "invite_revoked",
                 user_id,
                 invite_revoked={"group_id": group_id, "revoked_by": user_id},
             )
-            return _Change(storage.remove_invite(code), None, events.events)
+            return Change(storage.remove_invite(code), None, events.events)
 
         await self._change(group_id, [user_id], decide, invite_code=code)
 
     async def leave_group(self, user_id: str, group_id: str) -> bool:
         """Leave; returns True when the caller was the last member and the group dissolved."""
 
-        def decide(state: GroupState) -> _Change[tuple[bool, int]]:
-            member = self._member(state, user_id)
+        def decide(state: GroupState) -> Change[tuple[bool, int]]:
+            member = member_of(state, user_id)
             lease = state.leases[user_id]
             group = state.group
             domain.ensure_can_leave(member, group.member_count)
-            events = _Events(state)
+            events = GroupEvents(state)
             if member.role == Role.OWNER:
                 # One event for the one fact: the group is gone, its last member with it.
                 events.add("group_dissolved", user_id, group_dissolved={"group_id": group_id})
                 update = storage.dissolve(group.settings.capacity)
-                return _Change(update, (True, lease), events.events)
+                return Change(update, (True, lease), events.events)
             events.add(
                 "member_left",
                 user_id,
@@ -458,7 +364,7 @@ class GroupsApp:
                     "member_count": group.member_count - 1,
                 },
             )
-            return _Change(storage.remove_member(user_id), (False, lease), events.events)
+            return Change(storage.remove_member(user_id), (False, lease), events.events)
 
         dissolved, lease = await self._change(group_id, [user_id], decide)
         await self._store.release_lease(user_id, group_id, lease)
@@ -471,9 +377,9 @@ class GroupsApp:
     async def remove_member(self, actor_id: str, group_id: str, target_id: str, ban: bool) -> None:
         domain.validate_id(target_id, "user_id")
 
-        def decide(state: GroupState) -> _Change[int | None]:
+        def decide(state: GroupState) -> Change[int | None]:
             """The removed member's lease stamp; None when nobody was removed."""
-            actor = self._member(state, actor_id)
+            actor = member_of(state, actor_id)
             target = state.member(target_id)
             now = self._clock()
             if target is None:
@@ -484,13 +390,13 @@ class GroupsApp:
                 # Banning someone who is not (or no longer) a member keeps them out.
                 domain.ensure_can_manage(actor)
                 if target_id in state.banned:
-                    return _Change({}, None)
-                return _Change(storage.ban(target_id, actor_id, now), None)
+                    return Change({}, None)
+                return Change(storage.ban(target_id, actor_id, now), None)
             domain.ensure_can_moderate(actor, target)
             update = storage.remove_member(target_id)
             if ban:
                 update = merged(update, storage.ban(target_id, actor_id, now))
-            events = _Events(state)
+            events = GroupEvents(state)
             events.add(
                 "member_removed",
                 target_id,
@@ -502,7 +408,7 @@ class GroupsApp:
                     "member_count": state.group.member_count - 1,
                 },
             )
-            return _Change(update, state.leases[target_id], events.events)
+            return Change(update, state.leases[target_id], events.events)
 
         lease = await self._change(group_id, [actor_id, target_id], decide)
         if lease is not None:
@@ -514,14 +420,14 @@ class GroupsApp:
         role = domain.assignable_role(role_value)
         domain.validate_id(target_id, "user_id")
 
-        def decide(state: GroupState) -> _Change[Membership]:
-            actor = self._member(state, actor_id)
+        def decide(state: GroupState) -> Change[Membership]:
+            actor = member_of(state, actor_id)
             target = self._target(state, target_id)
             domain.ensure_can_set_role(actor, target, role)
             updated = replace(target, role=role)
-            events = _Events(state)
+            events = GroupEvents(state)
             self._member_changed(events, updated, "member_role_changed", actor_id)
-            return _Change(storage.set_member(updated), updated, events.events)
+            return Change(storage.set_member(updated), updated, events.events)
 
         return await self._change(group_id, [actor_id, target_id], decide)
 
@@ -531,28 +437,28 @@ class GroupsApp:
         domain.validate_mute_duration(duration_seconds, self._limits.max_mute_seconds)
         domain.validate_id(target_id, "user_id")
 
-        def decide(state: GroupState) -> _Change[Membership]:
-            actor = self._member(state, actor_id)
+        def decide(state: GroupState) -> Change[Membership]:
+            actor = member_of(state, actor_id)
             target = self._target(state, target_id)
             domain.ensure_can_moderate(actor, target)
             until = self._clock() + duration_seconds * 1000 if duration_seconds else 0
             updated = replace(target, muted_until_ms=until)
-            events = _Events(state)
+            events = GroupEvents(state)
             self._member_changed(events, updated, "member_muted", actor_id)
-            return _Change(storage.set_member(updated), updated, events.events)
+            return Change(storage.set_member(updated), updated, events.events)
 
         return await self._change(group_id, [actor_id, target_id], decide)
 
     async def transfer_ownership(self, actor_id: str, group_id: str, new_owner_id: str) -> Group:
         domain.validate_id(new_owner_id, "new_owner_id")
 
-        def decide(state: GroupState) -> _Change[Group]:
-            actor = self._member(state, actor_id)
+        def decide(state: GroupState) -> Change[Group]:
+            actor = member_of(state, actor_id)
             target = self._target(state, new_owner_id)
             domain.ensure_can_transfer(actor, target)
             new_owner = replace(target, role=Role.OWNER)
             old_owner = replace(actor, role=Role.ADMIN)
-            events = _Events(state)
+            events = GroupEvents(state)
             group = replace(state.group, owner_id=new_owner_id, version=events.next_version)
             events.add(
                 "group_updated",
@@ -566,14 +472,14 @@ class GroupsApp:
                 storage.set_member(new_owner),
                 storage.set_member(old_owner),
             )
-            return _Change(update, group, events.events)
+            return Change(update, group, events.events)
 
         return await self._change(group_id, [actor_id, new_owner_id], decide)
 
     async def list_members(
         self, user_id: str, group_id: str, after_user: str | None, limit: int
     ) -> list[Membership]:
-        self._member(await self._load(group_id, user_id, activity=False), user_id)
+        member_of(await self._load(group_id, user_id, activity=False), user_id)
         members = [
             m
             for m in await self._store.all_members(group_id)
@@ -647,7 +553,7 @@ class GroupsApp:
             text, mentions, client_msg_id, shared_post_id=shared_post_id, reply_to_seq=reply_to_seq
         )
         state = await self._load(group_id, user_id, activity=False)
-        member = self._member(state, user_id)
+        member = member_of(state, user_id)
         key = domain.dedup_key(group_id, user_id, client_msg_id)
         try:
             now = self._clock()
@@ -738,7 +644,7 @@ class GroupsApp:
         self, user_id: str, group_id: str, after_seq: int, before_seq: int, limit: int
     ) -> tuple[list[Message], bool]:
         domain.validate_seqs(after_seq=after_seq, before_seq=before_seq)
-        self._member(await self._load(group_id, user_id, activity=False), user_id)
+        member_of(await self._load(group_id, user_id, activity=False), user_id)
         messages, more = await self._store.messages_page(group_id, after_seq, before_seq, limit)
         return await self.conversation.as_read(messages), more
 
@@ -746,7 +652,7 @@ class GroupsApp:
         """Returns (read position, unread count)."""
         domain.validate_seqs(read_seq=read_seq)
         state = await self._load(group_id, user_id)
-        member = self._member(state, user_id)
+        member = member_of(state, user_id)
         group = state.group
         position = await self._store.advance_read_seq(
             group_id, user_id, min(read_seq, group.last_seq)
@@ -790,12 +696,12 @@ class GroupsApp:
         """Unlink `post_id` if the group still links it; None when it does not (unlinked
         already, linked to another post meanwhile, or the group is gone)."""
 
-        def decide(state: GroupState) -> _Change[Group | None]:
+        def decide(state: GroupState) -> Change[Group | None]:
             group = state.group
             if group.settings.linked_post_id != post_id:
-                return _Change({}, None)
+                return Change({}, None)
             now = self._clock()
-            events = _Events(state)
+            events = GroupEvents(state)
             unlinked = replace(
                 group,
                 settings=replace(group.settings, linked_post_id=""),
@@ -811,7 +717,7 @@ class GroupsApp:
                     "changed_fields": ["linked_post_id"],
                 },
             )
-            return _Change(storage.unlink_post(post_id, now), unlinked, events.events)
+            return Change(storage.unlink_post(post_id, now), unlinked, events.events)
 
         try:
             group = await self._change(group_id, [], decide)
@@ -827,7 +733,7 @@ class GroupsApp:
         self,
         group_id: str,
         user_ids: list[str],
-        decide: Callable[[GroupState], _Change[T]],
+        decide: Callable[[GroupState], Change[T]],
         *,
         read: GroupState | None = None,
         invite_code: str = "",
@@ -876,14 +782,7 @@ class GroupsApp:
         """The group (without its activity) and the caller's membership; NOT_A_MEMBER when
         they are none."""
         state = await self._load(group_id, user_id, activity=False)
-        return state, self._member(state, user_id)
-
-    @staticmethod
-    def _member(state: GroupState, user_id: str) -> Membership:
-        member = state.member(user_id)
-        if member is None:
-            raise NotAMember("you are not a member of this group", group_id=state.group.group_id)
-        return member
+        return state, member_of(state, user_id)
 
     @staticmethod
     def _target(state: GroupState, user_id: str) -> Membership:
@@ -901,7 +800,7 @@ class GroupsApp:
 
     @staticmethod
     def _member_changed(
-        events: _Events, member: Membership, event_type: str, actor_id: str
+        events: GroupEvents, member: Membership, event_type: str, actor_id: str
     ) -> None:
         by_field = "changed_by" if event_type == "member_role_changed" else "muted_by"
         events.add(
