@@ -12,7 +12,8 @@ from groupchat.events.v1 import events_pb2
 
 from services.groups.app import GroupsApp, GroupsLimits
 from services.groups.domain import GroupSettings
-from services.groups.storage import GroupsStore
+from services.groups.mapping import message_to_proto
+from services.groups.storage import GroupsStore, message_from_doc
 from services.kit.events import EventBus
 from services.kit.outbox import Outbox
 from services.kit.posts import PostChange
@@ -21,6 +22,8 @@ from tools.doctor import check_groups
 
 LIMITS = GroupsLimits()
 MESSAGE_POSTED = "groups.group_message_posted"
+# Versioned by the message (its version), not the group.
+MESSAGE_CHANGED = "groups.group_message_changed"
 
 
 @dataclass
@@ -103,18 +106,39 @@ async def assert_invariants(world: World, republished: bool = False) -> None:
     groups = {
         doc["_id"]: doc["version"] async for doc in world.db["groups"].find({}, {"version": 1})
     }
-    seqs: dict[str, list[int]] = {}
-    async for doc in world.db["messages"].find({}, {"group_id": 1, "seq": 1}):
-        seqs.setdefault(doc["group_id"], []).append(doc["seq"])
+    messages = {(doc["group_id"], doc["seq"]): doc async for doc in world.db["messages"].find({})}
     published: dict[str, list[events_pb2.Envelope]] = {}
     for event in unique.values():
         assert event.aggregate_id in groups, f"{event.type} of a group never committed"
         published.setdefault(event.aggregate_id, []).append(event)
     for group_id, version in groups.items():
         events = published.get(group_id, [])
-        changes = sorted(e.aggregate_version for e in events if e.type != MESSAGE_POSTED)
+        changes = sorted(
+            e.aggregate_version for e in events if e.type not in (MESSAGE_POSTED, MESSAGE_CHANGED)
+        )
         # The version moves by one per event: versions 1..version, each once, is every
         # committed change published and nothing else.
         assert changes == list(range(1, version + 1)), (group_id, changes, version)
         posted = sorted(e.aggregate_version for e in events if e.type == MESSAGE_POSTED)
-        assert posted == sorted(seqs.get(group_id, [])), (group_id, posted)
+        assert posted == sorted(seq for g, seq in messages if g == group_id), (group_id, posted)
+    changed: dict[tuple[str, int], list[events_pb2.Envelope]] = {}
+    for event in unique.values():
+        if event.type == MESSAGE_CHANGED:
+            key = (event.aggregate_id, event.group_message_changed.message.seq)
+            changed.setdefault(key, []).append(event)
+    for key, doc in messages.items():
+        events = sorted(changed.get(key, []), key=lambda e: e.aggregate_version)
+        # A message's changes likewise: versions 2..version, and the newest carries the
+        # message as stored (its reaction counts the reactors, its tombstone).
+        assert [e.aggregate_version for e in events] == list(range(2, doc["version"] + 1)), key
+        if events:
+            stored = message_to_proto(message_from_doc(doc))
+            assert events[-1].group_message_changed.message == stored, key
+    async for activity in world.db["group_activity"].find({}):
+        # A recall is finished too: the group knows its recalled seqs (unread counts skip
+        # them), and shows the tombstone when the recalled message is its last.
+        group_id = activity["_id"]
+        recalled = {seq for (g, seq), doc in messages.items() if g == group_id and "recall" in doc}
+        assert set(activity.get("recalled") or ()) == recalled, group_id
+        last = messages[(group_id, activity["last_seq"])]
+        assert ("recall" in activity["last_message"]) == ("recall" in last), group_id

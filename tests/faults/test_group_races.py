@@ -230,4 +230,51 @@ async def test_a_join_reusing_an_old_lease_keeps_it_against_a_stale_lease_releas
     fault.release.set()
     await stopped
     assert await check_groups(mongo_db) == []
-    assert sorted(g.group_id for g, _ in await app.list_my_groups(user, None, 10)) == sorted([x, y])
+    mine = await app.list_my_groups(user, None, 10)
+    assert sorted(c.group.group_id for c in mine) == sorted([x, y])
+
+
+# Reactions and the recall: one write per change, conditional on the message's version
+
+
+async def test_two_processes_reacting_at_once_count_every_reactor_once(
+    apps: tuple[GroupsApp, GroupsApp],
+) -> None:
+    first, second = apps
+    reactors = [f"r{n}-{uuid.uuid4().hex[:6]}" for n in range(40)]
+    group_id, owner = await a_group(first, 50, *reactors)
+    message = await first.send_message(owner, group_id, "react", [], "")
+    await settle(
+        *(
+            app.conversation.react(user, group_id, message.seq, emoji, False)
+            for n, user in enumerate(reactors)
+            for app, emoji in ((first, "👍"), (second, "👍"), (second if n % 2 else first, "🔥"))
+        )
+    )
+    stored = await first.conversation.react(reactors[0], group_id, message.seq, "👍", False)
+    assert sorted(stored.reactions["👍"]) == sorted(reactors)
+    assert sorted(stored.reactions["🔥"]) == sorted(reactors)
+    assert stored.version == 1 + 2 * len(reactors)
+
+
+async def test_reactions_racing_a_recall_leave_a_bare_tombstone(
+    apps: tuple[GroupsApp, GroupsApp], mongo_db: Any
+) -> None:
+    first, second = apps
+    reactors = [f"r{n}-{uuid.uuid4().hex[:6]}" for n in range(20)]
+    group_id, owner = await a_group(first, 30, *reactors)
+    message = await first.send_message(owner, group_id, "react", [], "")
+    reactions = [
+        (first if n % 2 else second).conversation.react(user, group_id, message.seq, "👍", False)
+        for n, user in enumerate(reactors)
+    ]
+    outcomes = await settle(
+        *reactions[:10], second.conversation.recall(owner, group_id, message.seq), *reactions[10:]
+    )
+    tombstone = await first.conversation.recall(owner, group_id, message.seq)
+    assert tombstone.recall is not None and tombstone.reactions == {}
+    reacted = sum(not isinstance(o, DomainError) for o in outcomes) - 1
+    # Each reaction before the recall moved the version once, the recall once; those after
+    # it were refused.
+    assert tombstone.version == 1 + reacted + 1
+    assert await check_groups(mongo_db) == []
