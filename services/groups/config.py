@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from services.groups.app import GroupsLimits
 from services.groups.message_rules import DEFAULT_REACTION_EMOJIS, ContentLimits
-from services.kit.config import Env, EventSettings, ServerConfig
+from services.kit.config import ConfigError, Env, EventSettings, ServerConfig
 from services.kit.rate import SendRateLimit
 
 
@@ -28,18 +28,26 @@ class GroupsConfig:
                 join_rate_window_seconds=env.integer("JOIN_RATE_WINDOW_SECONDS", 60, minimum=1),
                 max_mute_seconds=env.integer("MAX_MUTE_SECONDS", 30 * 86_400, minimum=1),
                 send_rate=SendRateLimit.from_env(env),
-                content=ContentLimits(
-                    recall_window_seconds=env.integer("RECALL_WINDOW_SECONDS", 120, minimum=1),
-                    mention_all_interval_seconds=env.integer(
-                        "MENTION_ALL_INTERVAL_SECONDS", 300, minimum=1
-                    ),
-                    max_pinned_messages=env.integer("MAX_PINNED_MESSAGES", 5, minimum=1),
-                    # Space-separated.
-                    reaction_emojis=tuple(
-                        env.string("REACTION_EMOJIS", " ".join(DEFAULT_REACTION_EMOJIS)).split()
-                    )
-                    or DEFAULT_REACTION_EMOJIS,
-                ),
+                content=content_limits(env),
             ),
             events=EventSettings.from_env(env),
         )
+
+
+def content_limits(env: Env) -> ContentLimits:
+    """The limits on what messages carry and what may happen to them afterwards."""
+    return ContentLimits(
+        recall_window_seconds=env.integer("RECALL_WINDOW_SECONDS", 120, minimum=1),
+        mention_all_interval_seconds=env.integer("MENTION_ALL_INTERVAL_SECONDS", 300, minimum=1),
+        max_pinned_messages=env.integer("MAX_PINNED_MESSAGES", 5, minimum=1),
+        reaction_emojis=_reaction_emojis(env),
+    )
+
+
+def _reaction_emojis(env: Env) -> tuple[str, ...]:
+    """REACTION_EMOJIS, space-separated. Each is a field name in a message's document, so
+    none may hold a '.' or start with '$'."""
+    emojis = tuple(env.string("REACTION_EMOJIS", " ".join(DEFAULT_REACTION_EMOJIS)).split())
+    if not emojis or any("." in e or e.startswith("$") for e in emojis):
+        raise ConfigError("REACTION_EMOJIS must be emoji separated by spaces, none with '.' or '$'")
+    return emojis

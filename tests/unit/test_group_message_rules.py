@@ -7,6 +7,7 @@ import pytest
 
 from services.groups import domain
 from services.groups import message_rules as rules
+from services.groups.config import content_limits
 from services.groups.domain import (
     Announcement,
     Group,
@@ -20,6 +21,7 @@ from services.groups.domain import (
     Role,
     SharedPostCard,
 )
+from services.kit.config import ConfigError, Env
 from services.kit.errors import ErrorKind, InvalidArgument
 
 WINDOW = 120
@@ -252,3 +254,26 @@ def test_an_outsider_sees_the_announcement_but_no_pins() -> None:
     inside = group(announcement=announcement, pinned=(Pin(message(), "owner", 1),))
     outside = inside.as_seen_by_outsider()
     assert (outside.announcement, outside.pinned) == (announcement, ())
+
+
+# Configuration
+
+
+def test_the_content_limits_are_read_from_the_environment() -> None:
+    limits = content_limits(
+        Env(
+            {
+                "RECALL_WINDOW_SECONDS": "30",
+                "MENTION_ALL_INTERVAL_SECONDS": "60",
+                "MAX_PINNED_MESSAGES": "3",
+                "REACTION_EMOJIS": "🍵 🦄",
+            }
+        )
+    )
+    assert limits == rules.ContentLimits(30, 60, 3, ("🍵", "🦄"))
+    assert content_limits(Env({})) == rules.ContentLimits()
+
+
+def test_a_reaction_that_cannot_be_a_field_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="REACTION_EMOJIS"):
+        content_limits(Env({"REACTION_EMOJIS": "👍 a.b"}))
