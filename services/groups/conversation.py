@@ -113,16 +113,19 @@ class Conversation:
         return await self._change(group_id, seq, decide)
 
     async def recall(self, user_id: str, group_id: str, seq: int) -> Message:
-        """The tombstone; recalling a recalled message changes nothing."""
+        """The tombstone: the sender's own recall within the window, or the owner's or an
+        admin's removal of someone else's message at any time. Recalling a recalled message
+        changes nothing (for those who may recall it)."""
         rules.validate_seq(seq)
         _, member = await self._member_state(group_id, user_id)
 
         def decide(message: Message) -> Decided | None:
+            moderation = rules.recall_is_moderation(member, message)
             if message.recall is not None:
                 return None
             now = self._clock()
-            window = self._limits.recall_window_seconds
-            moderation = rules.recall_is_moderation(member, message, now, window)
+            if not moderation:
+                rules.ensure_within_recall_window(message, now, self._limits.recall_window_seconds)
             tombstone = rules.recalled(message, user_id, now, moderation)
             event = self._changed(tombstone, events_pb2.RECALLED, user_id)
             return tombstone, storage.recall(tombstone), [event]

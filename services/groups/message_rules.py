@@ -13,7 +13,6 @@ from services.groups.domain import (
     Group,
     Membership,
     Message,
-    NotAllowed,
     Pin,
     Quote,
     Recall,
@@ -22,6 +21,7 @@ from services.groups.domain import (
 )
 from services.kit.errors import (
     DomainError,
+    ErrorKind,
     FieldViolation,
     InvalidArgument,
     QuotaExceeded,
@@ -36,6 +36,13 @@ RECALLED_KEPT = 1_000
 DEFAULT_REACTION_EMOJIS = ("👍", "❤️", "😂", "🎉", "👏", "😮", "😢", "🔥")
 # Who "mentioned" everyone, in the slot that limits @all per group.
 MENTION_ALL_SLOT = "@all"
+
+
+class ActionNotAllowed(DomainError):
+    """The caller may not do this to this message (@all, someone else's recall)."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "NOT_ALLOWED"
 
 
 class MessageRecalled(DomainError):
@@ -81,7 +88,7 @@ def validate_seq(seq: int) -> None:
 
 def ensure_may_mention_all(member: Membership) -> None:
     if member.role < Role.ADMIN:
-        raise NotAllowed("only the owner and admins can mention everyone")
+        raise ActionNotAllowed("only the owner and admins can mention everyone")
 
 
 def mention_all_refusal(
@@ -156,19 +163,21 @@ def reaction_counts(message: Message, viewer: str | None) -> list[tuple[str, int
 # Recall
 
 
-def recall_is_moderation(
-    actor: Membership, message: Message, now_ms: int, window_seconds: int
-) -> bool:
-    """Whether `actor` may recall `message` now, and if so whether it is a moderation
-    removal: the sender within the window; the owner and admins at any time (moderation
-    when it is someone else's)."""
+def recall_is_moderation(actor: Membership, message: Message) -> bool:
+    """Whether `actor` recalling `message` is a moderation removal (the owner or an admin
+    removing someone else's message), or their own recall; ActionNotAllowed when it is
+    neither."""
+    if actor.user_id == message.sender_id:
+        return False
     if actor.role >= Role.ADMIN:
-        return actor.user_id != message.sender_id
-    if actor.user_id != message.sender_id:
-        raise NotAllowed("only the sender, the owner and admins can recall a message")
+        return True
+    raise ActionNotAllowed("only the sender, the owner and admins can recall a message")
+
+
+def ensure_within_recall_window(message: Message, now_ms: int, window_seconds: int) -> None:
+    """One's own message, whatever one's role, only within the window of sending it."""
     if now_ms - message.sent_at_ms > window_seconds * 1000:
         raise RecallWindowPassed(f"a message can be recalled within {window_seconds}s of sending")
-    return False
 
 
 def recalled(message: Message, actor_id: str, now_ms: int, moderation: bool) -> Message:

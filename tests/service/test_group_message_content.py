@@ -296,7 +296,7 @@ async def test_mention_all_is_for_admins_and_at_most_once_per_interval(
     gid = await group_with(groups, "bob", admins=("ada",))
     assert await refused(send(groups, "bob", gid, text="hey all", mention_all=True)) == (
         grpc.StatusCode.PERMISSION_DENIED,
-        "ROLE_NOT_ALLOWED",
+        "NOT_ALLOWED",
     )
     first = await send(groups, "ada", gid, text="meeting!", mention_all=True, client_msg_id="c1")
     assert first.mention_all
@@ -522,8 +522,17 @@ async def test_a_recall_after_the_window_is_refused_for_the_sender(groups: Group
         grpc.StatusCode.FAILED_PRECONDITION,
         "RECALL_WINDOW_PASSED",
     )
-    # The owner may still remove it.
+    # The owner's own message too: the window is the sender's, whatever their role.
+    own = await send(groups, "owner", gid, text="mine, too late")
+    await eventually(lambda: time.time() * 1000 > own.sent_at.ToMilliseconds() + 1_100)
+    assert await refused(recall(groups, "owner", gid, own.seq)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RECALL_WINDOW_PASSED",
+    )
+    # Someone else's the owner may still remove, at any time.
     assert (await recall(groups, "owner", gid, sent.seq)).message.recall.moderation
+    # Once recalled, the sender's retry succeeds, changing nothing.
+    assert (await recall(groups, "bob", gid, sent.seq)).message.recall.recalled_by == "owner"
 
 
 async def test_an_admin_removes_a_members_message_recorded_with_who_did_it(
@@ -531,10 +540,8 @@ async def test_an_admin_removes_a_members_message_recorded_with_who_did_it(
 ) -> None:
     gid = await group_with(groups, "bob", "carol", admins=("ada",))
     sent = await send(groups, "bob", gid, text="spam")
-    assert await refused(recall(groups, "carol", gid, sent.seq)) == (
-        grpc.StatusCode.PERMISSION_DENIED,
-        "ROLE_NOT_ALLOWED",
-    )
+    not_theirs = (grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED")
+    assert await refused(recall(groups, "carol", gid, sent.seq)) == not_theirs
     changed: list[events_pb2.Envelope] = []
 
     async def collect(msg: Any) -> None:
@@ -548,6 +555,8 @@ async def test_an_admin_removes_a_members_message_recorded_with_who_did_it(
     event = changed[0].group_message_changed
     assert (event.change, event.actor_id, event.message) == (events_pb2.RECALLED, "ada", removed)
     assert changed[0].aggregate_version == removed.version == 2
+    # Recalled already, it is still not carol's to recall.
+    assert await refused(recall(groups, "carol", gid, sent.seq)) == not_theirs
 
 
 # The announcement and pins
