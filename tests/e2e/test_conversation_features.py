@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from groupchat.content.v1 import content_pb2
+from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
 from groupchat.groups.v1 import groups_pb2 as pb
 from groupchat.messaging.v1 import messaging_pb2
@@ -195,7 +196,7 @@ async def test_a_sender_recalls_within_the_window_and_not_after(gateway: Any) ->
         assert recalled.message.text == ""
         await eventually(lambda: len(changes(stream)) == 1, 20)
         pushed = changes(stream)[0]
-        assert pushed.change == pushed.RECALLED or pushed.message.HasField("recall")
+        assert pushed.change == events_pb2.RECALLED and pushed.actor_id == member
         assert pushed.message.text == ""
 
         late = await send(gateway, member, group_id, text="too late to take back")
