@@ -42,6 +42,7 @@ from services.kit.events import (
 )
 from services.kit.revocation import BUCKET as REVOCATIONS
 from services.kit.snapshots import request_subject, snapshot_subject
+from services.messaging.consumers import POSTS_DURABLE as MESSAGING_POSTS_DURABLE
 from services.messaging.consumers import SOCIAL_DURABLE
 from services.plaza.projection import FEEDS
 from services.plaza.rebuild import REBUILD_SUBJECT, SNAPSHOT_AREAS
@@ -160,6 +161,7 @@ def _table() -> dict[str, Permissions]:
     replayed = ("SNAPSHOTS", *(stream for _, _, stream in FEEDS))
     not_plazas = [
         Durable("PLATFORM_POSTS", POSTS_DURABLE),
+        Durable("PLATFORM_POSTS", MESSAGING_POSTS_DURABLE),
         Durable("PLATFORM_SOCIAL", SOCIAL_DURABLE),
     ]
     return {
@@ -189,7 +191,10 @@ def _table() -> dict[str, Permissions]:
             publish=_service(
                 "messaging",
                 f"{SUBJECT_ROOT}.messaging.>",
-                [Durable("PLATFORM_SOCIAL", SOCIAL_DURABLE)],
+                [
+                    Durable("PLATFORM_SOCIAL", SOCIAL_DURABLE),
+                    Durable("PLATFORM_POSTS", MESSAGING_POSTS_DURABLE),
+                ],
             ),
             subscribe=(inbox("messaging"),),
         ),

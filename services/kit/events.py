@@ -73,7 +73,7 @@ STREAMS: dict[str, list[str]] = {
 # of a stream's users starts first creates it.
 SERVICE_STREAMS: dict[str, tuple[str, ...]] = {
     "groups": ("GROUPCHAT_GROUPS", "PLATFORM_POSTS", DEAD_LETTER_STREAM, SNAPSHOT_STREAM),
-    "messaging": ("GROUPCHAT_MESSAGING", "PLATFORM_SOCIAL", DEAD_LETTER_STREAM),
+    "messaging": ("GROUPCHAT_MESSAGING", "PLATFORM_SOCIAL", "PLATFORM_POSTS", DEAD_LETTER_STREAM),
     "plaza": (
         "GROUPCHAT_PLAZA",
         "GROUPCHAT_GROUPS",

@@ -14,6 +14,7 @@ from services.kit.config import DEFAULT_APP_TIMEZONE
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.outbox import Outbox
+from services.kit.posts import PostChange
 from services.kit.rate import SendRate, SendRateLimit
 from services.kit.timestamps import now_ms
 from services.messaging import domain
@@ -308,6 +309,12 @@ class MessagingApp:
     async def unblock(self, user_id: str, target_id: str) -> None:
         domain.validate_peer(user_id, target_id, "user_id")
         await self._store.unblock(user_id, target_id)
+
+    # The posts projection
+
+    async def apply_post_change(self, change: PostChange) -> None:
+        """Project a platform post event (services.kit.posts)."""
+        await self._store.posts.apply(change)
 
 
 def _sent_events(sent: MessageWithState, admission: Admission) -> list[OutgoingEvent]:

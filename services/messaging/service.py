@@ -8,11 +8,18 @@ from groupchat.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 
 from services.kit.infrastructure import open_infrastructure
 from services.kit.outbox import Outbox
+from services.kit.posts import POSTS_SUBJECT
 from services.kit.server import ServiceContext, ServiceHost
 from services.messaging.api import MessagingServicer
 from services.messaging.app import MessagingApp, MessagingLimits
 from services.messaging.config import MessagingConfig
-from services.messaging.consumers import SOCIAL_DURABLE, SOCIAL_SUBJECT, follows_handler
+from services.messaging.consumers import (
+    POSTS_DURABLE,
+    SOCIAL_DURABLE,
+    SOCIAL_SUBJECT,
+    follows_handler,
+    posts_handler,
+)
 from services.messaging.storage import MessagingStore
 
 
@@ -36,6 +43,7 @@ def build(config: MessagingConfig) -> ServiceHost:
         await infra.bus.consume(
             SOCIAL_DURABLE, SOCIAL_SUBJECT, processed.once(follows_handler(store))
         )
+        await infra.bus.consume(POSTS_DURABLE, POSTS_SUBJECT, processed.once(posts_handler(app)))
         messaging_pb2_grpc.add_MessagingServicer_to_server(MessagingServicer(app), context.server)
         return [messaging_pb2.DESCRIPTOR.services_by_name["Messaging"].full_name]
 

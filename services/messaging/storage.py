@@ -11,6 +11,7 @@ Collections:
   stranger_days   one per (sender, local day): strangers charged that day (TTL)
   blocks          one per (blocker, blocked)
   follows         the follow projection: one per edge follower -> followee, versioned
+  posts           the posts projection (services.kit.posts), fed by posts.>
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.kit.documents import upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, with_pending
 from services.kit.paging import seq_page
+from services.kit.posts import PostsStore
 from services.messaging.domain import (
     ConcurrentUpdate,
     Conversation,
@@ -53,6 +55,7 @@ class MessagingStore:
         self._stranger_days = db["stranger_days"]
         self._blocks = db["blocks"]
         self._follows = db["follows"]
+        self.posts = PostsStore(db["posts"])
 
     async def create_indexes(self) -> None:
         await self._conversations.create_index(
