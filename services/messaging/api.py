@@ -5,13 +5,19 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import grpc
+from groupchat.content.v1 import content_pb2
 from groupchat.messaging.v1 import messaging_pb2 as pb
 from groupchat.messaging.v1 import messaging_pb2_grpc
 
 from services.kit.paging import page_size
 from services.kit.rpc import current_identity
 from services.messaging.app import MessagingApp
-from services.messaging.mapping import conversation_to_proto, message_to_proto, quota_to_proto
+from services.messaging.mapping import (
+    conversation_to_proto,
+    message_to_proto,
+    quota_to_proto,
+    shared_post_to_proto,
+)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
@@ -25,7 +31,12 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
     ) -> pb.SendDirectMessageResponse:
         user_id = current_identity().user_id
         result = await self._app.send_message(
-            user_id, request.recipient_id, request.text, request.client_msg_id
+            user_id,
+            request.recipient_id,
+            request.text,
+            request.client_msg_id,
+            request.shared_post_id,
+            request.reply_to_seq,
         )
         return pb.SendDirectMessageResponse(
             message=message_to_proto(result.message),
@@ -81,4 +92,22 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
         return pb.ListDirectConversationsResponse(
             conversations=[conversation_to_proto(c, user_id) for c in rows[:limit]],
             has_more=len(rows) > limit,
+        )
+
+    async def RecallDirectMessage(
+        self, request: pb.RecallDirectMessageRequest, context: Ctx
+    ) -> pb.RecallDirectMessageResponse:
+        tombstone = await self._app.recall_message(
+            current_identity().user_id, request.peer_id, request.seq
+        )
+        return pb.RecallDirectMessageResponse(message=message_to_proto(tombstone))
+
+    async def OpenSharedPost(
+        self, request: content_pb2.OpenSharedPostRequest, context: Ctx
+    ) -> content_pb2.OpenSharedPostResponse:
+        card = await self._app.open_shared_post(
+            current_identity().user_id, request.conversation_id, request.group_id, request.seq
+        )
+        return content_pb2.OpenSharedPostResponse(
+            post_id=card.post_id, post=shared_post_to_proto(card)
         )

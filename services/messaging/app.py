@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
@@ -12,9 +12,9 @@ import structlog
 
 from services.kit.config import DEFAULT_APP_TIMEZONE
 from services.kit.errors import FieldViolation, InvalidArgument
-from services.kit.events import OutgoingEvent, new_event
+from services.kit.events import OutgoingEvent
 from services.kit.outbox import Outbox
-from services.kit.posts import PostChange
+from services.kit.posts import PostChange, ensure_published
 from services.kit.rate import SendRate, SendRateLimit
 from services.kit.timestamps import now_ms
 from services.messaging import domain
@@ -24,13 +24,16 @@ from services.messaging.domain import (
     ConcurrentUpdate,
     Conversation,
     DirectMessage,
+    MessageNotFound,
     MessageWithState,
     QuotaCharge,
     QuotaUsage,
+    Quote,
     RecipientBlocked,
+    SharedPost,
     StrangerQuota,
 )
-from services.messaging.mapping import message_to_proto
+from services.messaging.events import recalled_events, sent_events, shared_post_opened_event
 from services.messaging.storage import MessagingStore, message_id
 
 log = structlog.get_logger("messaging")
@@ -48,6 +51,7 @@ class MessagingLimits:
     unanswered_limit: int = 3
     quota_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_APP_TIMEZONE))
     send_rate: SendRateLimit = field(default_factory=SendRateLimit)
+    recall_window_seconds: int = 120
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,14 @@ class _Slot:
     @property
     def maybe_taken(self) -> bool:
         return self.asked and self.outcome in (None, QuotaCharge.CHARGED)
+
+
+@dataclass(frozen=True)
+class _Content:
+    """What a message carries besides its text, resolved before it is admitted."""
+
+    shared_post: SharedPost | None = None
+    reply_to: Quote | None = None
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,17 @@ class MessagingApp:
     # Sending
 
     async def send_message(
-        self, sender_id: str, recipient_id: str, text: str, client_msg_id: str
+        self,
+        sender_id: str,
+        recipient_id: str,
+        text: str,
+        client_msg_id: str,
+        shared_post_id: str = "",
+        reply_to_seq: int = 0,
     ) -> SendResult:
-        """Send `text` to `recipient_id`, under the stranger rules (see domain.admit).
+        """Send `text` to `recipient_id`, under the stranger rules (see domain.admit),
+        sharing the card of the published post `shared_post_id` as it is now, quoting the
+        conversation's message `reply_to_seq`.
 
         The send commits in one write: the insert of the message as the conversation's next
         seq, with the state after it and its event. What follows (the conversation's
@@ -111,16 +131,21 @@ class MessagingApp:
         stops after its insert. A refused send stores and charges nothing (a stranger slot it
         took is given back); a retry with the same client_msg_id returns the first message
         and charges nothing again (nor counts against the send rate)."""
-        domain.validate_message(sender_id, recipient_id, text, client_msg_id)
+        domain.validate_message(
+            sender_id, recipient_id, text, client_msg_id, shared_post_id, reply_to_seq
+        )
         key = domain.dedup_key(sender_id, client_msg_id)
         if key and (first := await self._store.message_by_dedup_key(key)):
             return await self._retried(first, recipient_id)
         now = self._clock()
         self._send_rate.take(sender_id, now)
         await self._check_blocks(sender_id, recipient_id)
+        content = await self._content(sender_id, recipient_id, shared_post_id, reply_to_seq)
         slot = _Slot(self._quota.day(now))
         try:
-            appended = await self._append(sender_id, recipient_id, text, client_msg_id, now, slot)
+            appended = await self._append(
+                sender_id, recipient_id, text, client_msg_id, content, now, slot
+            )
         except BaseException:
             if slot.maybe_taken:
                 await self._give_back_unless_used(slot, sender_id, recipient_id)
@@ -144,6 +169,7 @@ class MessagingApp:
         recipient_id: str,
         text: str,
         client_msg_id: str,
+        content: _Content,
         now: int,
         slot: _Slot,
     ) -> _Appended:
@@ -181,16 +207,35 @@ class MessagingApp:
                 text,
                 client_msg_id,
                 self._clock(),
+                shared_post=content.shared_post,
+                reply_to=content.reply_to,
             )
             sent = MessageWithState(
                 message, domain.next_state(state, sender_id, admission, slot.day)
             )
-            events = _sent_events(sent, admission)
+            events = sent_events(sent, admission)
             if await _unstoppable(self._store.insert_message(sent, events)):
                 return _Appended(sent, admission, events)
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return _Appended(first, admission, [])
         raise ConcurrentUpdate("the conversation kept changing; try again")
+
+    async def _content(
+        self, sender_id: str, recipient_id: str, shared_post_id: str, reply_to_seq: int
+    ) -> _Content:
+        """The card of the post to share (published, anyone's) and the quote of the message
+        replied to (INVALID_ARGUMENT when the conversation has no such seq)."""
+        card = quote = None
+        if shared_post_id:
+            post = ensure_published(await self._store.posts.get(shared_post_id), shared_post_id)
+            card = SharedPost.of(post)
+        if reply_to_seq:
+            conversation_id = domain.conversation_id(sender_id, recipient_id)
+            quoted = await self._store.get_message(conversation_id, reply_to_seq)
+            if quoted is None:
+                raise domain.no_message_to_reply_to(reply_to_seq)
+            quote = domain.quote_of(quoted.message)
+        return _Content(card, quote)
 
     async def _charge_stranger_slot(
         self, sender_id: str, recipient_id: str, now: int, slot: _Slot
@@ -245,7 +290,8 @@ class MessagingApp:
         if conversation is None or conversation.last_seq < first.message.seq:
             # The first send stopped before its follow-up, which the relay would soon do.
             conversation = await self._store.record_message(first)
-        return SendResult(first.message, conversation, used_stranger_slot=False)
+        (message,) = await self._shown([first.message])
+        return SendResult(message, conversation, used_stranger_slot=False)
 
     async def _check_blocks(self, sender_id: str, recipient_id: str) -> None:
         blocks = await self._store.blocks_between(sender_id, recipient_id)
@@ -267,7 +313,8 @@ class MessagingApp:
         domain.validate_peer(user_id, peer_id, "peer_id")
         domain.validate_non_negative(after_seq=after_seq, before_seq=before_seq)
         conversation_id = domain.conversation_id(user_id, peer_id)
-        return await self._store.messages_page(conversation_id, after_seq, before_seq, limit)
+        page, more = await self._store.messages_page(conversation_id, after_seq, before_seq, limit)
+        return await self._shown(page), more
 
     async def mark_read(self, user_id: str, peer_id: str, read_seq: int) -> tuple[int, int]:
         """Move the caller's read position forward (never back, never past the last
@@ -295,9 +342,73 @@ class MessagingApp:
         """The caller's conversations, newest activity first, strictly after the keyset
         position (before_activity_ms, before_conversation_id); 0 starts at the newest."""
         domain.validate_non_negative(before_activity_ms=before_activity_ms)
-        return await self._store.conversations_page(
+        page = await self._store.conversations_page(
             user_id, before_activity_ms, before_conversation_id, limit
         )
+        shown = iter(await self._shown([c.last_message for c in page if c.last_message]))
+        return [replace(c, last_message=next(shown)) if c.last_message else c for c in page]
+
+    async def _shown(self, messages: list[DirectMessage]) -> list[DirectMessage]:
+        """`messages` as readers see them now (domain.as_shown): one read of the posts they
+        share and one of the messages they quote, whatever their number."""
+        post_ids = {m.shared_post.post_id for m in messages if m.shared_post}
+        quoted = {
+            (m.conversation_id, m.reply_to.seq)
+            for m in messages
+            if m.reply_to is not None and not m.reply_to.recalled
+        }
+        posts = await self._store.posts.get_many(post_ids)
+        recalled = await self._store.recalled_among(quoted)
+        return [
+            domain.as_shown(m, posts, {seq for c, seq in recalled if c == m.conversation_id})
+            for m in messages
+        ]
+
+    # Recall and shared posts
+
+    async def recall_message(self, user_id: str, peer_id: str, seq: int) -> DirectMessage:
+        """Recall the caller's message `seq` to `peer_id` (domain.should_recall): its
+        tombstone and its direct_message_changed events commit in one write of the message,
+        then the conversation's projection follows (done again by the relay if the recall
+        stops after its write). Recalling a recalled message changes nothing."""
+        domain.validate_recall(user_id, peer_id, seq)
+        conversation_id = domain.conversation_id(user_id, peer_id)
+        found = await self._store.get_message(conversation_id, seq)
+        if found is None:
+            raise MessageNotFound(f"no message {seq} in this conversation")
+        now = self._clock()
+        if domain.should_recall(found.message, user_id, now, self._limits.recall_window_seconds):
+            tombstone = domain.recalled(found.message, user_id, now)
+            events = recalled_events(tombstone, user_id)
+            if await self._store.commit_recall(tombstone, events):
+                await self._store.record_message(MessageWithState(tombstone, found.state))
+                self._outbox.committed(self._store.messages, message_id(tombstone), events)
+                log.info("direct_message_recalled", peer_id=peer_id, seq=seq)
+                return (await self._shown([tombstone]))[0]
+            # A concurrent recall of the same message committed first: its tombstone stands.
+            found = await self._store.get_message(conversation_id, seq)
+            assert found is not None, "messages are never deleted"
+        return (await self._shown([found.message]))[0]
+
+    async def open_shared_post(
+        self, user_id: str, conversation_id: str, group_id: str, seq: int
+    ) -> SharedPost:
+        """A participant tapped the card of the post message `seq` shares: the card as shown
+        now, and the open recorded (messaging.shared_post_opened, for the post's author)."""
+        domain.validate_open(conversation_id, group_id, seq)
+        domain.ensure_participant(conversation_id, user_id)
+        found = await self._store.get_message(conversation_id, seq)
+        if found is None:
+            raise MessageNotFound(f"no message {seq} in this conversation")
+        (shown,) = await self._shown([found.message])
+        card = domain.shared_post_of(shown)
+        event = shared_post_opened_event(card, user_id, conversation_id, seq)
+        await self._outbox.record(self._store.records, event)
+        return card
+
+    async def apply_post_change(self, change: PostChange) -> None:
+        """Project a platform post event (services.kit.posts)."""
+        await self._store.posts.apply(change)
 
     # Blocks
 
@@ -309,32 +420,6 @@ class MessagingApp:
     async def unblock(self, user_id: str, target_id: str) -> None:
         domain.validate_peer(user_id, target_id, "user_id")
         await self._store.unblock(user_id, target_id)
-
-    # The posts projection
-
-    async def apply_post_change(self, change: PostChange) -> None:
-        """Project a platform post event (services.kit.posts)."""
-        await self._store.posts.apply(change)
-
-
-def _sent_events(sent: MessageWithState, admission: Admission) -> list[OutgoingEvent]:
-    """The message for its recipient, and for its sender's other devices."""
-    message = sent.message
-    return [
-        new_event(
-            "messaging",
-            "direct_message_sent",
-            aggregate_id=message.conversation_id,
-            aggregate_version=message.seq,
-            user_id=user_id,
-            direct_message_sent={
-                "message": message_to_proto(message),
-                "established": admission is Admission.ANSWER,
-                "is_request": sent.state.is_request_from(message.sender_id),
-            },
-        )
-        for user_id in (message.recipient_id, message.sender_id)
-    ]
 
 
 async def _unstoppable(write: Awaitable[T]) -> T:

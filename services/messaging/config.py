@@ -27,6 +27,7 @@ class MessagingConfig:
                 # The quota's day is the app's (APP_TIMEZONE).
                 quota_zone=server.time_zone,
                 send_rate=SendRateLimit.from_env(env),
+                recall_window_seconds=env.integer("RECALL_WINDOW_SECONDS", 120, minimum=1),
             ),
             events=EventSettings.from_env(env),
         )

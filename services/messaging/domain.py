@@ -1,5 +1,6 @@
 """Direct messages' rules in plain Python: who is a stranger to whom, what the day's stranger
-quota allows, how many messages may wait for an answer, and what a message must be.
+quota allows, how many messages may wait for an answer, what a message must be, what it may
+carry (a shared post, a quote) and who may recall it.
 
 The rules that must hold under concurrency are decided here and enforced by single atomic
 operations in `services.messaging.storage`: a message's admission is decided from the state
@@ -20,9 +21,13 @@ from services.kit.errors import (
     ID_PATTERN,
     DomainError,
     ErrorKind,
+    FieldViolation,
+    InvalidArgument,
     QuotaExceeded,
     Validator,
 )
+from services.kit.posts import Post
+from services.kit.quotes import quote_excerpt
 
 TEXT_MAX = 4_000
 CLIENT_MSG_ID_MAX = 128
@@ -58,6 +63,31 @@ class ConcurrentUpdate(DomainError):
     reason = "CONCURRENT_UPDATE"
 
 
+class MessageNotFound(DomainError):
+    """No such message in a conversation of the caller's (or no such conversation of theirs:
+    to others a conversation does not exist)."""
+
+    kind = ErrorKind.NOT_FOUND
+    reason = "MESSAGE_NOT_FOUND"
+
+
+class NotAllowed(DomainError):
+    """Only a message's sender may recall it."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "NOT_ALLOWED"
+
+
+class RecallWindowPassed(DomainError):
+    reason = "RECALL_WINDOW_PASSED"
+
+
+class NoSharedPost(DomainError):
+    """The message shares no post (or no longer: it was recalled)."""
+
+    reason = "NO_SHARED_POST"
+
+
 def conversation_id(user_a: str, user_b: str) -> str:
     """The id of the conversation between two users: both ids, sorted, joined by ':'."""
     return ":".join(sorted((user_a, user_b)))
@@ -69,6 +99,41 @@ def dedup_key(sender_id: str, client_msg_id: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class SharedPost:
+    """The card of a post shared into a message, as the post was when shared; `removed`
+    once its author took it down (set when shown, see `as_shown`)."""
+
+    post_id: str
+    title: str
+    cover_url: str
+    author_id: str
+    removed: bool = False
+
+    @classmethod
+    def of(cls, post: Post) -> SharedPost:
+        return cls(post.post_id, post.title, post.cover_url, post.author_id)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The earlier message of the conversation that a message replies to, as it was then."""
+
+    seq: int
+    sender_id: str
+    excerpt: str
+    recalled: bool
+    shared_post_id: str
+
+
+@dataclass(frozen=True)
+class Recall:
+    """The tombstone a recalled message keeps."""
+
+    recalled_by: str
+    recalled_at_ms: int
+
+
+@dataclass(frozen=True)
 class DirectMessage:
     conversation_id: str
     seq: int
@@ -77,6 +142,78 @@ class DirectMessage:
     text: str
     client_msg_id: str
     sent_at_ms: int
+    shared_post: SharedPost | None = None
+    reply_to: Quote | None = None
+    recall: Recall | None = None
+    # 1 when sent; a recall makes it 2 (the newer of two copies has the higher version).
+    version: int = 1
+
+
+def quote_of(message: DirectMessage) -> Quote:
+    """What a reply to `message` quotes of it: nothing of its content once recalled."""
+    if message.recall is not None:
+        return Quote(message.seq, message.sender_id, "", True, "")
+    post_id = message.shared_post.post_id if message.shared_post else ""
+    return Quote(message.seq, message.sender_id, quote_excerpt(message.text), False, post_id)
+
+
+def as_shown(
+    message: DirectMessage, posts: Mapping[str, Post], recalled_seqs: Collection[int]
+) -> DirectMessage:
+    """`message` as a reader sees it now: its shared post removed if the projection of
+    `posts` says it is no longer published, its quote recalled if the quoted message's seq
+    is among `recalled_seqs` (of its conversation)."""
+    shown = message
+    card = message.shared_post
+    if card is not None and not card.removed:
+        post = posts.get(card.post_id)
+        if post is not None and not post.published:
+            shown = replace(shown, shared_post=replace(card, removed=True))
+    quote = message.reply_to
+    if quote is not None and not quote.recalled and quote.seq in recalled_seqs:
+        shown = replace(shown, reply_to=Quote(quote.seq, quote.sender_id, "", True, ""))
+    return shown
+
+
+def should_recall(message: DirectMessage, user_id: str, now_ms: int, window_seconds: int) -> bool:
+    """Whether `user_id` recalling `message` now changes it: only its sender may, within
+    `window_seconds` of sending; a recalled message stays as it is (False)."""
+    if user_id != message.sender_id:
+        raise NotAllowed("only the sender can recall a message")
+    if message.recall is not None:
+        return False
+    if now_ms - message.sent_at_ms > window_seconds * 1000:
+        raise RecallWindowPassed(
+            f"a message can be recalled within {window_seconds} seconds of sending",
+            window_seconds=str(window_seconds),
+        )
+    return True
+
+
+def recalled(message: DirectMessage, user_id: str, now_ms: int) -> DirectMessage:
+    """The tombstone of `message`: its text and shared post gone, its version one up."""
+    return replace(
+        message,
+        text="",
+        shared_post=None,
+        recall=Recall(user_id, now_ms),
+        version=message.version + 1,
+    )
+
+
+def shared_post_of(message: DirectMessage) -> SharedPost:
+    """The post `message` shares, which a participant may open."""
+    if message.shared_post is None or message.recall is not None:
+        raise NoSharedPost("this message shares no post")
+    return message.shared_post
+
+
+def ensure_participant(conversation_id_: str, user_id: str) -> None:
+    """`user_id` is one of the two users of `conversation_id_`; to anyone else it does not
+    exist."""
+    users = conversation_id_.split(":")
+    if not (len(users) == 2 and user_id in users and conversation_id(*users) == conversation_id_):
+        raise MessageNotFound("no such message in your conversations")
 
 
 @dataclass(frozen=True)
@@ -130,6 +267,8 @@ class Conversation:
     last_message: DirectMessage | None
     last_activity_ms: int
     read_seqs: Mapping[str, int] = field(default_factory=dict)
+    # The seqs of its recalled messages, which nobody has left to read.
+    recalled_seqs: frozenset[int] = frozenset()
 
     @property
     def established(self) -> bool:
@@ -143,7 +282,10 @@ class Conversation:
         return self.read_seqs.get(user_id, 0)
 
     def unread_count(self, user_id: str) -> int:
-        return max(self.last_seq - self.read_seq(user_id), 0)
+        """The messages after the user's read position, a recalled one not counting."""
+        read = self.read_seq(user_id)
+        gone = sum(1 for seq in self.recalled_seqs if read < seq <= self.last_seq)
+        return max(self.last_seq - read - gone, 0)
 
     def is_request_for(self, user_id: str) -> bool:
         """The peer wrote first and `user_id` has not answered yet: a message request."""
@@ -294,10 +436,25 @@ def rfc3339(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def validate_message(sender_id: str, recipient_id: str, text: str, client_msg_id: str) -> None:
+def validate_message(
+    sender_id: str,
+    recipient_id: str,
+    text: str,
+    client_msg_id: str,
+    shared_post_id: str = "",
+    reply_to_seq: int = 0,
+) -> None:
+    """A message has text, unless it shares a post; it may quote an earlier one."""
     check = Validator()
     _check_peer(check, sender_id, recipient_id, "recipient_id")
-    check.check(0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters")
+    if shared_post_id:
+        check.check(len(text) <= TEXT_MAX, "text", f"at most {TEXT_MAX} characters")
+        check.check_id(shared_post_id, "shared_post_id")
+    else:
+        check.check(
+            0 < len(text.strip()) and len(text) <= TEXT_MAX, "text", f"1-{TEXT_MAX} characters"
+        )
+    check.check(reply_to_seq >= 0, "reply_to_seq", "must not be negative")
     check.check(
         len(client_msg_id) <= CLIENT_MSG_ID_MAX,
         "client_msg_id",
@@ -311,6 +468,28 @@ def validate_peer(user_id: str, peer_id: str, field_name: str) -> None:
     check = Validator()
     _check_peer(check, user_id, peer_id, field_name)
     check.raise_if_invalid()
+
+
+def validate_recall(user_id: str, peer_id: str, seq: int) -> None:
+    check = Validator()
+    _check_peer(check, user_id, peer_id, "peer_id")
+    check.check(seq >= 1, "seq", "a message's seq: 1 or more")
+    check.raise_if_invalid()
+
+
+def validate_open(conversation_id_: str, group_id: str, seq: int) -> None:
+    """An open of a post shared into a direct conversation (groups open theirs)."""
+    check = Validator()
+    check.check(not group_id, "group_id", "open posts shared into groups with the groups service")
+    check.check(bool(conversation_id_), "conversation_id", "the direct conversation's id")
+    check.check(seq >= 1, "seq", "a message's seq: 1 or more")
+    check.raise_if_invalid()
+
+
+def no_message_to_reply_to(seq: int) -> InvalidArgument:
+    return InvalidArgument(
+        [FieldViolation("reply_to_seq", f"no message {seq} in this conversation to reply to")]
+    )
 
 
 def validate_non_negative(**values: int) -> None:

@@ -27,11 +27,12 @@ async def open_messaging(
     db: Any, outbox: Outbox, limits: MessagingLimits
 ) -> tuple[MessagingStore, MessagingApp]:
     """The store (indexes created) and the use cases over `db`, with the outbox relay
-    publishing the events sends commit into their messages and finishing, for a send that
-    stopped after its insert, what follows it."""
+    publishing the events sends and recalls commit into their messages (finishing, for one
+    that stopped after its write, what follows it) and the records of shared posts opened."""
     store = MessagingStore(db)
     await store.create_indexes()
     await outbox.watch(store.messages, finish=store.finish_message)
+    await outbox.watch(store.records)
     return store, MessagingApp(store, outbox, limits)
 
 

@@ -5,13 +5,16 @@ conditional update or upsert, a unique index), never a read followed by a write.
 Collections:
   messages        one per message, _id "<conversation>:<seq>"; unique dedup_key. Each holds
                   the conversation's admission state after it, and until the relay has
-                  published it, its direct_message_sent event: the insert is a send's commit
+                  published them, its events: the insert is a send's commit, the update
+                  that leaves a tombstone (with its direct_message_changed) a recall's
   conversations   one per pair of users, a projection of its messages (who started, whether
-                  answered, the last message) plus per-user read positions
+                  answered, the last message, the recalled seqs) plus per-user read positions
+  posts           the posts projection (services.kit.posts), fed by posts.>
+  records         one per event that changes no document of its own (a shared post opened:
+                  Outbox.record), kept a week (TTL)
   stranger_days   one per (sender, local day): strangers charged that day (TTL)
   blocks          one per (blocker, blocked)
   follows         the follow projection: one per edge follower -> followee, versioned
-  posts           the posts projection (services.kit.posts), fed by posts.>
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.kit.documents import upsert_where
 from services.kit.events import OutgoingEvent
-from services.kit.outbox import merged, with_pending
+from services.kit.outbox import merged, pending, with_pending
 from services.kit.paging import seq_page
 from services.kit.posts import PostsStore
 from services.messaging.domain import (
@@ -34,6 +37,9 @@ from services.messaging.domain import (
     DirectMessage,
     MessageWithState,
     QuotaCharge,
+    Quote,
+    Recall,
+    SharedPost,
     dedup_key,
     quota_charge,
 )
@@ -56,6 +62,7 @@ class MessagingStore:
         self._blocks = db["blocks"]
         self._follows = db["follows"]
         self.posts = PostsStore(db["posts"])
+        self.records = db["records"]
 
     async def create_indexes(self) -> None:
         await self._conversations.create_index(
@@ -66,6 +73,7 @@ class MessagingStore:
         await self.messages.create_index([("conversation_id", ASCENDING), ("seq", ASCENDING)])
         await self.messages.create_index("dedup_key", unique=True, sparse=True)
         await self._stranger_days.create_index("expires_at", expireAfterSeconds=0)
+        await self.records.create_index("expires_at", expireAfterSeconds=0)
 
     # Messages
 
@@ -92,6 +100,40 @@ class MessagingStore:
             return False
         return True
 
+    async def get_message(self, conversation_id: str, seq: int) -> MessageWithState | None:
+        doc = await self.messages.find_one({"_id": f"{conversation_id}:{seq}"})
+        return _with_state(doc) if doc else None
+
+    async def commit_recall(self, tombstone: DirectMessage, events: list[OutgoingEvent]) -> bool:
+        """Turn the message into `tombstone` (its text and shared post deleted) with its
+        events, the commit of a recall; False when it is recalled already. A recall is the
+        only change a direct message has, so "not recalled yet" is its version check."""
+        assert tombstone.recall is not None
+        update = merged(
+            {
+                "$unset": {"text": "", "shared_post": ""},
+                "$set": {
+                    "recall": _recall_doc(tombstone.recall),
+                    "version": tombstone.version,
+                },
+            },
+            pending(events),
+        )
+        result = await self.messages.update_one(
+            {"_id": message_id(tombstone), "recall": {"$exists": False}}, update
+        )
+        return bool(result.matched_count)
+
+    async def recalled_among(self, messages: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Those of the messages (conversation id, seq) that are recalled."""
+        if not messages:
+            return set()
+        ids = [f"{conversation_id}:{seq}" for conversation_id, seq in sorted(messages)]
+        docs = await self.messages.find(
+            {"_id": {"$in": ids}, "recall": {"$exists": True}}, {"conversation_id": 1, "seq": 1}
+        ).to_list(None)
+        return {(d["conversation_id"], int(d["seq"])) for d in docs}
+
     async def message_by_dedup_key(self, key: str) -> MessageWithState | None:
         doc = await self.messages.find_one({"dedup_key": key})
         return _with_state(doc) if doc else None
@@ -110,12 +152,15 @@ class MessagingStore:
     async def record_message(self, sent: MessageWithState) -> Conversation:
         """Project a stored message onto its conversation, creating it with the first one:
         the last message and the state after it unless a newer message is there already, and
-        the sender's read position moved past it (they have seen what they wrote). Idempotent
-        and order-free, so the relay may do it again for a send that stopped after its
-        insert. Returns the conversation after it."""
+        the sender's read position moved past it (they have seen what they wrote). A recalled
+        message replaces its older copy as the last message (the higher version wins) and
+        joins the recalled seqs. Idempotent and order-free, so the relay may do it again for
+        a send or recall that stopped after its write. Returns the conversation after it."""
         message, state = sent.message, sent.state
         conversation_id = message.conversation_id
-        read = {"$max": {f"read_seqs.{message.sender_id}": message.seq}}
+        read: dict[str, Any] = {"$max": {f"read_seqs.{message.sender_id}": message.seq}}
+        if message.recall is not None:
+            read["$addToSet"] = {"recalled_seqs": message.seq}
         newer = merged(
             {
                 "$set": {
@@ -128,8 +173,16 @@ class MessagingStore:
             },
             read,
         )
-        older = {"last_seq": {"$lt": message.seq}}
-        if message.seq > 1:  # usually the conversation exists: one round trip
+        older: dict[str, Any] = {"last_seq": {"$lt": message.seq}}
+        if message.version > 1:  # or an older copy of this very message (None: version 1)
+            older = {
+                "$or": [
+                    older,
+                    {"last_seq": message.seq, "last_message.version": {"$lt": message.version}},
+                    {"last_seq": message.seq, "last_message.version": None},
+                ]
+            }
+        if message.seq > 1 or message.version > 1:  # usually the conversation exists
             doc = await self._conversations.find_one_and_update(
                 {"_id": conversation_id, **older}, newer, return_document=ReturnDocument.AFTER
             )
@@ -281,26 +334,68 @@ def _day_id(sender_id: str, day: str) -> str:
 
 
 def _message_doc(m: DirectMessage) -> dict[str, Any]:
-    return {
+    """The message's fields; a tombstone has no text and no shared post to store."""
+    doc: dict[str, Any] = {
         "conversation_id": m.conversation_id,
         "seq": m.seq,
         "sender_id": m.sender_id,
         "recipient_id": m.recipient_id,
-        "text": m.text,
         "client_msg_id": m.client_msg_id,
         "sent_at_ms": m.sent_at_ms,
+        "version": m.version,
     }
+    if m.recall is None:
+        doc["text"] = m.text
+    else:
+        doc["recall"] = _recall_doc(m.recall)
+    if m.shared_post is not None and m.recall is None:
+        card = m.shared_post
+        doc["shared_post"] = {
+            "post_id": card.post_id,
+            "title": card.title,
+            "cover_url": card.cover_url,
+            "author_id": card.author_id,
+        }
+    if m.reply_to is not None:
+        quote = m.reply_to
+        doc["reply_to"] = {
+            "seq": quote.seq,
+            "sender_id": quote.sender_id,
+            "excerpt": quote.excerpt,
+            "recalled": quote.recalled,
+            "shared_post_id": quote.shared_post_id,
+        }
+    return doc
+
+
+def _recall_doc(recall: Recall) -> dict[str, Any]:
+    return {"recalled_by": recall.recalled_by, "recalled_at_ms": recall.recalled_at_ms}
 
 
 def _message(doc: dict[str, Any]) -> DirectMessage:
+    card, quote, recall = doc.get("shared_post"), doc.get("reply_to"), doc.get("recall")
     return DirectMessage(
         conversation_id=doc["conversation_id"],
         seq=doc["seq"],
         sender_id=doc["sender_id"],
         recipient_id=doc["recipient_id"],
-        text=doc["text"],
+        text=doc.get("text", ""),
         client_msg_id=doc["client_msg_id"],
         sent_at_ms=doc["sent_at_ms"],
+        shared_post=SharedPost(card["post_id"], card["title"], card["cover_url"], card["author_id"])
+        if card
+        else None,
+        reply_to=Quote(
+            int(quote["seq"]),
+            quote["sender_id"],
+            quote["excerpt"],
+            bool(quote["recalled"]),
+            quote["shared_post_id"],
+        )
+        if quote
+        else None,
+        recall=Recall(recall["recalled_by"], int(recall["recalled_at_ms"])) if recall else None,
+        version=int(doc.get("version", 1)),
     )
 
 
@@ -337,4 +432,5 @@ def _conversation_of(doc: dict[str, Any]) -> Conversation:
         last_message=_message(last) if last else None,
         last_activity_ms=int(doc.get("last_activity_ms", 0)),
         read_seqs=dict(doc.get("read_seqs") or {}),
+        recalled_seqs=frozenset(int(seq) for seq in doc.get("recalled_seqs") or ()),
     )

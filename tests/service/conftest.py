@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,16 @@ import nats
 import pymongo
 import pytest
 from groupchat.groups.v1 import groups_pb2_grpc
+from groupchat.messaging.v1 import messaging_pb2_grpc
 
 from services.groups.config import GroupsConfig
 from services.groups.service import build
 from services.kit.config import Env
+from services.kit.mongo import open_database
 from services.kit.server import ServiceHost
+from services.messaging.config import MessagingConfig
+from services.messaging.service import build as build_messaging
+from services.messaging.storage import MessagingStore
 from tests.conftest import HARNESS, unique_database_name
 from tools.nats_users import NatsUsers
 from tools.suite import (
@@ -120,6 +125,71 @@ async def groups(
     host = build(GroupsConfig.from_env(service_env(nats_url, "groups", **groups_env)))
     async with serving(host, groups_pb2_grpc.GroupsStub, token) as as_user:
         yield as_user
+
+
+MessagingCaller = Callable[[str], tuple[messaging_pb2_grpc.MessagingStub, Metadata]]
+
+
+@pytest.fixture
+def messaging_env() -> dict[str, str]:
+    """Overrides for the messaging service of one test (set before `messaging` starts)."""
+    return {}
+
+
+async def start_instances(
+    stack: AsyncExitStack,
+    count: int,
+    service_env: ServiceEnv,
+    nats_url: str,
+    token: Callable[..., str],
+    database: str,
+    overrides: dict[str, str],
+) -> list[MessagingCaller]:
+    """`count` messaging instances serving at once over one database, as replicas would."""
+    callers = []
+    for _ in range(count):
+        env = service_env(nats_url, "messaging", MONGODB_DATABASE=database, **overrides)
+        host = build_messaging(MessagingConfig.from_env(env))
+        callers.append(
+            await stack.enter_async_context(serving(host, messaging_pb2_grpc.MessagingStub, token))
+        )
+    return callers
+
+
+@pytest.fixture
+async def messaging(
+    service_env: ServiceEnv,
+    nats_url: str,
+    token: Callable[..., str],
+    database: str,
+    messaging_env: dict[str, str],
+) -> AsyncIterator[MessagingCaller]:
+    """`messaging(user)` returns (stub, metadata) for calls to an in-process messaging service."""
+    async with AsyncExitStack() as stack:
+        (caller,) = await start_instances(
+            stack, 1, service_env, nats_url, token, database, messaging_env
+        )
+        yield caller
+
+
+@pytest.fixture
+async def two_messaging(
+    service_env: ServiceEnv,
+    nats_url: str,
+    token: Callable[..., str],
+    database: str,
+    messaging_env: dict[str, str],
+) -> AsyncIterator[list[MessagingCaller]]:
+    async with AsyncExitStack() as stack:
+        yield await start_instances(stack, 2, service_env, nats_url, token, database, messaging_env)
+
+
+@pytest.fixture
+async def store(mongodb_uri: str, database: str) -> AsyncIterator[MessagingStore]:
+    """The service's store, for waiting on what only events change (the follow projection)."""
+    client, db = open_database(mongodb_uri, database)
+    yield MessagingStore(db)
+    client.close()
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -14,81 +13,13 @@ import pytest
 from google.rpc import error_details_pb2
 from groupchat.events.v1 import events_pb2
 from groupchat.messaging.v1 import messaging_pb2 as pb
-from groupchat.messaging.v1 import messaging_pb2_grpc
 from grpc_status import rpc_status
 
-from services.kit.mongo import open_database
 from services.kit.rpc_status import error_info
-from services.messaging.config import MessagingConfig
-from services.messaging.service import build
 from services.messaging.storage import MessagingStore
 from tests.conftest import eventually
-from tests.service.conftest import Metadata, ServiceEnv, serving
+from tests.service.conftest import MessagingCaller
 from tools.platform import follow_event, publish
-
-MessagingCaller = Callable[[str], tuple[messaging_pb2_grpc.MessagingStub, Metadata]]
-
-
-@pytest.fixture
-def messaging_env() -> dict[str, str]:
-    """Overrides for the messaging service of one test (set before `messaging` starts)."""
-    return {}
-
-
-async def start_instances(
-    stack: AsyncExitStack,
-    count: int,
-    service_env: ServiceEnv,
-    nats_url: str,
-    token: Callable[..., str],
-    database: str,
-    overrides: dict[str, str],
-) -> list[MessagingCaller]:
-    """`count` messaging instances serving at once over one database, as replicas would."""
-    callers = []
-    for _ in range(count):
-        env = service_env(nats_url, "messaging", MONGODB_DATABASE=database, **overrides)
-        host = build(MessagingConfig.from_env(env))
-        callers.append(
-            await stack.enter_async_context(serving(host, messaging_pb2_grpc.MessagingStub, token))
-        )
-    return callers
-
-
-@pytest.fixture
-async def messaging(
-    service_env: ServiceEnv,
-    nats_url: str,
-    token: Callable[..., str],
-    database: str,
-    messaging_env: dict[str, str],
-) -> AsyncIterator[MessagingCaller]:
-    """`messaging(user)` returns (stub, metadata) for calls to an in-process messaging service."""
-    async with AsyncExitStack() as stack:
-        (caller,) = await start_instances(
-            stack, 1, service_env, nats_url, token, database, messaging_env
-        )
-        yield caller
-
-
-@pytest.fixture
-async def two_messaging(
-    service_env: ServiceEnv,
-    nats_url: str,
-    token: Callable[..., str],
-    database: str,
-    messaging_env: dict[str, str],
-) -> AsyncIterator[list[MessagingCaller]]:
-    async with AsyncExitStack() as stack:
-        yield await start_instances(stack, 2, service_env, nats_url, token, database, messaging_env)
-
-
-@pytest.fixture
-async def store(mongodb_uri: str, database: str) -> AsyncIterator[MessagingStore]:
-    """The service's store, for waiting on what only events change (the follow projection)."""
-    client, db = open_database(mongodb_uri, database)
-    yield MessagingStore(db)
-    client.close()
 
 
 def unique(name: str) -> str:
