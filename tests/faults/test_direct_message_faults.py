@@ -4,10 +4,12 @@ each stored message was published once per participant and nothing else, stored 
 event or not at all, the day's stranger quota counts exactly the strangers whose stored
 conversations charged it (a crash between charging and storing may leave a charge without
 its message: never more than the limit, and a retry makes it good), and retrying the send
-with its client message id stores it once.
+with its client message id stores it once. A recall stopped the same way is all or nothing:
+the tombstone with its two events and the conversation's projection of it (the preview,
+the recalled seqs the unread counts skip), or the message untouched and nothing published.
 
-Each test learns the send's steps from a clean run, then replays it once per step with the
-fault there, on fresh users (same setup) in the test's database. The retry runs on the
+Each test learns the command's steps from a clean run, then replays it once per step with
+the fault there, on fresh users (same setup) in the test's database. The retry runs on the
 process that failed, unless it crashed.
 """
 
@@ -24,6 +26,7 @@ from pymongo.errors import AutoReconnect
 
 from services.kit.events import EventBus
 from services.kit.outbox import Outbox
+from services.kit.posts import PostChange
 from services.kit.timestamps import now_ms
 from services.messaging import domain
 from services.messaging.app import MessagingApp, MessagingLimits
@@ -57,6 +60,8 @@ class World:
     bus: EventBus
     events: Published
     users: set[str] = field(default_factory=set)
+    # The recalls' events, for the tests of recalls.
+    changed: Published = field(default_factory=Published)
     _builder: tuple[MessagingApp, Outbox] | None = None
 
     async def app(self, db: Any | None = None) -> tuple[MessagingApp, Outbox]:
@@ -321,3 +326,153 @@ async def test_a_send_stopped_at_any_step_leaves_no_drift(
         await retry(
             world, send, restarted if plan.crashed else process, refused, stored, was, where
         )
+
+
+# Recalls
+
+
+@pytest.fixture
+async def changed_events(nats_url: str) -> AsyncIterator[Published]:
+    """The recalls' direct_message_changed events, from before the test acts (the harness
+    listens: they are not part of what the gateway's user may follow yet)."""
+    published = Published()
+    await published.start(nats_url, "groupchat.messaging.direct_message_changed.*.*", {})
+    try:
+        yield published
+    finally:
+        await published.close()
+
+
+@dataclass(frozen=True)
+class Recalled:
+    sender: str
+    peer: str
+    seq: int
+
+    @property
+    def conversation_id(self) -> str:
+        return domain.conversation_id(self.sender, self.peer)
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.conversation_id}:{self.seq}"
+
+
+async def recall_the_last_message(world: World, tag: str) -> Recalled:
+    """alice shares a post in reply to her friend, who has not read it: the preview and
+    the unread count both show it."""
+    alice, friend = world.user("alice", tag), world.user("friend", tag)
+    app = await world.builder()
+    await MessagingStore(world.db).posts.apply(PostChange(f"p{tag}", friend, 1, True, "Tea"))
+    await app.send_message(alice, friend, "hi", "")
+    await app.send_message(friend, alice, "hi back", "")
+    sent = await app.send_message(alice, friend, "look", "", f"p{tag}", 2)
+    return Recalled(alice, friend, sent.message.seq)
+
+
+async def recall_an_earlier_message(world: World, tag: str) -> Recalled:
+    recall = await recall_the_last_message(world, tag)
+    await (await world.builder()).send_message(recall.peer, recall.sender, "nice", "", "", 3)
+    return recall
+
+
+RECALL_SCENES: list[Callable[[World, str], Awaitable[Recalled]]] = [
+    recall_the_last_message,
+    recall_an_earlier_message,
+]
+
+
+async def is_recalled(world: World, recall: Recalled, where: str) -> bool:
+    """The message is its tombstone or untouched: nothing in between."""
+    doc = await world.db["messages"].find_one({"_id": recall.message_id})
+    assert doc is not None, where
+    if "recall" not in doc:
+        assert (doc["text"], doc["version"], doc["shared_post"]["title"]) == ("look", 1, "Tea")
+        return False
+    assert "text" not in doc and "shared_post" not in doc, f"{where}: {doc}"
+    assert (doc["version"], doc["recall"]["recalled_by"]) == (2, recall.sender), where
+    return True
+
+
+async def assert_recall_invariants(world: World, recall: Recalled, where: str) -> bool:
+    """The doctor finds nothing; the recall is all or nothing: the tombstone, its two events
+    (one per participant, each published once) and the conversation's projection of it,
+    or none of them. Whether it was recalled."""
+    assert await check_messaging(world.db, LIMITS.stranger_daily_limit, 0) == [], where
+    done = await is_recalled(world, recall, where)
+    await world.changed.settle()
+    events = world.changed.by_aggregate.get(recall.conversation_id, [])
+    assert len({e.event_id for e in events}) == len(events), f"{where}: published twice"
+    if not done:
+        assert events == [], f"{where}: not recalled, but published {events}"
+    else:
+        assert sorted(world.changed.user_of[e.event_id] for e in events) == sorted(
+            (recall.sender, recall.peer)
+        ), f"{where}: published {events}"
+        assert {(e.aggregate_version, e.direct_message_changed.message.seq) for e in events} == {
+            (2, recall.seq)
+        }
+    conversation = await MessagingStore(world.db).get_conversation(recall.conversation_id)
+    assert conversation is not None and conversation.last_message is not None
+    assert (recall.seq in conversation.recalled_seqs) is done, where
+    if conversation.last_seq == recall.seq:
+        assert (conversation.last_message.recall is not None) is done, where
+        assert conversation.last_message.text == ("" if done else "look"), where
+    unread = range(conversation.read_seq(recall.peer) + 1, conversation.last_seq + 1)
+    expected = len([seq for seq in unread if not (done and seq == recall.seq)])
+    assert conversation.unread_count(recall.peer) == expected, where
+    return done
+
+
+async def run_stopped_recall(
+    world: World, recall: Recalled, fault: Fault | None
+) -> tuple[Plan, tuple[MessagingApp, Outbox]]:
+    plan = Plan()
+    app, outbox = await world.app(FaultyDatabase(world.db, plan))
+    plan.begin(*([fault] if fault else []))
+    task = asyncio.create_task(app.recall_message(recall.sender, recall.peer, recall.seq))
+    plan.victim = task
+    await asyncio.wait([task])
+    await plan.settled()
+    if fault is None or not plan.fired:
+        assert task.result().version == 2
+    elif EXPECTED_FAILURE[fault.kind] is asyncio.CancelledError:
+        assert task.cancelled(), f"the recall went on after a cancel at {plan.fired}"
+    else:
+        error = task.exception()
+        assert isinstance(error, EXPECTED_FAILURE[fault.kind]), (plan.fired, error)
+    return plan, (app, outbox)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scene", RECALL_SCENES, ids=[s.__name__ for s in RECALL_SCENES])
+async def test_a_recall_stopped_at_any_step_is_all_or_nothing(
+    scene: Callable[[World, str], Awaitable[Recalled]],
+    kind: FaultKind,
+    mongo_db: Any,
+    bus: EventBus,
+    direct_events: Published,
+    changed_events: Published,
+) -> None:
+    world = World(mongo_db, bus, direct_events, changed=changed_events)
+    recall = await scene(world, uuid.uuid4().hex[:8])
+    await world.publish_scene()
+    steps = (await run_stopped_recall(world, recall, None))[0].ops
+    await recover(world)
+    assert await assert_recall_invariants(world, recall, "clean run")
+
+    for at, step in enumerate(steps):
+        where = f"{scene.__name__}, {kind} at step {at} ({step})"
+        recall = await scene(world, uuid.uuid4().hex[:8])
+        await world.publish_scene()
+        plan, process = await run_stopped_recall(world, recall, Fault(kind, at=at))
+        assert plan.fired == [(at, step, kind)], f"{where}: the steps changed: {plan.ops}"
+        restarted = await recover(world)
+        await assert_recall_invariants(world, recall, where)
+        # The client tries again: the tombstone, committed and published once.
+        app, outbox = restarted if plan.crashed else process
+        tombstone = await app.recall_message(recall.sender, recall.peer, recall.seq)
+        assert (tombstone.version, tombstone.text) == (2, ""), where
+        await outbox.relay_once()
+        assert await assert_recall_invariants(world, recall, f"{where}, retried")
+        await assert_invariants(world, recall.sender, exact_quota=True)
