@@ -53,6 +53,8 @@ MESSAGING_IDEMPOTENT = (
     "BlockUser",
     "UnblockUser",
     "ListDirectConversations",
+    # Recalling a recalled message changes nothing and succeeds.
+    "RecallDirectMessage",
 )
 PLAZA_IDEMPOTENT = (
     "BrowsePlaza",
