@@ -111,11 +111,17 @@ def config_env(public_keys_file: Path) -> Callable[..., Env]:
 
 def test_limits_and_zone_come_from_the_environment(config_env: Callable[..., Env]) -> None:
     config = MessagingConfig.from_env(
-        config_env(STRANGER_DAILY_LIMIT="7", UNANSWERED_LIMIT="2", QUOTA_TIMEZONE="Europe/Paris")
+        config_env(
+            STRANGER_DAILY_LIMIT="7",
+            UNANSWERED_LIMIT="2",
+            QUOTA_TIMEZONE="Europe/Paris",
+            RECALL_WINDOW_SECONDS="30",
+        )
     )
     assert config.limits.stranger_daily_limit == 7
     assert config.limits.unanswered_limit == 2
     assert config.limits.quota_zone == ZoneInfo("Europe/Paris")
+    assert config.limits.recall_window_seconds == 30
     assert config.server.listen == "127.0.0.1:50053"
     assert config.server.database == "messaging"
 
@@ -129,6 +135,10 @@ def test_the_quota_day_is_the_apps_and_its_former_setting_is_a_fallback(
     assert MessagingConfig.from_env(config_env()).server.time_zone == SHANGHAI
 
 
+def test_the_recall_window_is_two_minutes_unless_set(config_env: Callable[..., Env]) -> None:
+    assert MessagingConfig.from_env(config_env()).limits.recall_window_seconds == 120
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -136,6 +146,7 @@ def test_the_quota_day_is_the_apps_and_its_former_setting_is_a_fallback(
         ("APP_TIMEZONE", "Mars/Olympus"),
         ("STRANGER_DAILY_LIMIT", "0"),
         ("UNANSWERED_LIMIT", "x"),
+        ("RECALL_WINDOW_SECONDS", "0"),
     ],
 )
 def test_a_bad_setting_names_its_variable(
