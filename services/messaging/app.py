@@ -369,8 +369,9 @@ class MessagingApp:
     async def recall_message(self, user_id: str, peer_id: str, seq: int) -> DirectMessage:
         """Recall the caller's message `seq` to `peer_id` (domain.should_recall): its
         tombstone and its direct_message_changed events commit in one write of the message,
-        then the conversation's projection follows (done again by the relay if the recall
-        stops after its write). Recalling a recalled message changes nothing."""
+        then the conversation's projection and the replies' quotes of it follow (done again
+        by the relay if the recall stops after its write). Recalling a recalled message
+        changes nothing."""
         domain.validate_recall(user_id, peer_id, seq)
         conversation_id = domain.conversation_id(user_id, peer_id)
         found = await self._store.get_message(conversation_id, seq)
@@ -382,6 +383,7 @@ class MessagingApp:
             events = recalled_events(tombstone, user_id)
             if await self._store.commit_recall(tombstone, events):
                 await self._store.record_message(MessageWithState(tombstone, found.state))
+                await self._store.forget_quotes_of(tombstone)
                 self._outbox.committed(self._store.messages, message_id(tombstone), events)
                 log.info("direct_message_recalled", peer_id=peer_id, seq=seq)
                 return (await self._shown([tombstone]))[0]

@@ -204,8 +204,31 @@ class MessagingStore:
 
     async def finish_message(self, doc: dict[str, Any]) -> None:
         """What follows a stored message, for the outbox relay to do again when its send
-        stopped after the insert."""
-        await self.record_message(_with_state(doc))
+        (or recall) stopped after its write."""
+        sent = _with_state(doc)
+        await self.record_message(sent)
+        if sent.message.recall is not None:
+            await self.forget_quotes_of(sent.message)
+
+    async def forget_quotes_of(self, tombstone: DirectMessage) -> None:
+        """Delete what the replies to a recalled message quote of it, in the messages and in
+        the conversation's last message: its text is gone from storage, copies included.
+        Idempotent. A reply stored after this ran (it read the message before the recall)
+        keeps its excerpt in storage; readers see it recalled all the same (as_shown)."""
+        conversation_id, seq = tombstone.conversation_id, tombstone.seq
+        forgotten = {"recalled": True, "excerpt": "", "shared_post_id": ""}
+        await self.messages.update_many(
+            {"conversation_id": conversation_id, "reply_to.seq": seq, "reply_to.recalled": False},
+            {"$set": {f"reply_to.{name}": value for name, value in forgotten.items()}},
+        )
+        await self._conversations.update_one(
+            {
+                "_id": conversation_id,
+                "last_message.reply_to.seq": seq,
+                "last_message.reply_to.recalled": False,
+            },
+            {"$set": {f"last_message.reply_to.{name}": v for name, v in forgotten.items()}},
+        )
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         doc = await self._conversations.find_one({"_id": conversation_id})

@@ -415,6 +415,14 @@ async def assert_recall_invariants(world: World, recall: Recalled, where: str) -
     conversation = await MessagingStore(world.db).get_conversation(recall.conversation_id)
     assert conversation is not None and conversation.last_message is not None
     assert (recall.seq in conversation.recalled_seqs) is done, where
+    # What replies quote of it is gone from storage with it.
+    quoting = world.db["messages"].find(
+        {"conversation_id": recall.conversation_id, "reply_to.seq": recall.seq}
+    )
+    async for reply in quoting:
+        assert reply["reply_to"]["excerpt"] == ("" if done else "look"), where
+    if (quote := conversation.last_message.reply_to) is not None and quote.seq == recall.seq:
+        assert (quote.excerpt, quote.recalled) == ("", True) if done else ("look", False), where
     if conversation.last_seq == recall.seq:
         assert (conversation.last_message.recall is not None) is done, where
         assert conversation.last_message.text == ("" if done else "look"), where

@@ -231,6 +231,19 @@ async def test_a_quote_of_a_message_recalled_since_reads_back_as_recalled(
     assert quoting.reply_to == expected
     (listed,) = (await conversations(messaging, bob)).conversations
     assert listed.last_message.reply_to == expected
+    # Nor is what it quoted kept in storage, in the reply or in the conversation's preview.
+    conversation_id = conversation_of(alice, bob)
+    stored = await store.messages.find_one({"_id": f"{conversation_id}:2"})
+    assert stored is not None
+    assert stored["reply_to"] == {
+        "seq": 1,
+        "sender_id": alice,
+        "excerpt": "",
+        "recalled": True,
+        "shared_post_id": "",
+    }
+    preview = await store.messages.database["conversations"].find_one({"_id": conversation_id})
+    assert preview is not None and preview["last_message"]["reply_to"]["excerpt"] == ""
     # A reply to the tombstone quotes nothing of what it was.
     again = await share(messaging, bob, alice, text="?", reply_to_seq=1)
     assert again.message.reply_to == expected
