@@ -171,9 +171,11 @@ def _table() -> dict[str, Permissions]:
             publish=(*revocation_watch_calls(), revocation_bucket_create()),
             subscribe=(
                 # Every group's events, one group (groupchat.groups.*.<group>.*) or one
-                # user's joins at a time (services/gateway/fanout.py), and direct messages.
+                # user's joins at a time (services/gateway/fanout.py), and direct messages
+                # and their recalls.
                 f"{SUBJECT_ROOT}.groups.*.*.*",
                 f"{SUBJECT_ROOT}.messaging.direct_message_sent.*.*",
+                f"{SUBJECT_ROOT}.messaging.direct_message_changed.*.*",
                 inbox("gateway"),
             ),
         ),

@@ -33,7 +33,7 @@ from services.messaging.app import MessagingApp, MessagingLimits
 from services.messaging.domain import StrangerQuota, StrangerQuotaExceeded
 from services.messaging.service import open_messaging
 from services.messaging.storage import MessagingStore
-from tests.faults.conftest import Published, service_bus
+from tests.faults.conftest import Published, published_on, service_bus
 from tests.faults.faulty import Crash, Fault, FaultKind, FaultyDatabase, Plan
 from tools.doctor import check_messaging, inspect_messaging
 from tools.nats_users import NatsUsers
@@ -332,15 +332,11 @@ async def test_a_send_stopped_at_any_step_leaves_no_drift(
 
 
 @pytest.fixture
-async def changed_events(nats_url: str) -> AsyncIterator[Published]:
-    """The recalls' direct_message_changed events, from before the test acts (the harness
-    listens: they are not part of what the gateway's user may follow yet)."""
-    published = Published()
-    await published.start(nats_url, "groupchat.messaging.direct_message_changed.*.*", {})
-    try:
+async def changed_events(nats_url: str, nats_users: NatsUsers) -> AsyncIterator[Published]:
+    """The recalls' direct_message_changed events, from before the test acts."""
+    subject = "groupchat.messaging.direct_message_changed.*.*"
+    async with published_on(nats_url, nats_users, subject) as published:
         yield published
-    finally:
-        await published.close()
 
 
 @dataclass(frozen=True)
