@@ -318,6 +318,7 @@ async def inspect_messaging(
     pending events in `db`; collections that do not exist (yet) hold nothing wrong."""
     found = Findings()
     await _check_direct_messages(db, found)
+    await _check_recalled_direct_messages(db, found)
     await _check_stranger_days(db, stranger_limit, found)
     found.extend(await unpublished_events(db, pending_grace_seconds, now_ms()))
     return found
@@ -351,6 +352,19 @@ async def _check_direct_messages(db: Any, found: Findings) -> None:
             )
     found.checked["conversations"] = len(projected)
     found.checked["direct messages"] = sum(s.count for s in seqs.values())
+
+
+async def _check_recalled_direct_messages(db: Any, found: Findings) -> None:
+    """A recalled message keeps its tombstone only: no text, no shared post."""
+    kept = {
+        "recall": {"$exists": True},
+        "$or": [{"text": {"$exists": True}}, {"shared_post": {"$exists": True}}],
+    }
+    ids = [d["_id"] async for d in db["messages"].find(kept, {"_id": 1}).sort("_id", 1).limit(10)]
+    if ids:
+        found.problems.append(
+            f"recalled direct messages still holding their text or shared post: {', '.join(ids)}"
+        )
 
 
 async def _check_stranger_days(db: Any, limit: int, found: Findings) -> None:

@@ -242,6 +242,27 @@ async def test_messaging_drift_is_reported(messaging_db: Any) -> None:
     )
 
 
+async def test_a_recalled_direct_message_that_kept_its_content_is_reported(
+    messaging_db: Any,
+) -> None:
+    def message(seq: int, **content: Any) -> dict[str, Any]:
+        return {"_id": f"a:b:{seq}", "conversation_id": "a:b", "seq": seq, **content}
+
+    recall = {"recall": {"recalled_by": "a", "recalled_at_ms": 1}}
+    await messaging_db["messages"].insert_many(
+        [
+            message(1, text="kept", shared_post={"post_id": "p"}),
+            message(2, **recall),
+            message(3, text="oops", **recall),
+            message(4, shared_post={"post_id": "p"}, **recall),
+        ]
+    )
+    await messaging_db["conversations"].insert_one({"_id": "a:b", "last_seq": 4})
+    assert await check_messaging(messaging_db, stranger_limit=5) == [
+        "recalled direct messages still holding their text or shared post: a:b:3, a:b:4"
+    ]
+
+
 async def test_a_stranger_charged_without_a_message_is_a_note(messaging_db: Any) -> None:
     state = {"started_by": "a", "answered": False, "unanswered": 1}
     await messaging_db["messages"].insert_one(
