@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -29,7 +29,7 @@ from services.kit.outbox import Outbox
 from services.kit.posts import PostChange
 from services.kit.timestamps import now_ms
 from services.messaging import domain
-from services.messaging.app import MessagingApp, MessagingLimits
+from services.messaging.app import MessagingApp, MessagingLimits, SendResult
 from services.messaging.domain import StrangerQuota, StrangerQuotaExceeded
 from services.messaging.service import open_messaging
 from services.messaging.storage import MessagingStore
@@ -94,6 +94,18 @@ class Send:
     sender: str
     recipient: str
     client_msg_id: str
+    shared_post_id: str = ""
+    reply_to_seq: int = 0
+
+    def on(self, app: MessagingApp) -> Awaitable[SendResult]:
+        return app.send_message(
+            self.sender,
+            self.recipient,
+            "hi",
+            self.client_msg_id,
+            self.shared_post_id,
+            self.reply_to_seq,
+        )
 
     @property
     def conversation_id(self) -> str:
@@ -135,6 +147,15 @@ async def mutual_followers(world: World, tag: str) -> Send:
     return Send(alice, bob, f"c{tag}")
 
 
+async def a_reply_sharing_a_post(world: World, tag: str) -> Send:
+    """Two more reads before the send is admitted: the post shared, the message quoted."""
+    send = await established(world, tag)
+    await MessagingStore(world.db).posts.apply(
+        PostChange(f"p{tag}", send.recipient, 1, True, "Tea")
+    )
+    return replace(send, shared_post_id=f"p{tag}", reply_to_seq=2)
+
+
 async def over_the_stranger_quota(world: World, tag: str) -> Send:
     alice = world.user("alice", tag)
     app = await world.builder()
@@ -149,6 +170,7 @@ SCENES: list[Callable[[World, str], Awaitable[Send]]] = [
     answer,
     established,
     mutual_followers,
+    a_reply_sharing_a_post,
     over_the_stranger_quota,
 ]
 # What a send from each scene answers when nothing stops it.
@@ -248,9 +270,7 @@ async def run_stopped(
     plan = Plan()
     app, outbox = await world.app(FaultyDatabase(world.db, plan))
     plan.begin(*([fault] if fault else []))
-    task = asyncio.create_task(
-        app.send_message(send.sender, send.recipient, "hi", send.client_msg_id)
-    )
+    task = asyncio.create_task(send.on(app))
     plan.victim = task
     await asyncio.wait([task])
     await plan.settled()
@@ -278,7 +298,7 @@ async def retry(
 ) -> None:
     app, outbox = process
     try:
-        result = await app.send_message(send.sender, send.recipient, "hi", send.client_msg_id)
+        result = await send.on(app)
     except Exception as error:
         assert refused is not None and isinstance(error, refused), f"{where}: retry: {error!r}"
         assert not stored
@@ -291,6 +311,13 @@ async def retry(
     assert (await inspect_messaging(world.db, LIMITS.stranger_daily_limit, 0)).notes == []
     expected = was.seqs if refused else [*was.seqs, len(was.seqs) + 1]
     assert await stored_seqs(world, send.conversation_id) == expected, f"{where}: retry"
+    if send.shared_post_id and not refused:
+        doc = await world.db["messages"].find_one({"_id": f"{send.conversation_id}:{expected[-1]}"})
+        assert doc is not None, where
+        assert (doc["shared_post"]["post_id"], doc["reply_to"]["seq"]) == (
+            send.shared_post_id,
+            send.reply_to_seq,
+        ), where
 
 
 @pytest.mark.parametrize("kind", KINDS)
