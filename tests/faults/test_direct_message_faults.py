@@ -30,7 +30,7 @@ from services.kit.posts import PostChange
 from services.kit.timestamps import now_ms
 from services.messaging import domain
 from services.messaging.app import MessagingApp, MessagingLimits, SendResult
-from services.messaging.domain import StrangerQuota, StrangerQuotaExceeded
+from services.messaging.domain import Quote, StrangerQuota, StrangerQuotaExceeded
 from services.messaging.service import open_messaging
 from services.messaging.storage import MessagingStore
 from tests.faults.conftest import Published, published_on, service_bus
@@ -507,3 +507,34 @@ async def test_a_recall_stopped_at_any_step_is_all_or_nothing(
         await outbox.relay_once()
         assert await assert_recall_invariants(world, recall, f"{where}, retried")
         await assert_invariants(world, recall.sender, exact_quota=True)
+
+
+async def test_a_reply_stored_after_the_recall_of_what_it_quotes_reads_back_recalled(
+    mongo_db: Any, bus: EventBus, direct_events: Published, changed_events: Published
+) -> None:
+    world = World(mongo_db, bus, direct_events, changed=changed_events)
+    tag = uuid.uuid4().hex[:8]
+    alice, bob = world.user("alice", tag), world.user("bob", tag)
+    builder = await world.builder()
+    await builder.send_message(alice, bob, "a secret", "")
+    await builder.send_message(bob, alice, "tell me", "")
+    plan = Plan()
+    app, _ = await world.app(FaultyDatabase(world.db, plan))
+    # The reply has read the message it quotes and waits to be stored.
+    paused = Fault("pause", op="messages.insert_one")
+    plan.begin(paused)
+    reply = asyncio.create_task(app.send_message(bob, alice, "re", "", "", 1))
+    await paused.reached.wait()
+
+    await builder.recall_message(alice, bob, 1)
+    paused.release.set()
+    sent = await reply
+
+    assert sent.message.reply_to == Quote(1, alice, "a secret", False, "")  # as it read it
+    page, _ = await builder.list_messages(bob, alice, 0, 0, 50)
+    assert page[2].reply_to == Quote(1, alice, "", True, "")
+    conversations = await builder.list_conversations(bob, 0, "", 10)
+    assert conversations[0].last_message == page[2]
+    await world.publish_scene()
+    await recover(world)
+    await assert_invariants(world, alice, exact_quota=True)

@@ -405,6 +405,27 @@ async def test_recalls_racing_on_two_instances_commit_one_change(
     assert len({e.event_id for _, e in changed.received}) == len(changed.received) == 2
 
 
+async def test_replies_racing_the_recall_of_what_they_quote_read_back_recalled(
+    two_messaging: list[MessagingCaller],
+) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    first, second = two_messaging
+    await send(first, alice, bob, "a secret")
+    await send(second, bob, alice, "tell me")
+
+    replies = [
+        share(first if n % 2 else second, bob, alice, text=f"re {n}", reply_to_seq=1)
+        for n in range(8)
+    ]
+    await asyncio.gather(recall(first, alice, bob, 1), *replies)
+
+    history = await messages(second, alice, bob)
+    assert [m.seq for m in history] == list(range(1, 11))
+    assert all(
+        m.reply_to == content_pb2.Quote(seq=1, sender_id=alice, recalled=True) for m in history[2:]
+    ), [m.reply_to for m in history[2:]]
+
+
 # Opening a shared post
 
 
