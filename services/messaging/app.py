@@ -175,9 +175,10 @@ class MessagingApp:
     ) -> _Appended:
         """Admit the message after the conversation's newest one and store it with that seq.
 
-        The seq is taken once (it is the message's _id) and messages never change, so a
-        message stored at seq n followed exactly the message n-1 its admission was decided
-        from: the decision holds without a lock. When another message took the seq first,
+        The seq is taken once (it is the message's _id) and the state a message carries never
+        changes (a recall changes only its content), so a message stored at seq n followed
+        exactly the message n-1 its admission was decided from: the decision holds without a
+        lock. When another message took the seq first,
         decide again after it."""
         conversation_id = domain.conversation_id(sender_id, recipient_id)
         key = domain.dedup_key(sender_id, client_msg_id)
