@@ -18,8 +18,8 @@ from services.groups.mapping import (
     member_to_proto,
     message_to_proto,
     my_group_to_proto,
-    shared_post_to_proto,
 )
+from services.kit.content import shared_post_to_proto
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.paging import decode_page_token, encode_page_token, page_size
 from services.kit.rpc import current_identity

@@ -12,7 +12,7 @@ colliding; across processes the version decides.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -20,14 +20,16 @@ from groupchat.events.v1 import events_pb2
 
 from services.groups import message_rules as rules
 from services.groups import storage
-from services.groups.domain import Group, Membership, Message, Quote, SharedPostCard
+from services.groups.domain import Group, Membership, Message
 from services.groups.mapping import message_to_proto
 from services.groups.storage import GroupsStore, GroupState
+from services.kit import content
+from services.kit.content import Quote, SharedPost
 from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent, new_event
 from services.kit.locks import KeyedLocks
 from services.kit.outbox import Outbox
-from services.kit.posts import ensure_published
+from services.kit.posts import Post, ensure_published
 
 # A change reads and decides again this often when other processes keep changing the message.
 COMMIT_ATTEMPTS = 50
@@ -65,19 +67,19 @@ class Conversation:
 
     async def attachments(
         self, group_id: str, shared_post_id: str, reply_to_seq: int
-    ) -> tuple[SharedPostCard | None, Quote | None]:
+    ) -> tuple[SharedPost | None, Quote | None]:
         """The card of the post a new message shares (published, anyone's) and the quote of
         the message it replies to (one of the group's)."""
         card = None
         if shared_post_id:
             post = ensure_published(await self._store.posts.get(shared_post_id), shared_post_id)
-            card = SharedPostCard(post.post_id, post.title, post.cover_url, post.author_id)
+            card = SharedPost.of(post)
         quote = None
         if reply_to_seq:
             quoted = await self._store.get_message(group_id, reply_to_seq)
             if quoted is None:
                 raise rules.no_such_message("reply_to_seq")
-            quote = rules.quote_of(quoted)
+            quote = content.quote_of(quoted)
         return card, quote
 
     async def take_mention_all_slot(
@@ -125,7 +127,9 @@ class Conversation:
                 return None
             now = self._clock()
             if not moderation:
-                rules.ensure_within_recall_window(message, now, self._limits.recall_window_seconds)
+                content.ensure_within_recall_window(
+                    message, now, self._limits.recall_window_seconds
+                )
             tombstone = rules.recalled(message, user_id, now, moderation)
             event = self._changed(tombstone, events_pb2.RECALLED, user_id)
             return tombstone, storage.recall(tombstone), [event]
@@ -171,7 +175,7 @@ class Conversation:
 
     # Analytics: events that change nothing
 
-    async def open_shared_post(self, user_id: str, group_id: str, seq: int) -> SharedPostCard:
+    async def open_shared_post(self, user_id: str, group_id: str, seq: int) -> SharedPost:
         """The card of the post the message shares, as it shows now; the open is recorded
         for the post's author."""
         rules.validate_seq(seq)
@@ -179,19 +183,17 @@ class Conversation:
         message = await self._store.get_message(group_id, seq)
         if message is None:
             raise rules.no_such_message("seq")
-        if message.shared_post is None or message.recall is not None:
-            raise rules.NoSharedPost("the message shares no post")
+        card = content.shared_post_of(message)
         [shown] = await self.as_read([message])
-        assert shown.shared_post is not None
         opened = {
-            "post_id": message.shared_post.post_id,
-            "author_id": message.shared_post.author_id,
+            "post_id": card.post_id,
+            "author_id": card.author_id,
             "opener_id": user_id,
             "group_id": group_id,
             "seq": seq,
         }
         await self._record(group_id, user_id, shared_post_opened=opened)
-        return shown.shared_post
+        return content.shared_post_of(shown)
 
     async def record_card_view(self, group_id: str, viewer_id: str) -> None:
         await self._record(
@@ -222,8 +224,7 @@ class Conversation:
         posts, recalled = await asyncio.gather(
             self._store.posts.get_many(post_ids), self._store.recalled_among(quoted)
         )
-        published = {post_id for post_id, post in posts.items() if post.published}
-        return [rules.as_read(m, published, recalled) for m in messages]
+        return [_as_shown(m, posts, recalled) for m in messages]
 
     async def as_members_see(self, groups: list[Group]) -> list[Group]:
         """The groups with their last message and pins as they show now (each pin the
@@ -254,3 +255,15 @@ class Conversation:
 
     async def mention_counts(self, user_id: str, members: list[Membership]) -> dict[str, int]:
         return await self._store.mention_counts(user_id, {m.group_id: m.read_seq for m in members})
+
+
+def _as_shown(
+    message: Message, posts: Mapping[str, Post], recalled: Collection[tuple[str, int]]
+) -> Message:
+    """`message` as it shows now (content.as_shown), `recalled` the (group id, seq) of the
+    recalled messages among those quoted."""
+    recalled_seqs = {seq for group_id, seq in recalled if group_id == message.group_id}
+    shared, quote = content.as_shown(message.shared_post, message.reply_to, posts, recalled_seqs)
+    if shared is message.shared_post and quote is message.reply_to:
+        return message
+    return replace(message, shared_post=shared, reply_to=quote)

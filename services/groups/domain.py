@@ -6,6 +6,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass, replace
 
+from services.kit.content import Quote, Recall, SharedPost
 from services.kit.errors import (
     ID_DESCRIPTION,
     ID_PATTERN,
@@ -478,37 +479,6 @@ def validate_mute_duration(seconds: int, maximum: int) -> None:
 
 
 @dataclass(frozen=True)
-class SharedPostCard:
-    """A post's card as it was when the message shared it; `removed` once it is not
-    published any more (decided when read, never stored)."""
-
-    post_id: str
-    title: str
-    cover_url: str
-    author_id: str
-    removed: bool = False
-
-
-@dataclass(frozen=True)
-class Quote:
-    """The earlier message a message replies to, as it was when quoted (`recalled` is
-    decided again when read)."""
-
-    seq: int
-    sender_id: str
-    excerpt: str
-    recalled: bool = False
-    shared_post_id: str = ""
-
-
-@dataclass(frozen=True)
-class Recall:
-    recalled_by: str
-    recalled_at_ms: int
-    moderation: bool
-
-
-@dataclass(frozen=True)
 class Message:
     group_id: str
     seq: int
@@ -518,7 +488,7 @@ class Message:
     client_msg_id: str
     sent_at_ms: int
     mention_all: bool = False
-    shared_post: SharedPostCard | None = None
+    shared_post: SharedPost | None = None
     reply_to: Quote | None = None
     # Emoji -> who reacted with it, in the order they did.
     reactions: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)

@@ -11,12 +11,11 @@ from services.groups.domain import (
     Invite,
     Membership,
     Message,
-    SharedPostCard,
     activity_for_member,
     unread_count,
 )
 from services.groups.message_rules import reaction_counts
-from services.kit.posts import as_removed
+from services.kit.content import quote_to_proto, recall_to_proto, shared_post_to_proto
 from services.kit.timestamps import timestamp_from_ms
 
 # The join source every join with an invite counts as, in the creator's insights.
@@ -128,32 +127,11 @@ def message_to_proto(m: Message, viewer: str | None = None) -> groups_pb2.GroupM
         ],
         version=m.version,
     )
-    if (q := m.reply_to) is not None:
-        message.reply_to.CopyFrom(
-            content_pb2.Quote(
-                seq=q.seq,
-                sender_id=q.sender_id,
-                excerpt=q.excerpt,
-                recalled=q.recalled,
-                shared_post_id=q.shared_post_id,
-            )
-        )
-    if (r := m.recall) is not None:
-        message.recall.CopyFrom(
-            content_pb2.Recall(
-                recalled_by=r.recalled_by,
-                recalled_at=timestamp_from_ms(r.recalled_at_ms),
-                moderation=r.moderation,
-            )
-        )
+    if m.reply_to is not None:
+        message.reply_to.CopyFrom(quote_to_proto(m.reply_to))
+    if m.recall is not None:
+        message.recall.CopyFrom(recall_to_proto(m.recall))
     return message
-
-
-def shared_post_to_proto(p: SharedPostCard) -> content_pb2.SharedPost:
-    card = content_pb2.SharedPost(
-        post_id=p.post_id, title=p.title, cover_url=p.cover_url, author_id=p.author_id
-    )
-    return as_removed(card) if p.removed else card
 
 
 def category_name(value: int) -> str | None:

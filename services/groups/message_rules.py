@@ -1,7 +1,6 @@
-"""What may happen to a group message after it is sent, and what it may carry besides its
-text, in plain Python: replies, @all, reactions, the recall, pins and the announcement, and
-how a stored message reads once what it points at changed (a removed post, a quote of a
-recalled message)."""
+"""What may happen to a group message after it is sent, in plain Python: @all, reactions,
+the recall, pins and the announcement. What it may carry besides its text (a shared post, a
+quote) and how that reads now are the same in direct conversations: services.kit.content."""
 
 from __future__ import annotations
 
@@ -14,21 +13,18 @@ from services.groups.domain import (
     Membership,
     Message,
     Pin,
-    Quote,
-    Recall,
     Role,
     retry_after_seconds,
 )
+from services.kit.content import ActionNotAllowed, Recall
 from services.kit.errors import (
     DomainError,
-    ErrorKind,
     FieldViolation,
     InvalidArgument,
     QuotaExceeded,
     Validator,
 )
 
-QUOTE_EXCERPT_MAX = 100
 ANNOUNCEMENT_MAX = 1_000
 # The recalled seqs a group keeps for unread counts: a member further behind than this many
 # recalls may see a few too many unread.
@@ -38,27 +34,12 @@ DEFAULT_REACTION_EMOJIS = ("👍", "❤️", "😂", "🎉", "👏", "😮", "�
 MENTION_ALL_SLOT = "@all"
 
 
-class ActionNotAllowed(DomainError):
-    """The caller may not do this to this message (@all, someone else's recall)."""
-
-    kind = ErrorKind.PERMISSION_DENIED
-    reason = "NOT_ALLOWED"
-
-
 class MessageRecalled(DomainError):
     reason = "MESSAGE_RECALLED"
 
 
-class RecallWindowPassed(DomainError):
-    reason = "RECALL_WINDOW_PASSED"
-
-
 class TooManyPins(DomainError):
     reason = "TOO_MANY_PINS"
-
-
-class NoSharedPost(DomainError):
-    reason = "NO_SHARED_POST"
 
 
 class MentionAllRateLimited(QuotaExceeded):
@@ -102,35 +83,6 @@ def mention_all_refusal(
     )
 
 
-def quote_of(message: Message) -> Quote:
-    if message.recall is not None:
-        return Quote(message.seq, message.sender_id, "", recalled=True)
-    return Quote(
-        seq=message.seq,
-        sender_id=message.sender_id,
-        excerpt=message.text[:QUOTE_EXCERPT_MAX],
-        shared_post_id=message.shared_post.post_id if message.shared_post else "",
-    )
-
-
-# Reading
-
-
-def as_read(
-    message: Message, published: Collection[str], recalled: Collection[tuple[str, int]]
-) -> Message:
-    """`message` as it shows now: its shared post removed unless among the `published`
-    post ids, its quote recalled if the quoted message (group id, seq) is `recalled`."""
-    shared, quote = message.shared_post, message.reply_to
-    if shared is not None and not shared.removed and shared.post_id not in published:
-        shared = replace(shared, title="", cover_url="", author_id="", removed=True)
-    if quote is not None and not quote.recalled and (message.group_id, quote.seq) in recalled:
-        quote = replace(quote, excerpt="", recalled=True, shared_post_id="")
-    if shared is message.shared_post and quote is message.reply_to:
-        return message
-    return replace(message, shared_post=shared, reply_to=quote)
-
-
 # Reactions
 
 
@@ -172,12 +124,6 @@ def recall_is_moderation(actor: Membership, message: Message) -> bool:
     if actor.role >= Role.ADMIN:
         return True
     raise ActionNotAllowed("only the sender, the owner and admins can recall a message")
-
-
-def ensure_within_recall_window(message: Message, now_ms: int, window_seconds: int) -> None:
-    """One's own message, whatever one's role, only within the window of sending it."""
-    if now_ms - message.sent_at_ms > window_seconds * 1000:
-        raise RecallWindowPassed(f"a message can be recalled within {window_seconds}s of sending")
 
 
 def recalled(message: Message, actor_id: str, now_ms: int, moderation: bool) -> Message:

@@ -4,6 +4,7 @@ I/O."""
 from __future__ import annotations
 
 import pytest
+from groupchat.content.v1 import content_pb2
 
 from services.groups import domain
 from services.groups import message_rules as rules
@@ -15,13 +16,13 @@ from services.groups.domain import (
     Membership,
     Message,
     Pin,
-    Quote,
-    Recall,
     Role,
-    SharedPostCard,
 )
+from services.kit import content
 from services.kit.config import ConfigError, Env
+from services.kit.content import Quote, Recall, SharedPost
 from services.kit.errors import ErrorKind, InvalidArgument
+from services.kit.posts import Post
 
 WINDOW = 120
 
@@ -88,7 +89,7 @@ def test_the_owner_and_admins_may_mention_everyone(role: Role) -> None:
 
 
 def test_a_member_may_not_mention_everyone() -> None:
-    with pytest.raises(rules.ActionNotAllowed) as caught:
+    with pytest.raises(content.ActionNotAllowed) as caught:
         rules.ensure_may_mention_all(member(Role.MEMBER))
     assert (caught.value.kind, caught.value.reason) == (ErrorKind.PERMISSION_DENIED, "NOT_ALLOWED")
 
@@ -104,26 +105,30 @@ def test_mention_all_refusal_says_when_to_try_again() -> None:
 
 
 def test_a_quote_keeps_the_first_100_characters_and_the_shared_post_id() -> None:
-    card = SharedPostCard("p1", "Matcha", "", "carol")
-    quote = rules.quote_of(message(text="y" * 250, shared_post=card))
+    card = SharedPost("p1", "Matcha", "", "carol")
+    quote = content.quote_of(message(text="y" * 250, shared_post=card))
     assert quote == Quote(1, "bob", "y" * 100, recalled=False, shared_post_id="p1")
 
 
 def test_a_quote_of_a_recalled_message_says_nothing_of_it() -> None:
     tombstone = rules.recalled(message(), "bob", 1_000_100, moderation=False)
-    assert rules.quote_of(tombstone) == Quote(1, "bob", "", recalled=True)
+    assert content.quote_of(tombstone) == Quote(1, "bob", "", recalled=True)
 
 
 # Reading
 
 
 def test_a_removed_post_and_a_recalled_quote_show_as_such_when_read() -> None:
-    card = SharedPostCard("p1", "Matcha", "https://img/1", "carol")
+    card = SharedPost("p1", "Matcha", "https://img/1", "carol")
     stored = message(seq=5, shared_post=card, reply_to=Quote(2, "ann", "earlier", False, "p9"))
-    shown = rules.as_read(stored, published=set(), recalled={("g", 2)})
-    assert shown.shared_post == SharedPostCard("p1", "", "", "", removed=True)
-    assert shown.reply_to == Quote(2, "ann", "", recalled=True)
-    assert rules.as_read(stored, published={"p1"}, recalled={("other", 2)}) is stored
+    shared, quote = content.as_shown(stored.shared_post, stored.reply_to, {}, {2})
+    assert shared == SharedPost("p1", "Matcha", "https://img/1", "carol", removed=True)
+    shown_as = content_pb2.SharedPost(post_id="p1", removed=True)  # nothing of its old card
+    assert content.shared_post_to_proto(shared) == shown_as
+    assert quote == Quote(2, "ann", "", recalled=True)
+    published = {"p1": Post("p1", "carol", "Matcha", "https://img/1", True, version=1)}
+    shown = content.as_shown(stored.shared_post, stored.reply_to, published, set())
+    assert shown == (stored.shared_post, stored.reply_to)
 
 
 # Reactions
@@ -167,9 +172,9 @@ def test_a_sender_recalls_their_own_message_within_the_window_only(role: Role) -
     sent = message(sender="bob")
     assert rules.recall_is_moderation(member(role, "bob"), sent) is False
     at_the_end = sent.sent_at_ms + WINDOW * 1000
-    rules.ensure_within_recall_window(sent, at_the_end, WINDOW)
-    with pytest.raises(rules.RecallWindowPassed) as late:
-        rules.ensure_within_recall_window(sent, at_the_end + 1, WINDOW)
+    content.ensure_within_recall_window(sent, at_the_end, WINDOW)
+    with pytest.raises(content.RecallWindowPassed) as late:
+        content.ensure_within_recall_window(sent, at_the_end + 1, WINDOW)
     assert late.value.kind == ErrorKind.FAILED_PRECONDITION
 
 
@@ -179,7 +184,7 @@ def test_the_owner_and_admins_remove_someone_elses_message_as_moderation(role: R
 
 
 def test_another_member_may_not_recall() -> None:
-    with pytest.raises(rules.ActionNotAllowed) as caught:
+    with pytest.raises(content.ActionNotAllowed) as caught:
         rules.recall_is_moderation(member(Role.MEMBER, "cy"), message(sender="bob"))
     assert (caught.value.kind, caught.value.reason) == (ErrorKind.PERMISSION_DENIED, "NOT_ALLOWED")
 
@@ -189,7 +194,7 @@ def test_the_tombstone_keeps_nothing_of_the_content() -> None:
         text="secret",
         mentions=("ann",),
         mention_all=True,
-        shared_post=SharedPostCard("p1", "t", "", "carol"),
+        shared_post=SharedPost("p1", "t", "", "carol"),
         reply_to=Quote(1, "ann", "x"),
         reactions={"👍": ("ann",)},
         version=4,
