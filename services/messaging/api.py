@@ -9,15 +9,11 @@ from groupchat.content.v1 import content_pb2
 from groupchat.messaging.v1 import messaging_pb2 as pb
 from groupchat.messaging.v1 import messaging_pb2_grpc
 
+from services.kit.content import shared_post_to_proto
 from services.kit.paging import page_size
 from services.kit.rpc import current_identity
 from services.messaging.app import MessagingApp
-from services.messaging.mapping import (
-    conversation_to_proto,
-    message_to_proto,
-    quota_to_proto,
-    shared_post_to_proto,
-)
+from services.messaging.mapping import conversation_to_proto, message_to_proto, quota_to_proto
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 

@@ -10,7 +10,9 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from services.kit import content
 from services.kit.config import DEFAULT_APP_TIMEZONE
+from services.kit.content import Quote, SharedPost
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import Outbox
@@ -28,9 +30,7 @@ from services.messaging.domain import (
     MessageWithState,
     QuotaCharge,
     QuotaUsage,
-    Quote,
     RecipientBlocked,
-    SharedPost,
     StrangerQuota,
 )
 from services.messaging.events import recalled_events, sent_events, shared_post_opened_event
@@ -235,7 +235,7 @@ class MessagingApp:
             quoted = await self._store.get_message(conversation_id, reply_to_seq)
             if quoted is None:
                 raise domain.no_message_to_reply_to(reply_to_seq)
-            quote = domain.quote_of(quoted.message)
+            quote = content.quote_of(quoted.message)
         return _Content(card, quote)
 
     async def _charge_stranger_slot(
@@ -350,7 +350,7 @@ class MessagingApp:
         return [replace(c, last_message=next(shown)) if c.last_message else c for c in page]
 
     async def _shown(self, messages: list[DirectMessage]) -> list[DirectMessage]:
-        """`messages` as readers see them now (domain.as_shown): one read of the posts they
+        """`messages` as readers see them now (content.as_shown): one read of the posts they
         share and one of the messages they quote, whatever their number."""
         post_ids = {m.shared_post.post_id for m in messages if m.shared_post}
         quoted = {
@@ -360,10 +360,12 @@ class MessagingApp:
         }
         posts = await self._store.posts.get_many(post_ids)
         recalled = await self._store.recalled_among(quoted)
-        return [
-            domain.as_shown(m, posts, {seq for c, seq in recalled if c == m.conversation_id})
-            for m in messages
-        ]
+        shown = []
+        for m in messages:
+            recalled_seqs = {seq for c, seq in recalled if c == m.conversation_id}
+            shared, quote = content.as_shown(m.shared_post, m.reply_to, posts, recalled_seqs)
+            shown.append(replace(m, shared_post=shared, reply_to=quote))
+        return shown
 
     # Recall and shared posts
 
@@ -404,7 +406,7 @@ class MessagingApp:
         if found is None:
             raise MessageNotFound(f"no message {seq} in this conversation")
         (shown,) = await self._shown([found.message])
-        card = domain.shared_post_of(shown)
+        card = content.shared_post_of(shown)
         event = shared_post_opened_event(card, user_id, conversation_id, seq)
         await self._outbox.record(self._store.records, event)
         return card

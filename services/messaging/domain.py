@@ -1,6 +1,7 @@
 """Direct messages' rules in plain Python: who is a stranger to whom, what the day's stranger
-quota allows, how many messages may wait for an answer, what a message must be, what it may
-carry (a shared post, a quote) and who may recall it.
+quota allows, how many messages may wait for an answer, what a message must be and who may
+recall it. What it may carry besides its text (a shared post, a quote) and how that reads
+now are the same in groups: services.kit.content.
 
 The rules that must hold under concurrency are decided here and enforced by single atomic
 operations in `services.messaging.storage`: a message's admission is decided from the state
@@ -16,6 +17,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
+from services.kit.content import (
+    ActionNotAllowed,
+    Quote,
+    Recall,
+    SharedPost,
+    ensure_within_recall_window,
+)
 from services.kit.errors import (
     ID_DESCRIPTION,
     ID_PATTERN,
@@ -26,8 +34,6 @@ from services.kit.errors import (
     QuotaExceeded,
     Validator,
 )
-from services.kit.posts import Post
-from services.kit.quotes import quote_excerpt
 
 TEXT_MAX = 4_000
 CLIENT_MSG_ID_MAX = 128
@@ -71,23 +77,6 @@ class MessageNotFound(DomainError):
     reason = "MESSAGE_NOT_FOUND"
 
 
-class NotAllowed(DomainError):
-    """Only a message's sender may recall it."""
-
-    kind = ErrorKind.PERMISSION_DENIED
-    reason = "NOT_ALLOWED"
-
-
-class RecallWindowPassed(DomainError):
-    reason = "RECALL_WINDOW_PASSED"
-
-
-class NoSharedPost(DomainError):
-    """The message shares no post (or no longer: it was recalled)."""
-
-    reason = "NO_SHARED_POST"
-
-
 def conversation_id(user_a: str, user_b: str) -> str:
     """The id of the conversation between two users: both ids, sorted, joined by ':'."""
     return ":".join(sorted((user_a, user_b)))
@@ -96,41 +85,6 @@ def conversation_id(user_a: str, user_b: str) -> str:
 def dedup_key(sender_id: str, client_msg_id: str) -> str | None:
     """Unique per sender and client message id: a retry finds the first send."""
     return f"{sender_id}:{client_msg_id}" if client_msg_id else None
-
-
-@dataclass(frozen=True)
-class SharedPost:
-    """The card of a post shared into a message, as the post was when shared; `removed`
-    once its author took it down (set when shown, see `as_shown`)."""
-
-    post_id: str
-    title: str
-    cover_url: str
-    author_id: str
-    removed: bool = False
-
-    @classmethod
-    def of(cls, post: Post) -> SharedPost:
-        return cls(post.post_id, post.title, post.cover_url, post.author_id)
-
-
-@dataclass(frozen=True)
-class Quote:
-    """The earlier message of the conversation that a message replies to, as it was then."""
-
-    seq: int
-    sender_id: str
-    excerpt: str
-    recalled: bool
-    shared_post_id: str
-
-
-@dataclass(frozen=True)
-class Recall:
-    """The tombstone a recalled message keeps."""
-
-    recalled_by: str
-    recalled_at_ms: int
 
 
 @dataclass(frozen=True)
@@ -149,44 +103,14 @@ class DirectMessage:
     version: int = 1
 
 
-def quote_of(message: DirectMessage) -> Quote:
-    """What a reply to `message` quotes of it: nothing of its content once recalled."""
-    if message.recall is not None:
-        return Quote(message.seq, message.sender_id, "", True, "")
-    post_id = message.shared_post.post_id if message.shared_post else ""
-    return Quote(message.seq, message.sender_id, quote_excerpt(message.text), False, post_id)
-
-
-def as_shown(
-    message: DirectMessage, posts: Mapping[str, Post], recalled_seqs: Collection[int]
-) -> DirectMessage:
-    """`message` as a reader sees it now: its shared post removed if the projection of
-    `posts` says it is no longer published, its quote recalled if the quoted message's seq
-    is among `recalled_seqs` (of its conversation)."""
-    shown = message
-    card = message.shared_post
-    if card is not None and not card.removed:
-        post = posts.get(card.post_id)
-        if post is not None and not post.published:
-            shown = replace(shown, shared_post=replace(card, removed=True))
-    quote = message.reply_to
-    if quote is not None and not quote.recalled and quote.seq in recalled_seqs:
-        shown = replace(shown, reply_to=Quote(quote.seq, quote.sender_id, "", True, ""))
-    return shown
-
-
 def should_recall(message: DirectMessage, user_id: str, now_ms: int, window_seconds: int) -> bool:
     """Whether `user_id` recalling `message` now changes it: only its sender may, within
     `window_seconds` of sending; a recalled message stays as it is (False)."""
     if user_id != message.sender_id:
-        raise NotAllowed("only the sender can recall a message")
+        raise ActionNotAllowed("only the sender can recall a message")
     if message.recall is not None:
         return False
-    if now_ms - message.sent_at_ms > window_seconds * 1000:
-        raise RecallWindowPassed(
-            f"a message can be recalled within {window_seconds} seconds of sending",
-            window_seconds=str(window_seconds),
-        )
+    ensure_within_recall_window(message, now_ms, window_seconds)
     return True
 
 
@@ -199,13 +123,6 @@ def recalled(message: DirectMessage, user_id: str, now_ms: int) -> DirectMessage
         recall=Recall(user_id, now_ms),
         version=message.version + 1,
     )
-
-
-def shared_post_of(message: DirectMessage) -> SharedPost:
-    """The post `message` shares, which a participant may open."""
-    if message.shared_post is None or message.recall is not None:
-        raise NoSharedPost("this message shares no post")
-    return message.shared_post
 
 
 def ensure_participant(conversation_id_: str, user_id: str) -> None:

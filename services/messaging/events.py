@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from groupchat.events.v1 import events_pb2
 
+from services.kit.content import SharedPost
 from services.kit.events import OutgoingEvent, new_event
-from services.messaging.domain import Admission, DirectMessage, MessageWithState, SharedPost
+from services.messaging.domain import Admission, DirectMessage, MessageWithState
 from services.messaging.mapping import message_to_proto
 
 

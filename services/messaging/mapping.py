@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from groupchat.content.v1 import content_pb2
 from groupchat.messaging.v1 import messaging_pb2
 
-from services.kit.posts import as_removed
+from services.kit.content import quote_to_proto, recall_to_proto, shared_post_to_proto
 from services.kit.timestamps import timestamp_from_ms
-from services.messaging.domain import Conversation, DirectMessage, QuotaUsage, SharedPost
+from services.messaging.domain import Conversation, DirectMessage, QuotaUsage
 
 
 def message_to_proto(m: DirectMessage) -> messaging_pb2.DirectMessage:
@@ -23,32 +22,11 @@ def message_to_proto(m: DirectMessage) -> messaging_pb2.DirectMessage:
     )
     if m.shared_post is not None:
         message.shared_post.CopyFrom(shared_post_to_proto(m.shared_post))
-    if (quote := m.reply_to) is not None:
-        message.reply_to.CopyFrom(
-            content_pb2.Quote(
-                seq=quote.seq,
-                sender_id=quote.sender_id,
-                excerpt=quote.excerpt,
-                recalled=quote.recalled,
-                shared_post_id=quote.shared_post_id,
-            )
-        )
-    if (recall := m.recall) is not None:
-        message.recall.CopyFrom(
-            content_pb2.Recall(
-                recalled_by=recall.recalled_by,
-                recalled_at=timestamp_from_ms(recall.recalled_at_ms),
-                moderation=False,
-            )
-        )
+    if m.reply_to is not None:
+        message.reply_to.CopyFrom(quote_to_proto(m.reply_to))
+    if m.recall is not None:
+        message.recall.CopyFrom(recall_to_proto(m.recall))
     return message
-
-
-def shared_post_to_proto(card: SharedPost) -> content_pb2.SharedPost:
-    shown = content_pb2.SharedPost(
-        post_id=card.post_id, title=card.title, cover_url=card.cover_url, author_id=card.author_id
-    )
-    return as_removed(shown) if card.removed else shown
 
 
 def conversation_to_proto(c: Conversation, viewer_id: str) -> messaging_pb2.DirectConversation:

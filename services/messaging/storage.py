@@ -25,6 +25,14 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from services.kit.content import (
+    quote_doc,
+    quote_from_doc,
+    recall_doc,
+    recall_from_doc,
+    shared_post_doc,
+    shared_post_from_doc,
+)
 from services.kit.documents import upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, pending, with_pending
@@ -37,9 +45,6 @@ from services.messaging.domain import (
     DirectMessage,
     MessageWithState,
     QuotaCharge,
-    Quote,
-    Recall,
-    SharedPost,
     dedup_key,
     quota_charge,
 )
@@ -113,7 +118,7 @@ class MessagingStore:
             {
                 "$unset": {"text": "", "shared_post": ""},
                 "$set": {
-                    "recall": _recall_doc(tombstone.recall),
+                    "recall": recall_doc(tombstone.recall),
                     "version": tombstone.version,
                 },
             },
@@ -370,29 +375,12 @@ def _message_doc(m: DirectMessage) -> dict[str, Any]:
     if m.recall is None:
         doc["text"] = m.text
     else:
-        doc["recall"] = _recall_doc(m.recall)
+        doc["recall"] = recall_doc(m.recall)
     if m.shared_post is not None and m.recall is None:
-        card = m.shared_post
-        doc["shared_post"] = {
-            "post_id": card.post_id,
-            "title": card.title,
-            "cover_url": card.cover_url,
-            "author_id": card.author_id,
-        }
+        doc["shared_post"] = shared_post_doc(m.shared_post)
     if m.reply_to is not None:
-        quote = m.reply_to
-        doc["reply_to"] = {
-            "seq": quote.seq,
-            "sender_id": quote.sender_id,
-            "excerpt": quote.excerpt,
-            "recalled": quote.recalled,
-            "shared_post_id": quote.shared_post_id,
-        }
+        doc["reply_to"] = quote_doc(m.reply_to)
     return doc
-
-
-def _recall_doc(recall: Recall) -> dict[str, Any]:
-    return {"recalled_by": recall.recalled_by, "recalled_at_ms": recall.recalled_at_ms}
 
 
 def _message(doc: dict[str, Any]) -> DirectMessage:
@@ -405,19 +393,9 @@ def _message(doc: dict[str, Any]) -> DirectMessage:
         text=doc.get("text", ""),
         client_msg_id=doc["client_msg_id"],
         sent_at_ms=doc["sent_at_ms"],
-        shared_post=SharedPost(card["post_id"], card["title"], card["cover_url"], card["author_id"])
-        if card
-        else None,
-        reply_to=Quote(
-            int(quote["seq"]),
-            quote["sender_id"],
-            quote["excerpt"],
-            bool(quote["recalled"]),
-            quote["shared_post_id"],
-        )
-        if quote
-        else None,
-        recall=Recall(recall["recalled_by"], int(recall["recalled_at_ms"])) if recall else None,
+        shared_post=shared_post_from_doc(card) if card else None,
+        reply_to=quote_from_doc(quote) if quote else None,
+        recall=recall_from_doc(recall) if recall else None,
         version=int(doc.get("version", 1)),
     )
 

@@ -4,26 +4,30 @@ sees now, and unread counts that skip recalled messages."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from services.kit.errors import ErrorKind, InvalidArgument
-from services.kit.posts import Post
-from services.kit.quotes import QUOTE_EXCERPT_MAX, quote_excerpt
-from services.messaging.domain import (
-    Conversation,
-    DirectMessage,
-    MessageNotFound,
+from services.kit.content import (
+    QUOTE_EXCERPT_MAX,
+    ActionNotAllowed,
     NoSharedPost,
-    NotAllowed,
     Quote,
     Recall,
     RecallWindowPassed,
     SharedPost,
     as_shown,
-    ensure_participant,
     quote_of,
-    recalled,
     shared_post_of,
+)
+from services.kit.errors import ErrorKind, InvalidArgument
+from services.kit.posts import Post
+from services.messaging.domain import (
+    Conversation,
+    DirectMessage,
+    MessageNotFound,
+    ensure_participant,
+    recalled,
     should_recall,
     validate_message,
     validate_open,
@@ -62,7 +66,7 @@ def test_a_quote_keeps_the_first_hundred_characters_and_the_shared_post() -> Non
     quote = quote_of(message(text, shared_post=CARD))
     assert quote == Quote(3, "alice", text[:QUOTE_EXCERPT_MAX], False, "p1")
     assert len(quote.excerpt) == 100 and quote.excerpt.endswith("é")
-    assert quote_excerpt("short") == "short"
+    assert quote_of(message("short")).excerpt == "short"
 
 
 def test_a_quote_of_a_recalled_message_quotes_nothing_of_it() -> None:
@@ -76,12 +80,13 @@ def test_the_sender_recalls_within_the_window() -> None:
         should_recall(message(), "alice", SENT_AT + WINDOW * 1000 + 1, WINDOW)
     assert caught.value.kind is ErrorKind.FAILED_PRECONDITION
     assert caught.value.reason == "RECALL_WINDOW_PASSED"
+    assert caught.value.metadata == {"window_seconds": str(WINDOW)}
 
 
 def test_the_recipient_may_never_recall() -> None:
-    with pytest.raises(NotAllowed) as caught:
+    with pytest.raises(ActionNotAllowed) as caught:
         should_recall(message(), "bob", SENT_AT, WINDOW)
-    assert caught.value.kind is ErrorKind.PERMISSION_DENIED
+    assert (caught.value.kind, caught.value.reason) == (ErrorKind.PERMISSION_DENIED, "NOT_ALLOWED")
 
 
 def test_recalling_a_recalled_message_changes_nothing_even_after_the_window() -> None:
@@ -98,18 +103,20 @@ def test_a_tombstone_has_no_text_nor_post_and_a_newer_version() -> None:
 
 
 def test_a_reader_sees_a_post_taken_down_since_as_removed() -> None:
-    shared = message(shared_post=CARD)
-    assert as_shown(shared, {"p1": post(published=False)}, set()).shared_post == SharedPost(
-        "p1", "Matcha", "https://c/p1", "carol", removed=True
-    )
-    assert as_shown(shared, {"p1": post()}, set()) == shared
-    assert as_shown(shared, {}, set()) == shared  # not in the projection: left as shared
+    removed = SharedPost("p1", "Matcha", "https://c/p1", "carol", removed=True)
+    assert as_shown(CARD, None, {"p1": post(published=False)}, set()) == (removed, None)
+    assert as_shown(CARD, None, {"p1": post()}, set()) == (CARD, None)
+
+
+def test_a_post_the_projection_does_not_know_shows_removed() -> None:
+    # Only a projection that lost it does not know a shared post: it may be taken down.
+    assert as_shown(CARD, None, {}, set())[0] == replace(CARD, removed=True)
 
 
 def test_a_reader_sees_a_quote_of_a_message_recalled_since_as_recalled() -> None:
-    reply = message(reply_to=Quote(1, "bob", "secret", False, "p1"))
-    assert as_shown(reply, {}, {1}).reply_to == Quote(1, "bob", "", True, "")
-    assert as_shown(reply, {}, {2}) == reply
+    quote = Quote(1, "bob", "secret", False, "p1")
+    assert as_shown(None, quote, {}, {1}) == (None, Quote(1, "bob", "", True, ""))
+    assert as_shown(None, quote, {}, {2}) == (None, quote)
 
 
 def test_only_a_message_that_still_shares_a_post_can_open_it() -> None:
