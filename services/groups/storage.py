@@ -52,14 +52,7 @@ from services.groups.domain import (
     Role,
 )
 from services.groups.message_rules import RECALLED_KEPT
-from services.kit.content import (
-    quote_doc,
-    quote_from_doc,
-    recall_doc,
-    recall_from_doc,
-    shared_post_doc,
-    shared_post_from_doc,
-)
+from services.kit import content
 from services.kit.documents import upsert_and_read, upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, pending, with_pending
@@ -575,7 +568,7 @@ def recall(tombstone: Message) -> dict[str, Any]:
     gone = ("text", "mentions", "mention_all", "shared_post", "reply_to", "reactions")
     return {
         "$unset": {name: "" for name in gone},
-        "$set": {"recall": recall_doc(tombstone.recall)},
+        "$set": {"recall": content.recall_doc(tombstone.recall)},
     }
 
 
@@ -711,15 +704,15 @@ def _message_doc(m: Message) -> dict[str, Any]:
         "version": m.version,
     }
     if m.recall is not None:
-        doc["recall"] = recall_doc(m.recall)
+        doc["recall"] = content.recall_doc(m.recall)
         return doc
     doc |= {"text": m.text, "mentions": list(m.mentions)}
     if m.mention_all:
         doc["mention_all"] = True
     if m.shared_post is not None:
-        doc["shared_post"] = shared_post_doc(m.shared_post)
+        doc["shared_post"] = content.shared_post_doc(m.shared_post)
     if m.reply_to is not None:
-        doc["reply_to"] = quote_doc(m.reply_to)
+        doc["reply_to"] = content.quote_doc(m.reply_to)
     if m.reactions:
         doc["reactions"] = {emoji: list(users) for emoji, users in m.reactions.items()}
     return doc
@@ -736,10 +729,10 @@ def message_from_doc(doc: dict[str, Any]) -> Message:
         client_msg_id=doc["client_msg_id"],
         sent_at_ms=doc["sent_at_ms"],
         mention_all=bool(doc.get("mention_all")),
-        shared_post=shared_post_from_doc(shared) if shared else None,
-        reply_to=quote_from_doc(quote) if quote else None,
+        shared_post=content.shared_post_from_doc(shared) if shared else None,
+        reply_to=content.quote_from_doc(quote) if quote else None,
         reactions={e: tuple(u) for e, u in (doc.get("reactions") or {}).items() if u},
-        recall=recall_from_doc(recall) if recall else None,
+        recall=content.recall_from_doc(recall) if recall else None,
         # Messages stored before versions were kept are at their first.
         version=doc.get("version", 1),
     )

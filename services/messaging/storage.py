@@ -25,14 +25,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from services.kit.content import (
-    quote_doc,
-    quote_from_doc,
-    recall_doc,
-    recall_from_doc,
-    shared_post_doc,
-    shared_post_from_doc,
-)
+from services.kit import content
 from services.kit.documents import upsert_where
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import merged, pending, with_pending
@@ -118,7 +111,7 @@ class MessagingStore:
             {
                 "$unset": {"text": "", "shared_post": ""},
                 "$set": {
-                    "recall": recall_doc(tombstone.recall),
+                    "recall": content.recall_doc(tombstone.recall),
                     "version": tombstone.version,
                 },
             },
@@ -375,11 +368,11 @@ def _message_doc(m: DirectMessage) -> dict[str, Any]:
     if m.recall is None:
         doc["text"] = m.text
     else:
-        doc["recall"] = recall_doc(m.recall)
+        doc["recall"] = content.recall_doc(m.recall)
     if m.shared_post is not None and m.recall is None:
-        doc["shared_post"] = shared_post_doc(m.shared_post)
+        doc["shared_post"] = content.shared_post_doc(m.shared_post)
     if m.reply_to is not None:
-        doc["reply_to"] = quote_doc(m.reply_to)
+        doc["reply_to"] = content.quote_doc(m.reply_to)
     return doc
 
 
@@ -393,9 +386,9 @@ def _message(doc: dict[str, Any]) -> DirectMessage:
         text=doc.get("text", ""),
         client_msg_id=doc["client_msg_id"],
         sent_at_ms=doc["sent_at_ms"],
-        shared_post=shared_post_from_doc(card) if card else None,
-        reply_to=quote_from_doc(quote) if quote else None,
-        recall=recall_from_doc(recall) if recall else None,
+        shared_post=content.shared_post_from_doc(card) if card else None,
+        reply_to=content.quote_from_doc(quote) if quote else None,
+        recall=content.recall_from_doc(recall) if recall else None,
         version=int(doc.get("version", 1)),
     )
 
