@@ -1,24 +1,17 @@
-"""What a direct message may carry and how it may change, in plain Python: the shared post's
-card, the quote of an earlier message, who may recall within which window, what a reader
-sees now, and unread counts that skip recalled messages."""
+"""What a direct message must be and how it may change, in plain Python: who may recall
+within which window, who sees a conversation, and unread counts that skip recalled
+messages. What it may carry, as in groups: test_message_content.py."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 
 from services.kit.content import (
-    QUOTE_EXCERPT_MAX,
     ActionNotAllowed,
-    NoSharedPost,
     Quote,
     Recall,
     RecallWindowPassed,
     SharedPost,
-    as_shown,
-    quote_of,
-    shared_post_of,
 )
 from services.kit.errors import ErrorKind, InvalidArgument
 from services.kit.posts import Post
@@ -57,23 +50,6 @@ def post(published: bool = True) -> Post:
 CARD = SharedPost.of(post())
 
 
-def test_the_card_is_the_post_as_it_is_when_shared() -> None:
-    assert CARD == SharedPost("p1", "Matcha", "https://c/p1", "carol", removed=False)
-
-
-def test_a_quote_keeps_the_first_hundred_characters_and_the_shared_post() -> None:
-    text = "x" * 99 + "é" + "tail"
-    quote = quote_of(message(text, shared_post=CARD))
-    assert quote == Quote(3, "alice", text[:QUOTE_EXCERPT_MAX], False, "p1")
-    assert len(quote.excerpt) == 100 and quote.excerpt.endswith("é")
-    assert quote_of(message("short")).excerpt == "short"
-
-
-def test_a_quote_of_a_recalled_message_quotes_nothing_of_it() -> None:
-    tombstone = recalled(message(shared_post=CARD), "alice", SENT_AT + 1)
-    assert quote_of(tombstone) == Quote(3, "alice", "", True, "")
-
-
 def test_the_sender_recalls_within_the_window() -> None:
     assert should_recall(message(), "alice", SENT_AT + WINDOW * 1000, WINDOW)
     with pytest.raises(RecallWindowPassed) as caught:
@@ -100,31 +76,6 @@ def test_a_tombstone_has_no_text_nor_post_and_a_newer_version() -> None:
     assert (tombstone.text, tombstone.shared_post, tombstone.version) == ("", None, 2)
     assert tombstone.recall == Recall("alice", SENT_AT + 5)
     assert tombstone.reply_to == quote
-
-
-def test_a_reader_sees_a_post_taken_down_since_as_removed() -> None:
-    removed = SharedPost("p1", "Matcha", "https://c/p1", "carol", removed=True)
-    assert as_shown(CARD, None, {"p1": post(published=False)}, set()) == (removed, None)
-    assert as_shown(CARD, None, {"p1": post()}, set()) == (CARD, None)
-
-
-def test_a_post_the_projection_does_not_know_shows_removed() -> None:
-    # Only a projection that lost it does not know a shared post: it may be taken down.
-    assert as_shown(CARD, None, {}, set())[0] == replace(CARD, removed=True)
-
-
-def test_a_reader_sees_a_quote_of_a_message_recalled_since_as_recalled() -> None:
-    quote = Quote(1, "bob", "secret", False, "p1")
-    assert as_shown(None, quote, {}, {1}) == (None, Quote(1, "bob", "", True, ""))
-    assert as_shown(None, quote, {}, {2}) == (None, quote)
-
-
-def test_only_a_message_that_still_shares_a_post_can_open_it() -> None:
-    assert shared_post_of(message(shared_post=CARD)) == CARD
-    for without in (message(), recalled(message(shared_post=CARD), "alice", SENT_AT)):
-        with pytest.raises(NoSharedPost) as caught:
-            shared_post_of(without)
-        assert caught.value.reason == "NO_SHARED_POST"
 
 
 def test_only_participants_see_a_conversation() -> None:

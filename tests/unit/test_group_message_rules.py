@@ -4,7 +4,6 @@ I/O."""
 from __future__ import annotations
 
 import pytest
-from groupchat.content.v1 import content_pb2
 
 from services.groups import domain
 from services.groups import message_rules as rules
@@ -22,7 +21,6 @@ from services.kit import content
 from services.kit.config import ConfigError, Env
 from services.kit.content import Quote, Recall, SharedPost
 from services.kit.errors import ErrorKind, InvalidArgument
-from services.kit.posts import Post
 
 WINDOW = 120
 
@@ -102,33 +100,6 @@ def test_mention_all_refusal_says_when_to_try_again() -> None:
     )
     assert refusal.metadata["retry_after_seconds"] == "240"
     assert refusal.subject == "group:g"
-
-
-def test_a_quote_keeps_the_first_100_characters_and_the_shared_post_id() -> None:
-    card = SharedPost("p1", "Matcha", "", "carol")
-    quote = content.quote_of(message(text="y" * 250, shared_post=card))
-    assert quote == Quote(1, "bob", "y" * 100, recalled=False, shared_post_id="p1")
-
-
-def test_a_quote_of_a_recalled_message_says_nothing_of_it() -> None:
-    tombstone = rules.recalled(message(), "bob", 1_000_100, moderation=False)
-    assert content.quote_of(tombstone) == Quote(1, "bob", "", recalled=True)
-
-
-# Reading
-
-
-def test_a_removed_post_and_a_recalled_quote_show_as_such_when_read() -> None:
-    card = SharedPost("p1", "Matcha", "https://img/1", "carol")
-    stored = message(seq=5, shared_post=card, reply_to=Quote(2, "ann", "earlier", False, "p9"))
-    shared, quote = content.as_shown(stored.shared_post, stored.reply_to, {}, {2})
-    assert shared == SharedPost("p1", "Matcha", "https://img/1", "carol", removed=True)
-    shown_as = content_pb2.SharedPost(post_id="p1", removed=True)  # nothing of its old card
-    assert content.shared_post_to_proto(shared) == shown_as
-    assert quote == Quote(2, "ann", "", recalled=True)
-    published = {"p1": Post("p1", "carol", "Matcha", "https://img/1", True, version=1)}
-    shown = content.as_shown(stored.shared_post, stored.reply_to, published, set())
-    assert shown == (stored.shared_post, stored.reply_to)
 
 
 # Reactions
