@@ -264,6 +264,4 @@ def _as_shown(
     recalled messages among those quoted."""
     recalled_seqs = {seq for group_id, seq in recalled if group_id == message.group_id}
     shared, quote = content.as_shown(message.shared_post, message.reply_to, posts, recalled_seqs)
-    if shared is message.shared_post and quote is message.reply_to:
-        return message
     return replace(message, shared_post=shared, reply_to=quote)
