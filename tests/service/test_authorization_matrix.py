@@ -251,6 +251,10 @@ async def cast_group(suite: InProcessSuite, key: SigningKey, *, listed: bool = T
         gpb.SetMemberRoleRequest(group_id=group_id, user_id=names["admin"], role=gpb.ADMIN),
         "owner",
     )
+    # A message of the target's for the message RPCs to act on (seq 1).
+    await ok(
+        "SendGroupMessage", gpb.SendGroupMessageRequest(group_id=group_id, text="hi"), "target"
+    )
     cast = Cast(group_id, users, names["target"], code)
     if not listed:
         return cast
@@ -261,7 +265,7 @@ async def cast_group(suite: InProcessSuite, key: SigningKey, *, listed: bool = T
         outcome = await suite.call(GATEWAY, "GetGroupInsights", insights, users["admin"])
         return outcome == ("OK", "")
 
-    await eventually(plaza_knows_the_admin, within=10.0)
+    await eventually(plaza_knows_the_admin, within=30.0)
     return cast
 
 
@@ -289,6 +293,14 @@ ROLE_REQUESTS: dict[str, Callable[[Cast], Message]] = {
     ),
     "ListGroupMessages": lambda c: gpb.ListGroupMessagesRequest(group_id=c.group_id),
     "MarkGroupRead": lambda c: gpb.MarkGroupReadRequest(group_id=c.group_id, read_seq=0),
+    "ReactToGroupMessage": lambda c: gpb.ReactToGroupMessageRequest(
+        group_id=c.group_id, seq=1, emoji="\N{THUMBS UP SIGN}"
+    ),
+    "RecallGroupMessage": lambda c: gpb.RecallGroupMessageRequest(group_id=c.group_id, seq=1),
+    "SetGroupAnnouncement": lambda c: gpb.SetGroupAnnouncementRequest(
+        group_id=c.group_id, text="Be kind"
+    ),
+    "PinGroupMessage": lambda c: gpb.PinGroupMessageRequest(group_id=c.group_id, seq=1),
     "GetGroupInsights": lambda c: ppb.GetGroupInsightsRequest(group_id=c.group_id),
     "SetGroupSelected": lambda c: ppb.SetGroupSelectedRequest(group_id=c.group_id, selected=True),
 }
@@ -308,6 +320,7 @@ UNLISTED_REQUESTS: dict[str, Callable[[Cast], Message]] = {
 OK: Outcome = ("OK", "")
 NOT_A_MEMBER: Outcome = ("PERMISSION_DENIED", "NOT_A_MEMBER")
 ROLE_NOT_ALLOWED: Outcome = ("PERMISSION_DENIED", "ROLE_NOT_ALLOWED")
+NOT_ALLOWED: Outcome = ("PERMISSION_DENIED", "NOT_ALLOWED")
 NOT_GROUP_ADMIN: Outcome = ("PERMISSION_DENIED", "NOT_GROUP_ADMIN")
 EDITOR_ONLY: Outcome = ("PERMISSION_DENIED", "EDITOR_ONLY")
 OWNER_MUST_TRANSFER: Outcome = ("FAILED_PRECONDITION", "OWNER_MUST_TRANSFER")
@@ -325,6 +338,11 @@ ROLE_MATRIX: dict[str, tuple[Outcome, Outcome, Outcome, Outcome, Outcome]] = {
     "SendGroupMessage": (NOT_A_MEMBER, OK, OK, OK, NOT_A_MEMBER),
     "ListGroupMessages": (NOT_A_MEMBER, OK, OK, OK, NOT_A_MEMBER),
     "MarkGroupRead": (NOT_A_MEMBER, OK, OK, OK, NOT_A_MEMBER),
+    "ReactToGroupMessage": (NOT_A_MEMBER, OK, OK, OK, NOT_A_MEMBER),
+    # Someone else's message (the target's): a moderation removal.
+    "RecallGroupMessage": (NOT_A_MEMBER, NOT_ALLOWED, OK, OK, NOT_A_MEMBER),
+    "SetGroupAnnouncement": (NOT_A_MEMBER, ROLE_NOT_ALLOWED, OK, OK, NOT_A_MEMBER),
+    "PinGroupMessage": (NOT_A_MEMBER, ROLE_NOT_ALLOWED, OK, OK, NOT_A_MEMBER),
     "GetGroupInsights": (NOT_GROUP_ADMIN, NOT_GROUP_ADMIN, OK, OK, NOT_GROUP_ADMIN),
     "SetGroupSelected": (EDITOR_ONLY, EDITOR_ONLY, EDITOR_ONLY, EDITOR_ONLY, OK),
 }
