@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -51,7 +51,12 @@ class TooManyStreams(DomainError):
 
 class Session:
     """One open Subscribe stream: a buffer bounded in events and bytes, then a terminal
-    marker. Finishing drops what is buffered at once."""
+    marker. Finishing drops what is buffered at once.
+
+    The buffer is a deque with at most one waiter (the stream's writer), not an
+    asyncio.Queue: an offer is an append, and wakes the writer only when it is waiting. The
+    writer takes one item (`next`), then whatever else waits (`waiting_items`), to send
+    them in one response."""
 
     OVERFLOW: Any = object()
     ENDED: Any = object()
@@ -65,7 +70,8 @@ class Session:
         # Whether every direct conversation of the user had a position at Ready.
         self.knows_every_direct = False
         self._limits = limits
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()  # bounded by offer()
+        self._items: deque[Any] = deque()  # Items and markers, bounded by offer()
+        self._waiter: asyncio.Future[None] | None = None
         self._bytes = 0
         self._finished = False
 
@@ -74,22 +80,34 @@ class Session:
         return self.identity.user_id
 
     def offer(self, key: str | None, seq: int, response: bytes) -> None:
+        self.put((key, seq, response))
+
+    def put(self, item: Item) -> None:
+        """Offer an Item (the hub makes one per event and hands it to every stream)."""
         if self._finished:
             return
-        size = len(response)
+        size = len(item[2])
         if (
-            self._queue.qsize() >= self._limits.buffer_events
+            len(self._items) >= self._limits.buffer_events
             or self._bytes + size > self._limits.buffer_bytes
         ):
             FANOUT_DROPPED.inc()
             self._finish(Session.OVERFLOW)
             return
         self._bytes += size
-        self._queue.put_nowait((key, seq, response))
+        self._items.append(item)
+        if self._waiter is not None:
+            self._wake()
 
     def offer_recheck(self) -> None:
         if not self._finished:
-            self._queue.put_nowait(Session.RECHECK)
+            self._items.append(Session.RECHECK)
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def end(self) -> None:
         """Finish the stream after what is buffered (the gateway is shutting down)."""
@@ -104,22 +122,46 @@ class Session:
             return
         self._finished = True
         if marker is not Session.ENDED:
-            while not self._queue.empty():  # free the memory whether or not anyone reads
-                self._queue.get_nowait()
+            self._items.clear()  # free the memory whether or not anyone reads
             self._bytes = 0
-        self._queue.put_nowait(marker)
+        self._items.append(marker)
+        self._wake()
 
     async def next(self) -> Any:
         """The next Item or Session.RECHECK, or Session.OVERFLOW / ENDED / GAP once
         finished."""
-        item = await self._queue.get()
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if isinstance(item, tuple):
             self._bytes -= len(item[2])
         return item
 
+    def waiting_items(self, max_events: int, max_bytes: int) -> list[Item]:
+        """The Items that wait now, in order, up to the next marker and within the limits
+        (at least one if any waits): what the writer sends along with the one it took."""
+        items = self._items
+        taken: list[Item] = []
+        size = 0
+        while items and len(taken) < max_events:
+            item = items[0]
+            if type(item) is not tuple:
+                break  # a marker: handled on its own, after what came before it
+            item_size = len(item[2])
+            if taken and size + item_size > max_bytes:
+                break
+            size += item_size
+            taken.append(items.popleft())
+        self._bytes -= size
+        return taken
+
     @property
     def buffered(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
 
 class FanoutHub:
@@ -332,8 +374,9 @@ class FanoutHub:
             return
         followers = list(self._followers.get(group_id, ()))
         FANOUT_DELIVERIES.inc(len(followers))
+        item: Item = (None, 0, response)
         for follower in followers:
-            self._offer(follower, None, 0, response)
+            self._offer(follower, item)
         if event_type == "group_dissolved":
             async with self._lock:
                 for follower in list(self._followers.get(group_id, ())):
@@ -355,22 +398,27 @@ class FanoutHub:
             return
         key = group_key(group_id)
         first = sequence.emitted - len(responses) + 1
-        followers = list(self._followers.get(group_id, ()))
+        followers = self._followers.get(group_id, ())
         FANOUT_DELIVERIES.inc(len(followers) * len(responses))
+        # The followers' streams, looked up once for all of these messages.
+        sessions = [
+            session for follower in followers for session in self._sessions.get(follower, ())
+        ]
         for offset, response in enumerate(responses):
-            for follower in followers:
-                self._offer(follower, key, first + offset, response)
+            item: Item = (key, first + offset, response)  # one per message, shared
+            for session in sessions:
+                session.put(item)
 
     def _deliver(self, user_id: str, key: str | None, seq: int, response: bytes) -> None:
         """Hand one user's streams an event meant for that user alone."""
         if user_id in self._sessions:
             FANOUT_DELIVERIES.inc()
-            self._offer(user_id, key, seq, response)
+            self._offer(user_id, (key, seq, response))
 
-    def _offer(self, user_id: str, key: str | None, seq: int, response: bytes) -> None:
+    def _offer(self, user_id: str, item: Item) -> None:
         # Uncounted: a group's events are counted once per event for all its followers.
         for session in self._sessions.get(user_id, ()):
-            session.offer(key, seq, response)
+            session.put(item)
 
     def _repair(self, group_id: str, *, wait: bool) -> None:
         if group_id in self._repairs:

@@ -20,6 +20,7 @@ from groupchat.messaging.v1 import messaging_pb2
 from services.gateway.config import StreamLimits
 from services.gateway.fanout import FanoutHub, Item, Session
 from services.gateway.history import Fetched, History, direct_key, group_key
+from services.gateway.responses import batch_response, is_event
 from services.kit.downstream import Downstream
 from services.kit.errors import DomainError, ErrorKind, Validator
 from services.kit.metrics import STREAMS_ENDED
@@ -29,6 +30,10 @@ MAX_RESUME_POSITIONS = 1000
 # The newest direct conversations whose positions a stream starts with.
 DIRECT_POSITIONS = 100
 MAX_ID_LENGTH = 200
+# The most one response carries when events wait for a stream (far below the 4 MiB a gRPC
+# client receives by default).
+BATCH_EVENTS = 256
+BATCH_BYTES = 512 * 1024
 
 
 class SlowConsumer(DomainError):
@@ -162,21 +167,44 @@ class SubscribeHandler:
     async def _deliver(
         self, session: Session, item: Item, context: grpc.aio.ServicerContext
     ) -> None:
-        key, seq, response = item
-        if key is None:
-            await self._write(context, response)
-            return
-        position = session.positions.get(key)
-        if position is None and session.knows_every_direct and key.startswith("direct:"):
-            position = session.positions[key] = 0  # a conversation begun since Ready
-        if position is not None and seq <= position:
-            return  # sent already
-        if position is not None and seq > position + 1:
-            await self._fill(session, key, seq, context, None)
-            if seq <= session.positions.get(key, seq - 1):
-                return
-        session.positions[key] = seq
-        await self._write(context, response)
+        """Send `item` and the Items waiting behind it: one response for all the events
+        (a batch), unless only one is to be sent; a lone event is never held back."""
+        items = session.waiting_items(BATCH_EVENTS - 1, BATCH_BYTES)
+        if not items:
+            items = [item]
+        else:
+            items.insert(0, item)
+        batch: list[bytes] = []
+        positions = session.positions
+        for key, seq, response in items:
+            if key is not None:
+                position = positions.get(key)
+                if position is None and session.knows_every_direct and key.startswith("direct:"):
+                    position = positions[key] = 0  # a conversation begun since Ready
+                if position is not None:
+                    if seq <= position:
+                        continue  # sent already
+                    if seq > position + 1:
+                        await self._send(context, batch)  # what came before goes first
+                        batch = []
+                        await self._fill(session, key, seq, context, None)
+                        if seq <= positions.get(key, seq - 1):
+                            continue
+                positions[key] = seq
+            if is_event(response):
+                batch.append(response)
+            else:  # not an event (a refresh): on its own, in its place
+                await self._send(context, batch)
+                batch = []
+                await self._write(context, response)
+        await self._send(context, batch)
+
+    async def _send(self, context: grpc.aio.ServicerContext, responses: list[bytes]) -> None:
+        """Write serialized `event` responses: one as it is, several as one batch."""
+        if len(responses) == 1:
+            await self._write(context, responses[0])
+        elif responses:
+            await self._write(context, batch_response(responses))
 
     async def _recheck_direct(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         """NATS was away: send what the caller's newest direct conversations hold past this

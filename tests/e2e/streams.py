@@ -10,6 +10,7 @@ import grpc
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2
 
+from services.gateway.responses import pushed_events
 from tests.conftest import eventually
 
 
@@ -31,7 +32,7 @@ class OpenStream:
                 elif kind == "refresh":
                     self.refreshes.append(response.refresh)
                 else:
-                    self.events.append(response.event)
+                    self.events.extend(pushed_events(response))
         except grpc.aio.AioRpcError as error:
             self.error = error
 

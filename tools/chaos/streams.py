@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from groupchat.gateway.v1 import gateway_pb2
 
+from services.gateway.responses import pushed_events
 from services.kit.rpc_status import error_info
 
 
@@ -75,8 +76,9 @@ class WatchedStream:
             async for response in self._call:
                 if response.HasField("ready"):
                     self._ready.set()
-                elif response.HasField("event"):
-                    self._count(response.event)
+                else:  # an event or a batch of them; a refresh carries none
+                    for event in pushed_events(response):
+                        self._count(event)
             self.end = StreamEnd(grpc.StatusCode.OK.name, "")
         except grpc.aio.AioRpcError as error:
             if not (self._closing and error.code() == grpc.StatusCode.CANCELLED):
