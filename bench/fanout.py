@@ -15,12 +15,22 @@ on one clock, `time.perf_counter_ns()`):
    is published then flushed (one round trip, like an acknowledged send).
 
 Per system: a short warm-up round, the measured round of M messages, then a probe round that
-sends one message at a time (each once the previous one reached everybody). For each message
-the send time (taken just before the send call) and the time the LAST of the N subscribers got
-it are kept. Figures of the measured round: messages/s and deliveries/s over the window from
-the first send to the last delivery, latency from send to the last subscriber (p50, p99), and
-per-delivery latency (p50); of the probe round: the unloaded latency to the last subscriber.
+sends one message at a time (each once the previous one reached everybody), then a steady
+round at a fixed rate (20 msgs/s: each message sent on schedule, whatever is in flight). For
+each message the send time (taken just before the send call) and the time the LAST of the N
+subscribers got it are kept. Figures of the measured round: messages/s and deliveries/s over
+the window from the first send to the last delivery, latency from send to the last subscriber
+(p50, p99), and per-delivery latency (p50); of the probe round: the unloaded latency to the
+last subscriber; of the steady round: the latency to the last subscriber (p99).
 Every subscriber must get every message exactly once; missing deliveries make the exit code 1.
+
+The suite runs two gateway processes (GATEWAY_PROCESSES=2, as `make run` can): the figures of
+`suite (gateway)` have every stream on the first (the second holds none, so it follows no
+group and idles); then the streams are opened again split between both, on the same group,
+and measured as `suite (2 gateways)`. The gateway may send several events in one response (a
+batch) when more wait for a stream: the bare baseline writes one message per event, as the
+issue's target says; "events/response" shows how many the gateway put in each.
+The verdict lines compare the figures with the targets of issue 14.
 
 The client costs about as much CPU per delivery as a Python gRPC server: on a small machine
 the figures are those of server and client sharing the cores, a lower bound for the server.
@@ -43,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +69,7 @@ from groupchat.groups.v1 import groups_pb2
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from services.gateway.responses import pushed_events
 from services.kit.auth import SigningKey, key_set_json, mint_token
 from tools.nats_users import HARNESS
 from tools.suite import ROOT, Suite, nats_server_binary
@@ -77,6 +89,7 @@ SETUP_CONCURRENCY = 50
 WARMUP_TAG = "w"
 MEASURED_TAG = "m"
 PROBE_TAG = "p"
+STEADY_TAG = "s"
 SENDER_INDEX = 0  # the group owner; also a subscriber
 
 Metadata = tuple[tuple[str, str], ...]
@@ -102,6 +115,8 @@ class Round:
     unique: int = 0
     duplicates: int = 0
     last_delivery_ns: int = 0
+    # How long each acknowledged send call took (the store's part of the latency).
+    ack_ns: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.sent_ns = [0] * self.messages
@@ -169,6 +184,8 @@ class Collector:
         self.other_events = 0  # responses that are not a posted group message
         self.failures: list[str] = []
         self.payload_bytes = 0
+        self.responses = 0  # pushed responses that carried events (a batch counts once)
+        self.events = 0  # events they carried
 
     def deliver(self, subscriber: int, text: str, now_ns: int) -> None:
         tag, index, _ = text.split("|", 2)
@@ -219,6 +236,43 @@ def sample_payload(text: str, index: int, group_id: str, sender_id: str) -> byte
     return gateway_pb2.SubscribeResponse(event=envelope).SerializeToString()
 
 
+def posted_event(text: str, seq: int, group_id: str, sender_id: str) -> bytes:
+    """A group_message_posted event as the groups service's relay publishes it."""
+    now_ns = time.time_ns()
+    message = groups_pb2.GroupMessage(
+        group_id=group_id, seq=seq, sender_id=sender_id, text=text, client_msg_id=f"nats-{seq}"
+    )
+    message.sent_at.FromNanoseconds(now_ns)
+    envelope = events_pb2.Envelope(
+        event_id=uuid.uuid4().hex,
+        type="groups.group_message_posted",
+        aggregate_id=group_id,
+        aggregate_version=seq,
+        group_message_posted=events_pb2.GroupMessagePosted(message=message),
+    )
+    envelope.occurred_at.FromNanoseconds(now_ns)
+    return envelope.SerializeToString()
+
+
+async def streams_closed(metrics_port: int, time_limit: float) -> None:
+    """Return once the gateway serving metrics on `metrics_port` has no stream open."""
+
+    def open_streams() -> float:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as page:
+            for line in page.read().decode().splitlines():
+                if line.startswith("groupchat_subscribe_streams_open "):
+                    return float(line.split()[1])
+        return math.nan
+
+    for _ in range(max(1, int(time_limit / 0.1))):
+        if await asyncio.to_thread(open_streams) == 0:
+            await asyncio.sleep(0.5)  # its last close() finishes unfollowing
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the gateway still has streams open after {time_limit:g}s")
+
+
 def percentile(sorted_values: Sequence[int], fraction: float) -> float:
     """Nearest-rank percentile; NaN when there is nothing to rank."""
     if not sorted_values:
@@ -246,6 +300,9 @@ class Result:
     unexpected: int
     payload_bytes: int
     cpu_s: dict[str, float]
+    steady_ns: list[int] = field(default_factory=list)
+    steady_rate: float = 0.0
+    events_per_response: float = math.nan
 
     @property
     def msgs_per_s(self) -> float:
@@ -279,6 +336,7 @@ def summarise(
     sent = [t for t in measured.sent_ns if t]
     window_s = (measured.last_delivery_ns - min(sent)) / 1e9 if sent and measured.unique else 0.0
     probes = collector.rounds.get(PROBE_TAG)
+    steady = collector.rounds.get(STEADY_TAG)
     return Result(
         name=name,
         subscribers=measured.subscribers,
@@ -297,6 +355,10 @@ def summarise(
         unexpected=collector.strays + collector.other_events,
         payload_bytes=collector.payload_bytes,
         cpu_s=cpu_s,
+        steady_ns=to_last_subscriber_ns(steady) if steady else [],
+        events_per_response=collector.events / collector.responses
+        if collector.responses
+        else math.nan,
     )
 
 
@@ -314,10 +376,12 @@ async def run_round(
     *,
     senders: int,
     paced: bool = False,
+    rate: float = 0.0,
 ) -> Round:
     """Send `messages` with at most `senders` in flight (or, `paced`, each once the previous
-    one reached every subscriber); return once all are delivered to all, a stream fails, or
-    `args.timeout` seconds pass."""
+    one reached every subscriber; or, with a `rate`, each on its schedule at that many per
+    second, however many are in flight); return once all are delivered to all, a stream
+    fails, or `args.timeout` seconds pass."""
     current = Round(tag, messages, args.subscribers)
     collector.rounds[tag] = current
     if collector.failures:
@@ -333,13 +397,37 @@ async def run_round(
             except (grpc.aio.AioRpcError, nats.errors.Error, TimeoutError) as error:
                 current.send_errors.append(f"message {index}: {describe(error)}")
                 continue
+            current.ack_ns.append(time.perf_counter_ns() - current.sent_ns[index])
             current.sent_ok += 1
             if paced:
                 await current.delivered_to_all(index)
 
+    async def on_schedule() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sends: list[asyncio.Task[None]] = []
+        for index in range(messages):
+            await asyncio.sleep(max(0.0, start + index / rate - loop.time()))
+            sends.append(asyncio.create_task(one_send(index)))
+        await asyncio.gather(*sends)
+
+    async def one_send(index: int) -> None:
+        text = message_text(tag, index, args.text_bytes)
+        current.mark_sent(index)
+        try:
+            await send(tag, index, text)
+        except (grpc.aio.AioRpcError, nats.errors.Error, TimeoutError) as error:
+            current.send_errors.append(f"message {index}: {describe(error)}")
+            return
+        current.ack_ns.append(time.perf_counter_ns() - current.sent_ns[index])
+        current.sent_ok += 1
+
     try:
         async with asyncio.timeout(args.timeout):
-            await asyncio.gather(*(sender() for _ in range(senders)))
+            if rate:
+                await on_schedule()
+            else:
+                await asyncio.gather(*(sender() for _ in range(senders)))
             current.sending_finished()
             await current.finished.wait()
     except TimeoutError:
@@ -364,8 +452,27 @@ async def run_system(
     cpu_after = cpu_seconds(pids)
     cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
     probes = await run_round(collector, PROBE_TAG, args.probes, args, send, senders=1, paced=True)
-    result = summarise(name, collector, measured, [warmup, probes], setup_s, cpu)
+    others = [warmup, probes]
+    steady_rate = getattr(args, "steady_rate", 0.0)
+    if steady_rate and args.steady_messages:
+        others.append(
+            await run_round(
+                collector, STEADY_TAG, args.steady_messages, args, send, senders=1, rate=steady_rate
+            )
+        )
+    result = summarise(name, collector, measured, others, setup_s, cpu)
+    result.steady_rate = steady_rate
     print_result(result)
+    print(
+        "  send call p50 (its answer, before any delivery): "
+        + ", ".join(
+            f"{r.tag} {percentile(sorted(r.ack_ns), 0.5) / 1e6:.1f} ms"
+            for r in [measured, *others]
+            if r.ack_ns
+        )
+        + f" ({MEASURED_TAG}: measured, {PROBE_TAG}: 1-by-1, {STEADY_TAG}: steady)",
+        flush=True,
+    )
     return result
 
 
@@ -402,11 +509,14 @@ class GrpcSubscribers:
     """N server-streaming calls spread over a few channels, each read by its own task.
 
     Each stream counts as its own subscriber, unless `one_subscriber`: then every stream
-    counts as subscriber 0 (each message is for one of them, as a direct message is)."""
+    counts as subscriber 0 (each message is for one of them, as a direct message is).
+    With several addresses (a list), the channels, and so the streams, alternate between
+    them. Responses are read as every client reads them (`pushed_events`): a batch is its
+    events, each delivered at the time the batch arrived."""
 
     def __init__(
         self,
-        address: str,
+        address: str | list[str],
         method: str,
         channels: int,
         collector: Collector,
@@ -414,9 +524,11 @@ class GrpcSubscribers:
         one_subscriber: bool = False,
     ) -> None:
         self._one_subscriber = one_subscriber
+        addresses = [address] if isinstance(address, str) else address
+        channels = max(channels, len(addresses))
         self._channels = [
-            grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
-            for _ in range(channels)
+            grpc.aio.insecure_channel(addresses[n % len(addresses)], options=CLIENT_CHANNEL_OPTIONS)
+            for n in range(channels)
         ]
         self._subscribe = [
             channel.unary_stream(
@@ -445,11 +557,14 @@ class GrpcSubscribers:
         async with asyncio.timeout(time_limit):
             await asyncio.gather(*ready)
 
+    def collect_into(self, collector: Collector) -> None:
+        """From now on, deliveries count in `collector` (a new phase on the same streams)."""
+        self._collector = collector
+
     def _subscriber(self, stream_index: int) -> int:
         return 0 if self._one_subscriber else stream_index
 
     async def _read(self, index: int, call: Any, ready: asyncio.Future[None]) -> None:
-        collector = self._collector
         try:
             first = await call.read()
             if first is grpc.aio.EOF or not first.HasField("ready"):
@@ -460,12 +575,19 @@ class GrpcSubscribers:
                 now_ns = time.perf_counter_ns()
                 if response is grpc.aio.EOF:
                     raise RuntimeError(f"stream {index} ended by the server")
-                text = pushed_text(response.event)
-                if text is not None:
-                    if not collector.payload_bytes:
-                        collector.payload_bytes = response.ByteSize()
-                    collector.deliver(self._subscriber(index), text, now_ns)
-                else:
+                events = pushed_events(response)
+                collector = self._collector
+                collector.responses += 1
+                collector.events += len(events)
+                for event in events:
+                    text = pushed_text(event)
+                    if text is not None:
+                        if not collector.payload_bytes:
+                            collector.payload_bytes = event.ByteSize()
+                        collector.deliver(self._subscriber(index), text, now_ns)
+                    else:
+                        collector.other_events += 1
+                if not events:
                     collector.other_events += 1
         except asyncio.CancelledError:
             raise
@@ -474,7 +596,7 @@ class GrpcSubscribers:
                 return
             if not ready.done():
                 ready.set_exception(error)
-            collector.fail(f"stream {index}: {describe(error)}")
+            self._collector.fail(f"stream {index}: {describe(error)}")
 
     async def close(self) -> None:
         self._closing = True
@@ -503,7 +625,9 @@ def bearer(token: str) -> Metadata:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def bench_suite(suite: Suite, key: SigningKey, args: argparse.Namespace) -> Result:
+async def bench_suite(suite: Suite, key: SigningKey, args: argparse.Namespace) -> list[Result]:
+    """Every stream on the first gateway, then (with more than one gateway process) the
+    same group's streams split between all of them."""
     print(f"\n[suite] gateway {suite.gateway_address}, NATS {suite.nats_url}", flush=True)
     started = time.perf_counter()
     users = [f"bench-u{i:04d}" for i in range(args.subscribers)]
@@ -545,17 +669,68 @@ async def bench_suite(suite: Suite, key: SigningKey, args: argparse.Namespace) -
         setup_s = time.perf_counter() - opening
         print(f"  {args.subscribers} Subscribe streams ready in {setup_s:.2f}s", flush=True)
 
+        phase = [""]  # each phase's sends are new messages, not retries of the last phase's
+
         async def send(tag: str, index: int, text: str) -> None:
             await stub.SendGroupMessage(
                 groups_pb2.SendGroupMessageRequest(
-                    group_id=group_id, text=text, client_msg_id=f"bench-{tag}-{index}"
+                    group_id=group_id, text=text, client_msg_id=f"bench-{phase[0]}{tag}-{index}"
                 ),
                 metadata=metadata[SENDER_INDEX],
                 timeout=10,
             )
 
         pids = {name: p.pid for name, p in suite.processes.items()}
-        return await run_system("suite (gateway)", collector, args, send, setup_s, pids)
+        results = [await run_system("suite (gateway)", collector, args, send, setup_s, pids)]
+
+        # The gateway's own fan-out: the same events, published on NATS as the relay
+        # publishes them, so the store's write (its own benchmark's business) is not in it.
+        publisher = await nats.connect(suite.nats_url_as(HARNESS), name="bench-relay")
+        try:
+            reply = await stub.GetGroup(
+                groups_pb2.GetGroupRequest(group_id=group_id),
+                metadata=metadata[SENDER_INDEX],
+                timeout=10,
+            )
+            stored_seq = reply.group.last_seq
+            next_seq = [stored_seq]
+
+            async def publish(tag: str, index: int, text: str) -> None:
+                next_seq[0] += 1
+                seq = next_seq[0]
+                await publisher.publish(
+                    f"groupchat.groups.group_message_posted.{group_id}.{users[SENDER_INDEX]}",
+                    posted_event(text, seq, group_id, users[SENDER_INDEX]),
+                )
+                await publisher.flush(timeout=10)
+
+            print("\n[gateway fan-out] the same streams, events published on NATS", flush=True)
+            subscribers.collect_into(collector := Collector())
+            results.append(
+                await run_system("gateway, 1 process", collector, args, publish, 0.0, pids)
+            )
+            gateways = suite.gateway_addresses
+            if len(gateways) > 1:
+                await subscribers.close()
+                # Until the first gateway follows the group no more, so that every gateway
+                # starts it from the stored seq, where the events start again.
+                await streams_closed(suite.metrics_ports["gateway"], args.timeout)
+                print(
+                    f"\n[gateway fan-out, {len(gateways)} processes] the same group's streams "
+                    f"split between {', '.join(gateways)}, events published on NATS",
+                    flush=True,
+                )
+                collector = Collector()
+                subscribers = GrpcSubscribers(gateways, GATEWAY_SUBSCRIBE, args.channels, collector)
+                opening = time.perf_counter()
+                await subscribers.open(metadata, time_limit=args.timeout)
+                setup_s = time.perf_counter() - opening
+                next_seq[0] = stored_seq
+                name = f"gateway, {len(gateways)} proc."
+                results.append(await run_system(name, collector, args, publish, setup_s, pids))
+        finally:
+            await publisher.close()
+        return results
     finally:
         await subscribers.close()
         await channel.close()
@@ -711,7 +886,7 @@ async def bench_bare_nats(nats_url: str, nats_pid: int | None, args: argparse.Na
                 now_ns = time.perf_counter_ns()
                 response = gateway_pb2.SubscribeResponse.FromString(msg.data)
                 if not collector.payload_bytes:
-                    collector.payload_bytes = len(msg.data)
+                    collector.payload_bytes = response.event.ByteSize()
                 collector.deliver(index, response.event.group_message_posted.message.text, now_ns)
 
             return on_message
@@ -772,8 +947,17 @@ def machine_lines(title: str, parameters: str) -> str:
         # TRACES=1: every suite process records its spans (tools.suite), as in production.
         f"  tracing:     {'on (spans to files)' if os.environ.get('TRACES') else 'off'}",
         f"  parameters:  {parameters}",
+        f"  load:        {load()} (1, 5, 15 min; other work on the machine skews the figures)",
     ]
     return "\n".join(lines)
+
+
+def load() -> str:
+    """The machine's load averages now."""
+    try:
+        return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def print_result(result: Result) -> None:
@@ -781,7 +965,7 @@ def print_result(result: Result) -> None:
         f"  measured: {result.messages} msgs x {result.subscribers} subscribers in "
         f"{result.window_s:.3f}s; {result.unique} delivered, {result.missing} missing, "
         f"{result.duplicates} duplicates, {result.unexpected} other responses; "
-        f"payload {result.payload_bytes} B",
+        f"payload {result.payload_bytes} B; load {load()}",
         flush=True,
     )
     if result.cpu_s:
@@ -796,18 +980,24 @@ def print_result(result: Result) -> None:
 
 
 def table(results: list[Result]) -> str:
+    steady = any(r.steady_rate for r in results)
     header = (
-        f"{'name':<16} | {'msgs/s':>8} | {'deliveries/s':>12} | {'p50 ms':>8} | "
+        f"{'name':<18} | {'msgs/s':>8} | {'deliveries/s':>12} | {'p50 ms':>8} | "
         f"{'p99 ms':>8} | {'delivery p50 ms':>15} | {'1-by-1 p50 ms':>13} | {'missing':>7}"
     )
+    if steady:
+        header += f" | {'steady p99 ms':>13} | {'events/response':>15}"
     rows = [header, "-" * len(header)]
     for r in results:
-        rows.append(
-            f"{r.name:<16} | {r.msgs_per_s:>8.1f} | {r.deliveries_per_s:>12.0f} | "
+        row = (
+            f"{r.name:<18} | {r.msgs_per_s:>8.1f} | {r.deliveries_per_s:>12.0f} | "
             f"{r.ms(r.e2e_ns, 0.5):>8.2f} | {r.ms(r.e2e_ns, 0.99):>8.2f} | "
             f"{r.ms(r.delivery_ns, 0.5):>15.2f} | {r.ms(r.probe_ns, 0.5):>13.2f} | "
             f"{r.missing + r.other_missing:>7}"
         )
+        if steady:
+            row += f" | {r.ms(r.steady_ns, 0.99):>13.2f} | {r.events_per_response:>15.2f}"
+        rows.append(row)
     rows += [
         "msgs/s, deliveries/s: measured round, from the first send to the last receipt.",
         "p50/p99: measured round, from each message's send call to its receipt by the LAST",
@@ -817,11 +1007,87 @@ def table(results: list[Result]) -> str:
         "  reached every subscriber: send to last receipt, unloaded.",
         "missing: deliveries missing over all rounds (warm-up, measured, probes).",
     ]
+    if steady:
+        rows += [
+            "steady p99: steady round, one message sent every 1/rate s on schedule: send to",
+            "  last receipt.",
+            "events/response: events per pushed response over all rounds (> 1: batches).",
+        ]
     return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    figure: float
+    baseline: float
+    limit: float
+    met: bool
+
+    def line(self) -> str:
+        head = f"  {'met    ' if self.met else 'NOT met'}  {self.target}: {self.figure:.2f}"
+        if not self.baseline:
+            return f"{head} (target {self.limit:g})"
+        ratio = self.figure / self.baseline
+        return f"{head} vs {self.baseline:.2f}, ratio {ratio:.2f}x (target {self.limit:g})"
+
+
+def verdicts(results: list[Result]) -> list[Verdict]:
+    """Issue 14's fan-out targets, from the figures of one run, against the bare gRPC
+    stream: end to end (SendGroupMessage, the store's write included), and the gateway's own
+    fan-out (the events published on NATS); then 2 gateway processes against 1."""
+    by_name = {r.name: r for r in results}
+    bare = by_name.get("bare gRPC")
+    if bare is None:
+        return []
+    found: list[Verdict] = []
+    bare_probe = bare.ms(bare.probe_ns, 0.5)
+    for name in ("suite (gateway)", "gateway, 1 process"):
+        if (r := by_name.get(name)) is None:
+            continue
+        complete = r.missing == 0 and r.other_missing == 0 and not r.failures
+        ratio = r.deliveries_per_s / bare.deliveries_per_s
+        probe = r.ms(r.probe_ns, 0.5)
+        found += [
+            Verdict(
+                f"{name}: deliveries/s >= 1.5x bare gRPC, none missing",
+                r.deliveries_per_s,
+                bare.deliveries_per_s,
+                1.5,
+                complete and ratio >= 1.5,
+            ),
+            Verdict(
+                f"{name}: 1-by-1 p50 ms <= 1.2x bare gRPC",
+                probe,
+                bare_probe,
+                1.2,
+                probe <= 1.2 * bare_probe,
+            ),
+        ]
+        if r.steady_rate:
+            p99 = r.ms(r.steady_ns, 0.99)
+            found.append(
+                Verdict(
+                    f"{name}: p99 ms at {r.steady_rate:g} msgs/s <= 50", p99, 0.0, 50, p99 <= 50
+                )
+            )
+    single = by_name.get("gateway, 1 process")
+    for other in results:
+        if single is not None and other.name.startswith("gateway, ") and other is not single:
+            found.append(
+                Verdict(
+                    f"{other.name}: deliveries/s against 1 process (no target)",
+                    other.deliveries_per_s,
+                    single.deliveries_per_s,
+                    0,
+                    True,
+                )
+            )
+    return found
+
+
 async def run_all(suite: Suite, key: SigningKey, args: argparse.Namespace) -> list[Result]:
-    results = [await bench_suite(suite, key, args)]
+    results = await bench_suite(suite, key, args)
     if not args.skip_baselines:
         results.append(await bench_bare_grpc(args))
         nats_process = suite.processes.get("nats")
@@ -877,11 +1143,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--subscribers", type=int, default=500, help="members, one stream each")
     add_round_arguments(parser, messages=200, warmup=5, probes=20)
+    parser.add_argument(
+        "--steady-rate", type=float, default=20.0, help="msgs/s of the steady round (0: none)"
+    )
+    parser.add_argument(
+        "--steady-messages", type=int, default=100, help="messages in the steady round"
+    )
+    parser.add_argument(
+        "--gateway-processes",
+        type=int,
+        default=2,
+        help="gateway processes of the suite; with more than 1, the streams are measured "
+        "again split between them",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the suite's data and logs")
     parser.add_argument("--serve-bare-grpc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.subscribers < 2:
         parser.error("need at least 2 subscribers")
+    if args.gateway_processes < 1 or args.steady_rate < 0 or args.steady_messages < 0:
+        parser.error("need at least 1 gateway process, and no negative steady round")
     check_round_arguments(parser, args)
     return args
 
@@ -899,6 +1180,7 @@ def run_against_suite(
     *,
     failure: str,
     keep_logs: bool = False,
+    replicas: dict[str, int] | None = None,
 ) -> int:
     """Start an isolated suite, run `measure(suite, signing_key)` (True: all went well), stop
     the suite; its data and logs are kept when something failed. Returns the exit code."""
@@ -906,7 +1188,8 @@ def run_against_suite(
     work_dir = Path(tempfile.mkdtemp(prefix="groupchat-bench-"))
     keys_file = work_dir / "public.jwks"
     keys_file.write_text(key_set_json([key]))
-    suite = Suite.isolated(work_dir, keys_file, replicas={}, **extra_env)  # one process each
+    # One process of each service unless `replicas` says otherwise.
+    suite = Suite.isolated(work_dir, keys_file, replicas=replicas or {}, **extra_env)
     ok = False
     try:
         suite.start()
@@ -937,6 +1220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "SEND_BURST": "100000",
         "SUBSCRIBE_BUFFER": "100000",
         "SUBSCRIBE_BUFFER_BYTES": str(1 << 30),
+        # The setup's joins queue behind each other in the group's writer: on a loaded
+        # machine the last of a burst may wait longer than the production cap of 5 s.
+        "DOWNSTREAM_TIMEOUT_SECONDS": "60",
     }
     if args.subscribers > 500:
         extra_env["GROUP_MAX_CAPACITY"] = str(args.subscribers)
@@ -944,6 +1230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def measure(suite: Suite, key: SigningKey) -> bool:
         results = asyncio.run(run_all(suite, key, args))
         print("\n" + table(results), flush=True)
+        found = verdicts(results)
+        if found:
+            print("verdicts (issue 14):", flush=True)
+            for verdict in found:
+                print(verdict.line(), flush=True)
         return all_delivered(results)
 
     return run_against_suite(
@@ -951,6 +1242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure,
         failure="some deliveries are missing (see above)",
         keep_logs=args.keep_logs,
+        replicas={"gateway": args.gateway_processes},
     )
 
 
