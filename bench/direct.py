@@ -11,21 +11,31 @@
 2. bare gRPC: the fan-out benchmark's bare `grpc.aio` server with one stream: a unary
    Publish pushes the bytes it got (a SubscribeResponse shaped like a pushed direct message)
    to that stream. The floor for "one Python gRPC call in, one push out".
+3. store: Motor `insert_one` of a document shaped like a stored direct message into a
+   scratch database of the suite's own MongoDB server, as many in flight as the sends. A
+   send cannot be cheaper than one write, so this is the ceiling of sends/s.
+
+The targets (issue 14): one-at-a-time p50 at most 3x the bare gRPC one, and sends/s at
+least a third of the store's insert rate (three round trips are a send's budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import statistics
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 from groupchat.events.v1 import events_pb2
 from groupchat.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from groupchat.messaging.v1 import messaging_pb2
+from motor.motor_asyncio import AsyncIOMotorClient
 
 from bench.fanout import (
     BARE_PUBLISH,
@@ -50,6 +60,10 @@ from bench.fanout import (
 )
 from services.kit.auth import SigningKey, mint_token
 from tools.suite import Suite
+
+# The targets of issue 14, as ratios to the baselines measured in the same run.
+PROBE_P50_MAX_RATIO = 3.0  # one-at-a-time p50 / the bare gRPC one
+SENDS_MIN_RATIO = 1 / 3  # sends/s / the store's single-document inserts/s
 
 
 def sample_direct_payload(text: str, index: int) -> bytes:
@@ -152,10 +166,117 @@ async def bench_bare_grpc(args: argparse.Namespace) -> Result:
             await channel.close()
 
 
+@dataclass(frozen=True)
+class StoreRate:
+    """The store's own single-document insert rate, and one insert's latency."""
+
+    server: str
+    inserts: int
+    in_flight: int
+    window_s: float
+    one_by_one_ns: list[int]
+
+    @property
+    def inserts_per_s(self) -> float:
+        return self.inserts / self.window_s
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.one_by_one_ns) / 1e6
+
+
+def stored_message_doc(index: int, text: str) -> dict[str, object]:
+    """A document shaped like a stored direct message (storage._message_doc and its state)."""
+    seq = index + 3
+    return {
+        "_id": f"bench-r0000:bench-s0000:{seq}",
+        "conversation_id": "bench-r0000:bench-s0000",
+        "seq": seq,
+        "sender_id": "bench-s0000",
+        "recipient_id": "bench-r0000",
+        "text": text,
+        "client_msg_id": f"store-{index}",
+        "sent_at_ms": time.time_ns() // 1_000_000,
+        "started_by": "bench-s0000",
+        "answered": True,
+        "unanswered": 0,
+        "dedup_key": f"bench-s0000:store-{index}",
+    }
+
+
+async def bench_store(suite: Suite, args: argparse.Namespace) -> StoreRate:
+    """Motor insert_one into a scratch collection of the suite's MongoDB server, with the
+    indexes a message collection has, `args.senders` in flight; then one at a time."""
+    print(f"\n[store] insert_one, {args.senders} in flight", flush=True)
+    client: AsyncIOMotorClient = AsyncIOMotorClient(suite.mongodb_uri)
+    db = client[f"bench_store_{uuid.uuid4().hex[:8]}"]
+    collection = db["messages"]
+    try:
+        await collection.create_index([("conversation_id", 1), ("seq", 1)])
+        await collection.create_index("dedup_key", unique=True, sparse=True)
+        build = await client.admin.command("buildInfo")
+        server = f"{build.get('version', '?')} ({suite.mongodb_uri.split('?')[0]})"
+        text = "x" * args.text_bytes
+        numbers = iter(range(args.warmup + args.messages + args.probes))
+
+        async def insert(count: int, in_flight: int) -> None:
+            chunk = iter([next(numbers) for _ in range(count)])
+
+            async def inserter() -> None:
+                for index in chunk:  # shared: each index goes to one inserter
+                    await collection.insert_one(stored_message_doc(index, text))
+
+            await asyncio.gather(*(inserter() for _ in range(in_flight)))
+
+        await insert(args.warmup, args.senders)
+        started = time.perf_counter()
+        await insert(args.messages, args.senders)
+        window_s = time.perf_counter() - started
+        one_by_one = []
+        for _ in range(args.probes):
+            begun = time.perf_counter_ns()
+            await insert(1, 1)
+            one_by_one.append(time.perf_counter_ns() - begun)
+        rate = StoreRate(server, args.messages, args.senders, window_s, one_by_one)
+        print(
+            f"  server {server}: {rate.inserts} inserts in {window_s:.2f}s = "
+            f"{rate.inserts_per_s:.0f}/s; one at a time p50 {rate.p50_ms:.2f} ms",
+            flush=True,
+        )
+        return rate
+    finally:
+        await client.drop_database(db.name)
+        client.close()
+
+
+def verdicts(suite: Result, bare: Result, store: StoreRate) -> str:
+    """One line per target: figure, baseline, ratio, met or not."""
+    probe_ratio = suite.ms(suite.probe_ns, 0.5) / bare.ms(bare.probe_ns, 0.5)
+    sends_ratio = suite.msgs_per_s / store.inserts_per_s
+    lines = [
+        f"store baseline: {store.inserts_per_s:.0f} inserts/s ({store.in_flight} in flight), "
+        f"one insert p50 {store.p50_ms:.2f} ms; server {store.server}, "
+        f"motor {importlib.metadata.version('motor')}, "
+        f"pymongo {importlib.metadata.version('pymongo')}",
+        f"target one-at-a-time p50 <= {PROBE_P50_MAX_RATIO:g}x bare gRPC: "
+        f"{suite.ms(suite.probe_ns, 0.5):.2f} ms vs {bare.ms(bare.probe_ns, 0.5):.2f} ms = "
+        f"{probe_ratio:.2f}x: {'met' if probe_ratio <= PROBE_P50_MAX_RATIO else 'NOT MET'}",
+        f"target sends/s >= 1/3 of the store's inserts/s: {suite.msgs_per_s:.0f} vs "
+        f"{store.inserts_per_s:.0f} = {sends_ratio:.2f}x: "
+        f"{'met' if sends_ratio >= SENDS_MIN_RATIO else 'NOT MET'}",
+    ]
+    return "\n".join(lines)
+
+
 async def run_all(suite: Suite, key: SigningKey, args: argparse.Namespace) -> list[Result]:
     results = [await bench_suite(suite, key, args)]
     if not args.skip_baselines:
         results.append(await bench_bare_grpc(args))
+        store = await bench_store(suite, args)
+        print("\n" + table(results), flush=True)
+        print("\n" + verdicts(results[0], results[1], store), flush=True)
+    else:
+        print("\n" + table(results), flush=True)
     return results
 
 
@@ -186,9 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     def measure(suite: Suite, key: SigningKey) -> bool:
-        results = asyncio.run(run_all(suite, key, args))
-        print("\n" + table(results), flush=True)
-        return all_delivered(results)
+        return all_delivered(asyncio.run(run_all(suite, key, args)))
 
     return run_against_suite(
         {"SUBSCRIBE_BUFFER": "100000", "SUBSCRIBE_BUFFER_BYTES": str(1 << 30)},
