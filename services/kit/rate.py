@@ -82,3 +82,9 @@ class SendRate:
                 subject=f"user:{user_id}",
                 retry_after_seconds=str(retry_after),
             )
+
+    def give_back(self, user_id: str) -> None:
+        """Return the send `take` counted (it turned out to be a retry of a stored one)."""
+        bucket = self._buckets.get(user_id)
+        if bucket is not None:
+            bucket.tokens = min(float(self._limit.burst), bucket.tokens + 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -13,7 +14,7 @@ import structlog
 from services.kit import content
 from services.kit.config import DEFAULT_APP_TIMEZONE
 from services.kit.content import Quote, SharedPost
-from services.kit.errors import FieldViolation, InvalidArgument
+from services.kit.errors import DomainError, FieldViolation, InvalidArgument
 from services.kit.events import OutgoingEvent
 from services.kit.outbox import Outbox
 from services.kit.posts import PostChange, ensure_published
@@ -41,6 +42,8 @@ log = structlog.get_logger("messaging")
 # A send tries the seq after the newest message it read; each miss means another message
 # got that seq, so a send runs out of attempts only under a flood into one conversation.
 SEQ_ATTEMPTS = 100
+# Conversations whose newest message a process remembers (the most recently used).
+GUESSES_KEPT = 10_000
 
 T = TypeVar("T")
 
@@ -109,6 +112,10 @@ class MessagingApp:
         self._quota = StrangerQuota(limits.stranger_daily_limit, limits.quota_zone)
         self._send_rate = SendRate(limits.send_rate)
         self._clock = clock
+        # The newest message this process stored or read per conversation: a guess that
+        # saves reading it before every send. Its seq and state never change, so a stale
+        # guess only costs an insert refused on its seq and a fresh read.
+        self._last_messages: OrderedDict[str, MessageWithState] = OrderedDict()
 
     # Sending
 
@@ -135,16 +142,53 @@ class MessagingApp:
             sender_id, recipient_id, text, client_msg_id, shared_post_id, reply_to_seq
         )
         key = domain.dedup_key(sender_id, client_msg_id)
-        if key and (first := await self._store.message_by_dedup_key(key)):
-            return await self._retried(first, recipient_id)
         now = self._clock()
-        self._send_rate.take(sender_id, now)
-        await self._check_blocks(sender_id, recipient_id)
+        # No read of the dedup key first: the unique index refuses a retry's insert, and a
+        # refusal before it looks for the first send, so a retry still returns the first
+        # message whatever the limits say, and costs no send.
+        counted = False
+        try:
+            self._send_rate.take(sender_id, now)
+            counted = True
+            sent = await self._send(
+                sender_id, recipient_id, text, client_msg_id, shared_post_id, reply_to_seq, now
+            )
+        except DomainError:
+            if not key or not (first := await self._store.message_by_dedup_key(key)):
+                raise
+        else:
+            if isinstance(sent, SendResult):
+                return sent
+            first = sent
+        if counted:
+            self._send_rate.give_back(sender_id)
+        return await self._retried(first, recipient_id)
+
+    async def _send(
+        self,
+        sender_id: str,
+        recipient_id: str,
+        text: str,
+        client_msg_id: str,
+        shared_post_id: str,
+        reply_to_seq: int,
+        now: int,
+    ) -> SendResult | MessageWithState:
+        """The send (see send_message), or the first message when it is a retry of one
+        stored already."""
+        conversation_id = domain.conversation_id(sender_id, recipient_id)
+        # Independent reads, at once: the blocks either way and the newest message (unless
+        # this process remembers it).
+        blocks, last = await asyncio.gather(
+            self._store.blocks_between(sender_id, recipient_id),
+            self._last_message_guess(conversation_id),
+        )
+        _check_blocks(blocks, sender_id, recipient_id)
         content = await self._content(sender_id, recipient_id, shared_post_id, reply_to_seq)
         slot = _Slot(self._quota.day(now))
         try:
             appended = await self._append(
-                sender_id, recipient_id, text, client_msg_id, content, now, slot
+                sender_id, recipient_id, text, client_msg_id, content, now, slot, last
             )
         except BaseException:
             if slot.maybe_taken:
@@ -152,8 +196,8 @@ class MessagingApp:
             raise
         to_stranger = appended.fresh and appended.admission is Admission.STRANGER
         try:
-            if not appended.fresh:  # a concurrent retry of the same send stored it first
-                return await self._retried(appended.sent, recipient_id)
+            if not appended.fresh:  # a retry of the same send stored it first
+                return appended.sent
             message = appended.sent.message
             conversation = await self._store.record_message(appended.sent)
             self._outbox.committed(self._store.messages, message_id(message), appended.events)
@@ -162,6 +206,26 @@ class MessagingApp:
         finally:
             if slot.maybe_taken and not to_stranger:  # charged, but stored no stranger message
                 await self._give_back_unless_used(slot, sender_id, recipient_id)
+
+    async def _last_message_guess(self, conversation_id: str) -> MessageWithState | None:
+        """The newest message of the conversation as this process last saw it, else as
+        stored now."""
+        if (guess := self._last_messages.get(conversation_id)) is not None:
+            self._last_messages.move_to_end(conversation_id)
+            return guess
+        last = await self._store.last_message(conversation_id)
+        if last is not None:
+            self._remember(last)
+        return last
+
+    def _remember(self, sent: MessageWithState) -> None:
+        conversation_id = sent.message.conversation_id
+        known = self._last_messages.get(conversation_id)
+        if known is None or known.message.seq < sent.message.seq:
+            self._last_messages[conversation_id] = sent
+        self._last_messages.move_to_end(conversation_id)
+        if len(self._last_messages) > GUESSES_KEPT:
+            self._last_messages.popitem(last=False)
 
     async def _append(
         self,
@@ -172,6 +236,7 @@ class MessagingApp:
         content: _Content,
         now: int,
         slot: _Slot,
+        last: MessageWithState | None,
     ) -> _Appended:
         """Admit the message after the conversation's newest one and store it with that seq.
 
@@ -179,12 +244,14 @@ class MessagingApp:
         changes (a recall changes only its content), so a message stored at seq n followed
         exactly the message n-1 its admission was decided from: the decision holds without a
         lock. When another message took the seq first,
-        decide again after it."""
+        decide again after it. `last` is the newest message as known (a guess: a stale one
+        costs a refused insert and a fresh read)."""
         conversation_id = domain.conversation_id(sender_id, recipient_id)
         key = domain.dedup_key(sender_id, client_msg_id)
         mutual: bool | None = None  # read once, only when the admission depends on it
-        for _ in range(SEQ_ATTEMPTS):
-            last = await self._store.last_message(conversation_id)
+        for attempt in range(SEQ_ATTEMPTS):
+            if attempt:
+                last = await self._store.last_message(conversation_id)
             state = last.state if last else None
             if mutual is None and domain.follows_matter(state, sender_id):
                 mutual = await self._store.follow_each_other(sender_id, recipient_id)
@@ -216,9 +283,11 @@ class MessagingApp:
             )
             events = sent_events(sent, admission)
             if await _unstoppable(self._store.insert_message(sent, events)):
+                self._remember(sent)
                 return _Appended(sent, admission, events)
             if key and (first := await self._store.message_by_dedup_key(key)):
                 return _Appended(first, admission, [])
+            self._last_messages.pop(conversation_id, None)
         raise ConcurrentUpdate("the conversation kept changing; try again")
 
     async def _content(
@@ -293,15 +362,6 @@ class MessagingApp:
             conversation = await self._store.record_message(first)
         (message,) = await self._shown([first.message])
         return SendResult(message, conversation, used_stranger_slot=False)
-
-    async def _check_blocks(self, sender_id: str, recipient_id: str) -> None:
-        blocks = await self._store.blocks_between(sender_id, recipient_id)
-        if (recipient_id, sender_id) in blocks:
-            log.info("direct_message_refused", reason="BLOCKED", peer_id=recipient_id)
-            raise Blocked("this user does not accept your messages")
-        if (sender_id, recipient_id) in blocks:
-            log.info("direct_message_refused", reason="RECIPIENT_BLOCKED", peer_id=recipient_id)
-            raise RecipientBlocked("you blocked this user: unblock them first")
 
     # Reading
 
@@ -425,6 +485,16 @@ class MessagingApp:
     async def unblock(self, user_id: str, target_id: str) -> None:
         domain.validate_peer(user_id, target_id, "user_id")
         await self._store.unblock(user_id, target_id)
+
+
+def _check_blocks(blocks: set[tuple[str, str]], sender_id: str, recipient_id: str) -> None:
+    """Refuse the send when either user blocked the other (`blocks`: (blocker, blocked))."""
+    if (recipient_id, sender_id) in blocks:
+        log.info("direct_message_refused", reason="BLOCKED", peer_id=recipient_id)
+        raise Blocked("this user does not accept your messages")
+    if (sender_id, recipient_id) in blocks:
+        log.info("direct_message_refused", reason="RECIPIENT_BLOCKED", peer_id=recipient_id)
+        raise RecipientBlocked("you blocked this user: unblock them first")
 
 
 async def _unstoppable(write: Awaitable[T]) -> T:

@@ -250,6 +250,26 @@ async def test_a_retried_client_msg_id_returns_the_first_message_and_charges_not
     assert (await quota(messaging, "alice")).used == 1
 
 
+async def test_a_retry_returns_the_first_message_after_the_limits_refuse_new_ones(
+    messaging: MessagingCaller,
+) -> None:
+    first = await send(messaging, "alice", "bob", "hi", client_msg_id="c-1")
+    await send(messaging, "alice", "bob", "two")
+    await send(messaging, "alice", "bob", "three")
+    assert await refused(send(messaging, "alice", "bob", "four")) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AWAITING_REPLY",
+    )
+    again = await send(messaging, "alice", "bob", "hi", client_msg_id="c-1")
+    assert again.message.seq == first.message.seq
+
+    stub, bob_md = messaging("bob")
+    await stub.BlockUser(pb.BlockUserRequest(user_id="alice"), metadata=bob_md)
+    again = await send(messaging, "alice", "bob", "hi", client_msg_id="c-1")
+    assert (again.message.seq, again.message.text) == (first.message.seq, "hi")
+    assert await history(messaging, "alice", "bob") == [1, 2, 3]
+
+
 # Blocks and bad input
 
 
