@@ -215,7 +215,9 @@ async def bench_store(suite: Suite, args: argparse.Namespace) -> StoreRate:
         await collection.create_index([("conversation_id", 1), ("seq", 1)])
         await collection.create_index("dedup_key", unique=True, sparse=True)
         build = await client.admin.command("buildInfo")
-        server = f"{build.get('version', '?')} ({suite.mongodb_uri.split('?')[0]})"
+        server = f"reports MongoDB {build.get('version', '?')}"
+        if not suite.external_mongodb:
+            server = f"SecantusDB {importlib.metadata.version('secantusdb')}, {server}"
         text = "x" * args.text_bytes
         numbers = iter(range(args.warmup + args.messages + args.probes))
 
