@@ -177,18 +177,22 @@ class MessagingApp:
         """The send (see send_message), or the first message when it is a retry of one
         stored already."""
         conversation_id = domain.conversation_id(sender_id, recipient_id)
-        # Independent reads, at once: the blocks either way and the newest message (unless
-        # this process remembers it).
-        blocks, last = await asyncio.gather(
+        # Independent reads, at once: the blocks either way, the newest message (unless
+        # this process remembers it) and, when the remembered one says the admission
+        # depends on it, whether the two follow each other.
+        guess = self._last_messages.get(conversation_id)
+        follows_matter = guess is not None and domain.follows_matter(guess.state, sender_id)
+        blocks, last, mutual = await asyncio.gather(
             self._store.blocks_between(sender_id, recipient_id),
             self._last_message_guess(conversation_id),
+            self._mutual(sender_id, recipient_id, needed=follows_matter),
         )
         _check_blocks(blocks, sender_id, recipient_id)
         content = await self._content(sender_id, recipient_id, shared_post_id, reply_to_seq)
         slot = _Slot(self._quota.day(now))
         try:
             appended = await self._append(
-                sender_id, recipient_id, text, client_msg_id, content, now, slot, last
+                sender_id, recipient_id, text, client_msg_id, content, now, slot, last, mutual
             )
         except BaseException:
             if slot.maybe_taken:
@@ -218,6 +222,10 @@ class MessagingApp:
             self._remember(last)
         return last
 
+    async def _mutual(self, sender_id: str, recipient_id: str, *, needed: bool) -> bool | None:
+        """Whether the two follow each other, when `needed` (None: not read)."""
+        return await self._store.follow_each_other(sender_id, recipient_id) if needed else None
+
     def _remember(self, sent: MessageWithState) -> None:
         conversation_id = sent.message.conversation_id
         known = self._last_messages.get(conversation_id)
@@ -237,6 +245,7 @@ class MessagingApp:
         now: int,
         slot: _Slot,
         last: MessageWithState | None,
+        mutual: bool | None,
     ) -> _Appended:
         """Admit the message after the conversation's newest one and store it with that seq.
 
@@ -248,7 +257,7 @@ class MessagingApp:
         costs a refused insert and a fresh read)."""
         conversation_id = domain.conversation_id(sender_id, recipient_id)
         key = domain.dedup_key(sender_id, client_msg_id)
-        mutual: bool | None = None  # read once, only when the admission depends on it
+        # `mutual` (None: not read yet) is read once, only when the admission depends on it.
         for attempt in range(SEQ_ATTEMPTS):
             if attempt:
                 last = await self._store.last_message(conversation_id)
