@@ -226,28 +226,42 @@ class Outbox:
 
     async def _publish(self, batch: list[_Committed]) -> int:
         """Publish each document's events in order (a document's later events wait for its
-        earlier ones), then remove the published ones from their documents."""
+        earlier ones), documents side by side: the relay waits for JetStream's
+        acknowledgements of a batch together, not one after another. Then remove the
+        published ones from their documents."""
+        by_doc: dict[tuple[str, Any], list[_Committed]] = defaultdict(list)
+        for item in batch:
+            by_doc[(item.collection, item.doc_id)].append(item)
+        outcomes = await asyncio.gather(
+            *(self._publish_in_order(items) for items in by_doc.values())
+        )
+        published = [pair for pairs in outcomes for pair in pairs]
+        deferred = sum(len(item.events) for item in batch) - sum(len(ids) for _, ids in published)
+        if deferred:
+            EVENTS_DEFERRED.inc(deferred)
+        await self._clear(published)
+        return sum(len(ids) for _, ids in published)
+
+    async def _publish_in_order(
+        self, items: list[_Committed]
+    ) -> list[tuple[_Committed, list[str]]]:
+        """One document's events, in commit order, until NATS refuses one (the scan takes
+        over from there)."""
         published: list[tuple[_Committed, list[str]]] = []
-        deferred = 0
-        for position, item in enumerate(batch):
+        for item in items:
             ids: list[str] = []
             for event in item.events:
                 try:
                     await self._bus.publish(event)
                 except Exception as exc:  # NATS down or slow: the scan takes over
                     log.warning("outbox_publish_deferred", error=repr(exc))
-                    deferred = len(item.events) - len(ids)
-                    deferred += sum(len(rest.events) for rest in batch[position + 1 :])
-                    break
+                    if ids:
+                        published.append((item, ids))
+                    return published
                 ids.append(event.envelope.event_id)
             if ids:
                 published.append((item, ids))
-            if deferred:
-                break
-        if deferred:
-            EVENTS_DEFERRED.inc(deferred)
-        await self._clear(published)
-        return sum(len(ids) for _, ids in published)
+        return published
 
     async def _clear(self, published: list[tuple[_Committed, list[str]]]) -> None:
         """Take the published events out of their documents: one write per document, however
