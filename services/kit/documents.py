@@ -69,3 +69,26 @@ async def bulk_upsert(collection: Any, upserts: list[UpdateOne]) -> None:
         if any(e.get("code") != DUPLICATE_KEY for e in failed):
             raise
         await collection.bulk_write([upserts[e["index"]] for e in failed], ordered=False)
+
+
+async def bulk_upsert_where(
+    collection: Any, writes: list[tuple[Any, dict[str, Any], dict[str, Any]]]
+) -> None:
+    """`upsert_where` for many (doc id, condition, update) in one unordered bulk write: each
+    applies where its document matches its condition or does not exist yet. Those that
+    collided on `_id` (a concurrent first insert, or a document that exists and does not
+    match) are sent again without upsert, which applies them only where the condition
+    holds. Several writes to one document are each applied on their own condition."""
+    if not writes:
+        return
+    ops = [UpdateOne({"_id": d, **c}, u, upsert=True) for d, c, u in writes]
+    try:
+        await collection.bulk_write(ops, ordered=False)
+    except BulkWriteError as error:
+        failed = error.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY for e in failed):
+            raise
+        again = [writes[e["index"]] for e in failed]
+        await collection.bulk_write(
+            [UpdateOne({"_id": d, **c}, u) for d, c, u in again], ordered=False
+        )

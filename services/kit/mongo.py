@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from motor.motor_asyncio import AsyncIOMotorClient
 from pymongo import monitoring
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.kit.metrics import MONGODB_COMMAND_SECONDS
 from services.kit.tracing import mongo_listeners
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mongo")
 
 PROCESSED_EVENTS_KEPT_SECONDS = 7 * 86_400
+DUPLICATE_KEY = 11000
 
 
 def open_database(uri: str, name: str) -> tuple[Any, Any]:
@@ -92,6 +93,26 @@ class ProcessedEvents:
     async def create_indexes(self) -> None:
         # A redelivery comes within minutes; a week of ids is plenty and the rest is dropped.
         await self._collection.create_index("at", expireAfterSeconds=PROCESSED_EVENTS_KEPT_SECONDS)
+
+    async def seen(self, event_ids: list[str]) -> set[str]:
+        """Those of `event_ids` recorded before (one query), for handling events in batches."""
+        if not event_ids:
+            return set()
+        docs = self._collection.find({"_id": {"$in": event_ids}}, {"_id": 1})
+        return {d["_id"] async for d in docs}
+
+    async def record(self, event_ids: list[str]) -> None:
+        """Record `event_ids` in one write; ids recorded before stay as they are."""
+        if not event_ids:
+            return
+        at = dt.datetime.now(dt.UTC)
+        try:
+            await self._collection.insert_many(
+                [{"_id": i, "at": at} for i in event_ids], ordered=False
+            )
+        except BulkWriteError as error:
+            if any(e.get("code") != DUPLICATE_KEY for e in error.details.get("writeErrors", [])):
+                raise
 
     async def first_time(self, event_id: str) -> bool:
         """Record `event_id`; False when it was recorded before."""

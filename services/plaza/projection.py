@@ -11,8 +11,10 @@ event is handled again after failing halfway (see storage.py).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import structlog
 from groupchat.events.v1 import events_pb2
@@ -20,7 +22,7 @@ from groupchat.events.v1 import events_pb2
 from services.kit.timestamps import now_ms
 from services.plaza import domain, mapping
 from services.plaza.domain import GroupState
-from services.plaza.storage import PlazaStore
+from services.plaza.storage import BucketAdd, DayCount, PlazaStore, PostCount
 
 log = structlog.get_logger("plaza.projection")
 
@@ -33,8 +35,90 @@ FEEDS = (
     # of messaging's events (never the messages themselves).
     ("plaza-messaging", "groupchat.messaging.shared_post_opened.>", "GROUPCHAT_MESSAGING"),
 )
+# Events applied together at most (the consumers hold EVENT_MAX_IN_FLIGHT each).
+BATCH_LIMIT = 256
 # Compare-and-set attempts on one card before the event is handed back for redelivery.
 SAVE_ATTEMPTS = 20
+
+
+# The kinds of events `handle_many` applies in bulk; the others go one by one.
+BATCHED_KINDS = frozenset(
+    {
+        "group_created",
+        "group_updated",
+        "group_snapshot",
+        "member_joined",
+        "member_left",
+        "member_removed",
+        "member_role_changed",
+        "group_dissolved",
+        "group_message_posted",
+        "group_message_changed",
+        "group_card_viewed",
+        "shared_post_opened",
+    }
+)
+Change = Callable[[GroupState], GroupState | None]
+
+
+def _batched(e: events_pb2.Envelope) -> bool:
+    return e.WhichOneof("payload") in BATCHED_KINDS
+
+
+@dataclass
+class Effects:
+    """What one event does to the read model: a change of its group's state, activity
+    (group, when, joins, speaker), a group whose figures to refresh, and counters."""
+
+    state: tuple[str, Change] | None = None
+    activity: tuple[str, int, int, str | None] | None = None
+    refresh: str | None = None
+    days: list[DayCount] = field(default_factory=list)
+    posts: list[PostCount] = field(default_factory=list)
+
+
+class EventBatches:
+    """Gathers the events handed in while a batch is being applied into the next batch, so
+    a lone event waits for nothing and a burst is applied in a few bulk writes. Each
+    caller returns (or raises) when its own event is done, so a consumer still acks an
+    event only after its writes."""
+
+    def __init__(
+        self,
+        apply: Callable[[list[events_pb2.Envelope]], Awaitable[list[BaseException | None]]],
+        limit: int = BATCH_LIMIT,
+    ) -> None:
+        self._apply = apply
+        self._limit = limit
+        self._waiting: list[tuple[events_pb2.Envelope, asyncio.Future[None]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def submit(self, envelope: events_pb2.Envelope) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((envelope, done))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        await done
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self._limit]
+            del self._waiting[: self._limit]
+            try:
+                outcomes = await self._apply([e for e, _ in batch])
+            except Exception as exc:
+                outcomes = [exc] * len(batch)
+            except BaseException:
+                for _, done in batch + self._waiting:
+                    done.cancel()
+                raise
+            for (_, done), outcome in zip(batch, outcomes, strict=True):
+                if done.done():  # its caller gave up (a handler's deadline)
+                    continue
+                if outcome is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(outcome)
 
 
 class CardChangedMeanwhile(Exception):
@@ -56,84 +140,238 @@ class PlazaProjection:
         self._zone = time_zone
         self._clock = clock
         self._once = store.processed.once(self._apply)
+        self._batches = EventBatches(self.handle_many)
 
     async def handle(self, envelope: events_pb2.Envelope) -> None:
         """Apply `envelope` once: a redelivered event id changes nothing. The id is recorded
         after the event is applied, so one that failed midway is applied again in full;
-        state and posts are version-checked, so only counters (activity, daily) could count
-        twice, and only after such a failure."""
-        await self._once(envelope)
+        state and posts are version-checked, and the daily and post counters remember the
+        events they counted, so only activity buckets could count twice, and only after
+        such a failure. Events handed in together (the consumers' handlers in flight) are
+        applied together, in bulk writes (`handle_many`)."""
+        await self._batches.submit(envelope)
 
-    async def _apply(self, e: events_pb2.Envelope) -> None:
+    async def handle_many(self, envelopes: list[events_pb2.Envelope]) -> list[BaseException | None]:
+        """Apply a batch of events as `handle` would each, in a few bulk writes: one read of
+        the processed ids, of the cards and of their posts, one compare-and-set bulk write of
+        the cards, one of the activity buckets, one of the daily and post counters, one of
+        the processed ids. An event whose card someone else changed first, and every event
+        of a kind not batched (posts, selections), goes through `handle`. Returns what each
+        event raised (None: applied), in order. Events of one aggregate come one after
+        another (the bus), so a batch holds at most one of each group's events per feed."""
+        results: list[BaseException | None] = [None] * len(envelopes)
+        first: dict[str, int] = {}
+        for i, e in enumerate(envelopes):
+            first.setdefault(e.event_id, i)
+        seen = await self._store.processed.seen(list(first))
+        batched = [
+            envelopes[i]
+            for i in first.values()
+            if envelopes[i].event_id not in seen and _batched(envelopes[i])
+        ]
+        one_by_one = [
+            i
+            for i, e in enumerate(envelopes)
+            if e.event_id not in seen and not (_batched(e) and first[e.event_id] == i)
+        ]
+        try:
+            again = await self._apply_many(batched)
+        except Exception:
+            log.exception("event_batch_failed", events=len(batched))
+            again = batched  # each on its own: one bad event fails only itself
+        else:
+            retried = {e.event_id for e in again}
+            await self._store.processed.record(
+                [e.event_id for e in batched if e.event_id not in retried]
+            )
+        retry_ids = {e.event_id for e in again}
+        one_by_one += [i for i in first.values() if envelopes[i].event_id in retry_ids]
+        outcomes = await asyncio.gather(
+            *(self._once(envelopes[i]) for i in one_by_one), return_exceptions=True
+        )
+        for i, outcome in zip(one_by_one, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                results[i] = outcome
+        return results
+
+    async def _apply_many(self, events: list[events_pb2.Envelope]) -> list[events_pb2.Envelope]:
+        """The bulk writes of `handle_many`; returns the events to apply one by one (their
+        card changed meanwhile: none of their effects were written)."""
+        effects = [(e, self._effects(e)) for e in events]
+        lost = await self._change_many([fx.state for _, fx in effects if fx.state])
+        again = [e for e, fx in effects if fx.state and fx.state[0] in lost]
+        kept = [fx for _, fx in effects if not (fx.state and fx.state[0] in lost)]
+        now = self._clock()
+        buckets: dict[tuple[str, int], tuple[int, int, set[str]]] = {}
+        touched: dict[str, int] = {}
+        refresh: set[str] = set()
+        for fx in kept:
+            if fx.refresh:
+                refresh.add(fx.refresh)
+            if fx.activity is None:
+                continue
+            group_id, at_ms, joins, speaker = fx.activity
+            if domain.counts_as_recent(at_ms, now):
+                key = (group_id, domain.bucket_start(at_ms))
+                j, m, speakers = buckets.get(key, (0, 0, set()))
+                if speaker:
+                    speakers.add(speaker)
+                buckets[key] = (j + joins, m + (1 if speaker else 0), speakers)
+            touched[group_id] = max(touched.get(group_id, 0), at_ms)
+            refresh.add(group_id)
+        await self._store.add_activity_many(
+            [
+                BucketAdd(
+                    g, start, start + domain.BUCKET_MS + domain.ACTIVITY_WINDOW_MS, j, m, sorted(s)
+                )
+                for (g, start), (j, m, s) in buckets.items()
+            ]
+        )
+        await self._store.touch_many(touched)
+        if refresh:
+            buckets_now = await self._store.buckets(
+                now - domain.ACTIVITY_WINDOW_MS, sorted(refresh)
+            )
+            await self._store.set_activity(
+                {g: domain.activity(buckets_now.get(g, []), now, self._half_life) for g in refresh}
+            )
+        await self._store.count_days([c for fx in kept for c in fx.days])
+        await self._store.count_posts([c for fx in kept for c in fx.posts])
+        return again
+
+    async def _change_many(self, changes: list[tuple[str, Change]]) -> set[str]:
+        """`_change` for many groups at once, one compare-and-set attempt each; returns the
+        groups whose card someone else changed first (nothing of theirs written)."""
+        if not changes:
+            return set()
+        stored = await self._store.load_many(sorted({g for g, _ in changes}))
+        changed: dict[str, GroupState] = {}
+        for group_id, change in changes:
+            held = stored.get(group_id)
+            state = changed.get(group_id) or (held.state if held else GroupState(group_id))
+            after = change(state)
+            if after is not None:
+                changed[group_id] = after
+        linked = sorted(
+            {s.facts.linked_post_id for s in changed.values() if s.facts and s.facts.linked_post_id}
+        )
+        posts = await self._store.posts(linked)
+        writes = []
+        for group_id, state in changed.items():
+            post_id = state.facts.linked_post_id if state.facts else ""
+            writes.append((state, domain.listing(state, posts.get(post_id)), stored.get(group_id)))
+        lost = await self._store.save_many(writes)
+        for group_id, state in changed.items():
+            if group_id not in lost and state.facts and state.facts.linked_post_id:
+                # As in `_change`: the post may have changed while the card was written.
+                await self._refresh_listing(group_id)
+        return lost
+
+    def _effects(self, e: events_pb2.Envelope) -> Effects:
+        """What a batched event does to the read model, as data (`_apply` does the same one
+        write at a time)."""
         kind = e.WhichOneof("payload")
         version = e.aggregate_version
         at_ms = mapping.timestamp_ms(e.occurred_at)
+        fx = Effects()
         if kind in ("group_created", "group_updated"):
             group = getattr(e, kind).group
             facts = mapping.group_facts(group)
-            await self._change(
-                group.group_id, lambda s: domain.apply_group_facts(s, facts, version)
-            )
+            fx.state = (group.group_id, lambda s: domain.apply_group_facts(s, facts, version))
             if kind == "group_created":
-                await self._refresh_activity(group.group_id)
+                fx.refresh = group.group_id
         elif kind == "group_snapshot":
             snapshot = e.group_snapshot
             facts = mapping.group_facts(snapshot.group)
             roles = {m.user_id: int(m.role) for m in snapshot.members}
-            await self._change(
+            fx.state = (
                 snapshot.group.group_id,
                 lambda s: domain.apply_snapshot(s, facts, roles, snapshot.dissolved, version),
             )
-            await self._refresh_activity(snapshot.group.group_id)
+            fx.refresh = snapshot.group.group_id
         elif kind == "member_joined":
             joined = e.member_joined
             member = (joined.member.user_id, int(joined.member.role))
             group_id = joined.member.group_id
-            await self._change(
+            fx.state = (
                 group_id,
                 lambda s: domain.apply_member_count(s, joined.member_count, version, member),
             )
-            await self._activity(group_id, at_ms, joins=1)
+            fx.activity = (group_id, at_ms, 1, None)
             source = mapping.source_name(joined.source)
-            await self._count_day(e, group_id, {f"joins.{source}": 1})
+            fx.days.append(self._day_count(e, group_id, {f"joins.{source}": 1}))
         elif kind in ("member_left", "member_removed"):
             gone = getattr(e, kind)
-            await self._change(
+            fx.state = (
                 gone.group_id,
                 lambda s: domain.apply_member_count(
                     s, gone.member_count, version, (gone.user_id, 0)
                 ),
             )
-            await self._count_day(e, gone.group_id, {"leaves": 1})
+            fx.days.append(self._day_count(e, gone.group_id, {"leaves": 1}))
         elif kind == "member_role_changed":
             m = e.member_role_changed.member
-            await self._change(
-                m.group_id, lambda s: domain.apply_role(s, m.user_id, int(m.role), version)
-            )
+            fx.state = (m.group_id, lambda s: domain.apply_role(s, m.user_id, int(m.role), version))
         elif kind == "group_dissolved":
-            await self._change(
-                e.group_dissolved.group_id, lambda s: domain.apply_dissolved(s, version)
-            )
+            fx.state = (e.group_dissolved.group_id, lambda s: domain.apply_dissolved(s, version))
         elif kind == "group_message_posted":
             # Its aggregate_version is the message seq, not the group's version: activity only.
             message = e.group_message_posted.message
-            await self._activity(message.group_id, at_ms, speaker=message.sender_id)
-            await self._count_day(e, message.group_id, {"messages": 1}, speaker=message.sender_id)
+            fx.activity = (message.group_id, at_ms, 0, message.sender_id)
+            fx.days.append(self._day_count(e, message.group_id, {"messages": 1}, message.sender_id))
             shared = message.shared_post
             if message.HasField("shared_post") and shared.post_id:
-                post = (shared.post_id, shared.author_id)
-                await self._count_post(e, message.group_id, post, shares=1)
-        elif kind == "group_message_changed":
-            # A reaction or a recall changes a message already counted: it is neither a
-            # message nor activity, and a recalled share stays a share that happened.
-            return
+                fx.posts.append(
+                    self._post_count(
+                        e, message.group_id, shared.post_id, shared.author_id, shares=1
+                    )
+                )
         elif kind == "group_card_viewed":
-            await self._count_day(e, e.group_card_viewed.group_id, {"card_views": 1})
+            fx.days.append(self._day_count(e, e.group_card_viewed.group_id, {"card_views": 1}))
         elif kind == "shared_post_opened":
             opened = e.shared_post_opened
             where = opened.group_id or domain.DIRECT
-            await self._count_post(e, where, (opened.post_id, opened.author_id), opens=1)
-        elif kind in ("post_published", "post_updated"):
+            fx.posts.append(self._post_count(e, where, opened.post_id, opened.author_id, opens=1))
+        # group_message_changed: a reaction or a recall changes a message already counted:
+        # it is neither a message nor activity, and a recalled share stays a share.
+        return fx
+
+    def _day_count(
+        self, e: events_pb2.Envelope, group_id: str, inc: dict[str, int], speaker: str | None = None
+    ) -> DayCount:
+        date, start = self._day_of(e)
+        return DayCount(group_id, date, start, e.event_id, inc, speaker)
+
+    def _post_count(
+        self,
+        e: events_pb2.Envelope,
+        where: str,
+        post_id: str,
+        author_id: str,
+        *,
+        shares: int = 0,
+        opens: int = 0,
+    ) -> PostCount:
+        date, start = self._day_of(e)
+        return PostCount(where, date, start, e.event_id, post_id, author_id, shares, opens)
+
+    async def _apply(self, e: events_pb2.Envelope) -> None:
+        if _batched(e):
+            # The batch's effects, one write at a time, each card change with its retries.
+            fx = self._effects(e)
+            if fx.state:
+                await self._change(*fx.state)
+            if fx.activity:
+                group_id, at_ms, joins, speaker = fx.activity
+                await self._activity(group_id, at_ms, joins=joins, speaker=speaker)
+            if fx.refresh:
+                await self._refresh_activity(fx.refresh)
+            await self._store.count_days(fx.days)
+            await self._store.count_posts(fx.posts)
+            return
+        kind = e.WhichOneof("payload")
+        version = e.aggregate_version
+        if kind in ("post_published", "post_updated"):
             post = getattr(e, kind).post
             fields = {**mapping.post_fields(post), "published": True}
             if await self._store.save_post(post.post_id, version, **fields):
@@ -210,30 +448,6 @@ class PlazaProjection:
         """The app's day the event happened on, and when that day began."""
         date = domain.day_key(mapping.timestamp_ms(e.occurred_at), self._zone)
         return date, domain.day_start_ms(date, self._zone)
-
-    async def _count_day(
-        self,
-        e: events_pb2.Envelope,
-        group_id: str,
-        inc: dict[str, int],
-        speaker: str | None = None,
-    ) -> None:
-        date, start = self._day_of(e)
-        await self._store.count_day(group_id, date, start, e.event_id, inc=inc, speaker=speaker)
-
-    async def _count_post(
-        self,
-        e: events_pb2.Envelope,
-        where: str,
-        post: tuple[str, str],
-        *,
-        shares: int = 0,
-        opens: int = 0,
-    ) -> None:
-        date, start = self._day_of(e)
-        await self._store.count_post(
-            where, date, start, e.event_id, post, shares=shares, opens=opens
-        )
 
     async def refresh_rankings(self) -> int:
         """Recompute the activity figures of every group with recent activity (or figures

@@ -17,13 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from pymongo import ASCENDING, DESCENDING, UpdateOne
-from pymongo.errors import DuplicateKeyError
+from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.kit.documents import bulk_upsert, upsert_where
+from services.kit.documents import DUPLICATE_KEY, bulk_upsert, bulk_upsert_where, upsert_where
 from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent
 from services.kit.mongo import ProcessedEvents
@@ -77,6 +77,47 @@ class StoredCard:
         self.state = state
         self.rev = rev
         self.listing = listing
+
+
+CardWrite = tuple[GroupState, Listing, "StoredCard | None"]  # new state, listing, as read
+
+
+@dataclass(frozen=True)
+class BucketAdd:
+    """Events of one activity bucket, summed."""
+
+    group_id: str
+    start_ms: int
+    expires_ms: int
+    joins: int
+    messages: int
+    speakers: list[str]
+
+
+@dataclass(frozen=True)
+class DayCount:
+    """One event's counts in its group's day."""
+
+    group_id: str
+    date: str
+    day_start_ms: int
+    event_id: str
+    inc: dict[str, int]
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class PostCount:
+    """One event's shares or opens of a post shared in `where` (a group, or DIRECT)."""
+
+    where: str
+    date: str
+    day_start_ms: int
+    event_id: str
+    post_id: str
+    author_id: str
+    shares: int = 0
+    opens: int = 0
 
 
 class PlazaStore:
@@ -158,6 +199,63 @@ class PlazaStore:
         await self._move_category_count(was, _shown_category(state, listing))
         return True
 
+    async def load_many(self, group_ids: list[str]) -> dict[str, StoredCard]:
+        """The stored cards of `group_ids` (those that exist), in one query."""
+        docs = self._cards.find({"_id": {"$in": group_ids}})
+        return {d["_id"]: _stored(d) async for d in docs}
+
+    async def save_many(self, writes: list[CardWrite]) -> set[str]:
+        """`save` for many cards in one unordered bulk write, each with its own
+        compare-and-set; returns the ids of the cards someone else changed first (nothing
+        of theirs was written). An update whose `rev` no longer matches is an upsert that
+        collides on `_id`, so MongoDB names each one that lost in the bulk's write errors.
+        The counts of shown cards per category follow the writes that landed."""
+        ops: list[Any] = []
+        for state, listing, previous in writes:
+            fields = {**_state_doc(state), **_listing_doc(listing)}
+            if previous is None:
+                ops.append(InsertOne({**_blank_card(state.group_id), **fields, "rev": 1}))
+            else:
+                fields["rev"] = previous.rev + 1
+                ops.append(
+                    UpdateOne(
+                        {"_id": state.group_id, "rev": previous.rev},
+                        # Only when the card was dropped meanwhile (a rebuild).
+                        {"$set": fields, "$setOnInsert": _blank_card(state.group_id, fields)},
+                        upsert=True,
+                    )
+                )
+        if not ops:
+            return set()
+        lost: set[str] = set()
+        try:
+            await self._cards.bulk_write(ops, ordered=False)
+        except BulkWriteError as error:
+            failed = error.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in failed):
+                raise
+            lost = {writes[e["index"]][0].group_id for e in failed}
+        moves: dict[str, int] = {}
+        for state, listing, previous in writes:
+            if state.group_id in lost:
+                continue
+            was = _shown_category(previous.state, previous.listing) if previous else None
+            now = _shown_category(state, listing)
+            if was != now:
+                if was is not None:
+                    moves[was] = moves.get(was, 0) - 1
+                if now is not None:
+                    moves[now] = moves.get(now, 0) + 1
+        await bulk_upsert(
+            self._category_counts,
+            [
+                UpdateOne({"_id": c}, {"$inc": {"shown": n}}, upsert=True)
+                for c, n in moves.items()
+                if n
+            ],
+        )
+        return lost
+
     async def _move_category_count(self, was: str | None, now: str | None) -> None:
         if was == now:
             return
@@ -236,6 +334,17 @@ class PlazaStore:
         if figures:
             await self._cards.bulk_write(
                 [UpdateOne({"_id": g}, {"$set": asdict(a)}) for g, a in figures.items()],
+                ordered=False,
+            )
+
+    async def touch_many(self, last_active: dict[str, int]) -> None:
+        """`touch` for many groups in one bulk write."""
+        if last_active:
+            await self._cards.bulk_write(
+                [
+                    UpdateOne({"_id": g}, {"$max": {"last_active_at_ms": at}})
+                    for g, at in last_active.items()
+                ],
                 ordered=False,
             )
 
@@ -326,6 +435,15 @@ class PlazaStore:
             return None
         return Post(doc["_id"], doc["author_id"], doc["title"], doc["cover_url"], doc["published"])
 
+    async def posts(self, post_ids: list[str]) -> dict[str, Post]:
+        """The posts of `post_ids` the plaza holds, in one query."""
+        if not post_ids:
+            return {}
+        return {
+            d["_id"]: Post(d["_id"], d["author_id"], d["title"], d["cover_url"], d["published"])
+            async for d in self._posts.find({"_id": {"$in": post_ids}})
+        }
+
     async def titles(self, post_ids: list[str]) -> dict[str, str]:
         """The titles of those of `post_ids` the plaza knows published."""
         docs = await self._posts.find(
@@ -359,12 +477,39 @@ class PlazaStore:
             update["$addToSet"] = {"speakers": speaker}
         await upsert_where(self._activity, f"{group_id}:{start_ms}", {}, update)
 
+    async def add_activity_many(self, buckets: list[BucketAdd]) -> None:
+        """`add_activity` for many buckets in one bulk write (each bucket once, its
+        events summed)."""
+        await bulk_upsert(
+            self._activity,
+            [
+                UpdateOne(
+                    {"_id": f"{b.group_id}:{b.start_ms}"},
+                    {
+                        "$inc": {"joins": b.joins, "messages": b.messages},
+                        "$setOnInsert": {
+                            "group_id": b.group_id,
+                            "start_ms": b.start_ms,
+                            "expires_at": _expires(b.expires_ms),
+                        },
+                        **(
+                            {"$addToSet": {"speakers": {"$each": b.speakers}}} if b.speakers else {}
+                        ),
+                    },
+                    upsert=True,
+                )
+                for b in buckets
+            ],
+        )
+
     async def buckets(
-        self, since_ms: int, group_id: str | None = None
+        self, since_ms: int, group_id: str | list[str] | None = None
     ) -> dict[str, list[ActivityBucket]]:
-        """Activity buckets starting after `since_ms`, per group (one group, or all)."""
+        """Activity buckets starting after `since_ms`, per group (one group, some, or all)."""
         query: dict[str, Any] = {"start_ms": {"$gt": since_ms}}
-        if group_id is not None:
+        if isinstance(group_id, list):
+            query["group_id"] = {"$in": group_id}
+        elif group_id is not None:
             query["group_id"] = group_id
         found: dict[str, list[ActivityBucket]] = {}
         async for d in self._activity.find(query):
@@ -377,57 +522,48 @@ class PlazaStore:
 
     # Insights counters and impressions
 
-    async def count_day(
-        self,
-        group_id: str,
-        date: str,
-        day_start_ms: int,
-        event_id: str,
-        *,
-        inc: dict[str, int],
-        speaker: str | None = None,
-    ) -> bool:
-        """Count event `event_id` in the group's day; False when it was counted before."""
-        added: dict[str, Any] = {"speakers": speaker} if speaker else {}
-        return await _count_once(
+    async def count_days(self, counts: list[DayCount]) -> None:
+        """Count each event in its group's day, once: a counter document keeps the ids of the
+        events it counted and counts one only if it is not among them, in the same write;
+        all of them in one bulk write."""
+        await bulk_upsert_where(
             self._daily,
-            f"{group_id}:{date}",
-            event_id,
-            inc,
-            {
-                "group_id": group_id,
-                "date": date,
-                "expires_at": _expires(day_start_ms + DAILY_KEEP_MS),
-            },
-            added,
+            [
+                _count_once_write(
+                    f"{c.group_id}:{c.date}",
+                    c.event_id,
+                    c.inc,
+                    {
+                        "group_id": c.group_id,
+                        "date": c.date,
+                        "expires_at": _expires(c.day_start_ms + DAILY_KEEP_MS),
+                    },
+                    {"speakers": c.speaker} if c.speaker else {},
+                )
+                for c in counts
+            ],
         )
 
-    async def count_post(
-        self,
-        where: str,
-        date: str,
-        day_start_ms: int,
-        event_id: str,
-        post: tuple[str, str],
-        *,
-        shares: int = 0,
-        opens: int = 0,
-    ) -> bool:
-        """Count event `event_id` for the post (id, author) shared in `where` (a group id, or
-        DIRECT) on `date`; False when it was counted before."""
-        post_id, author_id = post
-        return await _count_once(
+    async def count_posts(self, counts: list[PostCount]) -> None:
+        """Count each event's shares or opens of a post shared in a group (or DIRECT) on its
+        day, once (as `count_days`), in one bulk write."""
+        await bulk_upsert_where(
             self._post_stats,
-            f"{where}:{date}:{post_id}",
-            event_id,
-            {"shares": shares, "opens": opens},
-            {
-                "group_id": where,
-                "date": date,
-                "post_id": post_id,
-                "author_id": author_id,
-                "expires_at": _expires(day_start_ms + DAILY_KEEP_MS),
-            },
+            [
+                _count_once_write(
+                    f"{c.where}:{c.date}:{c.post_id}",
+                    c.event_id,
+                    {"shares": c.shares, "opens": c.opens},
+                    {
+                        "group_id": c.where,
+                        "date": c.date,
+                        "post_id": c.post_id,
+                        "author_id": c.author_id,
+                        "expires_at": _expires(c.day_start_ms + DAILY_KEEP_MS),
+                    },
+                )
+                for c in counts
+            ],
         )
 
     async def days(
@@ -495,22 +631,20 @@ class PlazaStore:
         return found
 
 
-async def _count_once(
-    collection: Any,
+def _count_once_write(
     doc_id: str,
     event_id: str,
     inc: dict[str, int],
     on_insert: dict[str, Any],
     added: dict[str, Any] | None = None,
-) -> bool:
-    """Add `inc` to counter document `doc_id` and record `event_id` among those it counted,
-    in one write, unless it is there already: False then (nothing changed)."""
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(doc id, condition, update) of counting `event_id` once in a counter document."""
     update: dict[str, Any] = {
         "$inc": inc,
         "$addToSet": {**(added or {}), "counted": event_id},
         "$setOnInsert": on_insert,
     }
-    return await upsert_where(collection, doc_id, {"counted": {"$ne": event_id}}, update)
+    return doc_id, {"counted": {"$ne": event_id}}, update
 
 
 def _window_filter(group_ids: list[str], window: list[str]) -> dict[str, Any]:
