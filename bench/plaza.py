@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
 import random
 import sys
 import time
@@ -215,6 +216,7 @@ class Absorption:
     absorb_s: float = 0.0
     complete: bool = False
     listed: int = 0  # ListCategories' sum at the end
+    cpu_s: dict[str, float] = field(default_factory=dict)  # during absorption, per process
 
     @property
     def publish_rate(self) -> float:
@@ -270,7 +272,7 @@ async def listed_groups(stub: Any, metadata: Metadata) -> int:
 
 
 async def absorb(
-    suite: Suite, stub: Any, metadata: Metadata, args: argparse.Namespace
+    suite: Suite, stub: Any, metadata: Metadata, args: argparse.Namespace, pids: dict[str, int]
 ) -> Absorption:
     print(f"\n[absorption] {args.groups} listed groups into {GROUPS_STREAM}", flush=True)
     building = time.perf_counter()
@@ -291,6 +293,7 @@ async def absorb(
         stream_seq = (await jsm.stream_info(GROUPS_STREAM)).state.last_seq
         if start_seq != stream_seq:
             print(f"  note: the plaza had acked {start_seq} of {stream_seq} before", flush=True)
+        cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
         publishing = asyncio.create_task(publish_all(js, wire, result))
         deadline = started + args.timeout
@@ -325,6 +328,8 @@ async def absorb(
                 next_progress = now + PROGRESS_SECONDS
             if now >= deadline:
                 break
+        cpu_after = cpu_seconds(pids)
+        result.cpu_s = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
         if not publishing.done():
             publishing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -334,7 +339,12 @@ async def absorb(
     state = "all" if result.complete else "INCOMPLETE: only"
     print(
         f"  {state} {result.absorbed} of {result.events} events absorbed in "
-        f"{result.absorb_s:.1f}s ({result.absorb_rate:.0f} events/s)",
+        f"{result.absorb_s:.1f}s ({result.absorb_rate:.0f} events/s); CPU ms per event: "
+        + ", ".join(
+            f"{name} {1000 * s / max(result.absorbed, 1):.2f}"
+            for name, s in result.cpu_s.items()
+            if name != "bench"
+        ),
         flush=True,
     )
     counting = time.perf_counter()
@@ -609,6 +619,53 @@ async def bench_bare(sample: bytes, args: argparse.Namespace) -> Load:
 
 # Report
 
+# The targets of issue 14 for the plaza.
+NEW_QUERY_P50_MS, NEW_QUERY_P99_MS = 20.0, 50.0
+POPULAR_VS_BARE = 0.5
+ABSORB_VS_PUBLISH = 0.8
+
+
+def verdicts(absorption: Absorption, loads: list[Load]) -> list[str]:
+    """One line per target: the figure, its baseline, the ratio and met / not met."""
+
+    def find(name: str, target: str) -> Load | None:
+        return next((x for x in loads if x.name == name and x.target == target), None)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT MET"
+
+    lines = ["targets (issue 14):"]
+    for name in ("browse p1, new query", "search, new words"):
+        load = find(name, "gateway")
+        if load is None or not load.requests:
+            continue
+        p50, p99 = load.ms(0.5), load.ms(0.99)
+        ok = p50 <= NEW_QUERY_P50_MS and p99 <= NEW_QUERY_P99_MS
+        lines.append(
+            f"  {name + ' at ' + str(absorption.groups) + ' groups':<38} p50 {p50:.1f} ms "
+            f"(<= {NEW_QUERY_P50_MS:.0f}), p99 {p99:.1f} ms (<= {NEW_QUERY_P99_MS:.0f}): "
+            f"{verdict(ok)}"
+        )
+    bare = find("browse HOT p1", "bare gRPC")
+    for target in ("gateway", "plaza"):
+        load = find("browse HOT p1", target)
+        if bare is None or load is None or not bare.per_s:
+            continue
+        ratio = load.per_s / bare.per_s
+        lines.append(
+            f"  {'popular first page via ' + target:<38} {load.per_s:.0f} req/s vs bare gRPC "
+            f"{bare.per_s:.0f} req/s = {ratio:.2f}x (>= {POPULAR_VS_BARE}x): "
+            f"{verdict(ratio >= POPULAR_VS_BARE)}"
+            + ("" if target == "gateway" else " (the plaza alone, without the gateway's hop)")
+        )
+    ratio = absorption.absorb_rate / absorption.publish_rate if absorption.publish_s else 0.0
+    lines.append(
+        f"  {'absorption':<38} {absorption.absorb_rate:.0f} events/s vs publishing "
+        f"{absorption.publish_rate:.0f} events/s = {ratio:.2f}x (>= {ABSORB_VS_PUBLISH}x): "
+        f"{verdict(absorption.complete and ratio >= ABSORB_VS_PUBLISH)}"
+    )
+    return lines
+
 
 def table(absorption: Absorption, loads: list[Load]) -> str:
     state = "" if absorption.complete else "  INCOMPLETE (timeout)"
@@ -640,6 +697,8 @@ def table(absorption: Absorption, loads: list[Load]) -> str:
         "browse next pages: pages after the first, following next_page_token (a new first",
         "  page, untimed, when a walk ends). cards, bytes: per response (bytes: the last one).",
         "bare gRPC: a unary call answered with the bytes of a real first page (the floor).",
+        "",
+        *verdicts(absorption, loads),
     ]
     return "\n".join(lines)
 
@@ -648,10 +707,13 @@ async def run_all(
     suite: Suite, key: SigningKey, args: argparse.Namespace
 ) -> tuple[Absorption, list[Load]]:
     pids = {name: p.pid for name, p in suite.processes.items() if name in ("plaza", "gateway")}
+    stored = {n: p.pid for n, p in suite.processes.items() if n in ("plaza", "mongodb")}
     metadata = bearer(mint_token(key, "bench-admin"))
     channel = grpc.aio.insecure_channel(suite.gateway_address)
     try:
-        absorption = await absorb(suite, gateway_pb2_grpc.GatewayStub(channel), metadata, args)
+        absorption = await absorb(
+            suite, gateway_pb2_grpc.GatewayStub(channel), metadata, args, stored
+        )
         loads = await bench_requests(suite.gateway_address, "gateway", key, args, pids)
         if not args.skip_baselines:
             plaza_address = suite.addresses["plaza"]
@@ -721,12 +783,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"timeout {args.timeout:.0f}s; {args.clients} clients, each scenario "
             f"{args.requests} requests or {args.duration:.0f}s (+{args.warmup} warm-up per "
             f"client); PLAZA_RANK_INTERVAL_SECONDS={args.rank_interval}",
-        ),
+        )
+        + f"\n  load:        {os.getloadavg()} (1, 5, 15 min) at the start",
         flush=True,
     )
 
     def measure(suite: Suite, key: SigningKey) -> bool:
         absorption, loads = asyncio.run(run_all(suite, key, args))
+        print(f"\nload average at the end: {os.getloadavg()}", flush=True)
         print("\n" + table(absorption, loads), flush=True)
         return (
             absorption.complete

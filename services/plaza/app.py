@@ -47,17 +47,23 @@ class PlazaSettings:
     page_token_ttl_seconds: int = 1800
     rank_interval_seconds: int = 60
     ranking_cache_seconds: float = 1.0
+    # How often the index in memory is loaded again from the cards (other replicas' writes).
+    index_reload_seconds: int = 60
     # The app's time zone (APP_TIMEZONE): the insights' days.
     time_zone: dt.tzinfo = field(default_factory=lambda: ZoneInfo(DEFAULT_APP_TIMEZONE))
 
 
-Ranking = tuple[list[str], str | None]  # the ordered ids of a walk, and its snapshot id
+# The ordered ids of a walk, its snapshot id, the cards of its first page and the index's
+# stamp when they were read.
+Ranking = tuple[list[str], str | None, list[Card], int]
 
 
 class RankingCache:
-    """First pages of the same query within `seconds` share one ranking and its snapshot:
-    however many people open the grid at once, its order is computed once per query and
-    interval, not once per request. Concurrent misses wait for the one computation."""
+    """First pages of the same query within `seconds` share one ranking, its snapshot and
+    the cards of the page: however many people open the grid at once, it is computed once
+    per query and interval, not once per request. The cards are read again when this
+    process wrote one of them since (other replicas' writes show within `seconds`).
+    Concurrent misses wait for the one computation."""
 
     def __init__(self, seconds: float, clock: Callable[[], int] = now_ms) -> None:
         self._ttl_ms = seconds * 1000
@@ -167,7 +173,7 @@ class PlazaApp:
     ) -> CardPage:
         """A page of listed cards. The first page fixes the order of the whole walk."""
 
-        def ranked() -> Awaitable[list[str]]:
+        def ranked() -> list[str]:
             return self._store.ordered_ids(
                 sort,
                 self._settings.max_browse_depth,
@@ -189,7 +195,7 @@ class PlazaApp:
         """Cards whose name, description or linked post title hold every word, hottest first."""
         keywords = domain.query_tokens(query)
 
-        def ranked() -> Awaitable[list[str]]:
+        def ranked() -> list[str]:
             return self._store.ordered_ids(
                 Sort.HOT,
                 self._settings.max_browse_depth,
@@ -204,7 +210,7 @@ class PlazaApp:
     async def _walk(
         self,
         walk: tuple[Any, ...],
-        ranked: Callable[[], Awaitable[list[str]]],
+        ranked: Callable[[], list[str]],
         page_size: int,
         position: dict[str, Any] | None,
     ) -> CardPage:
@@ -214,29 +220,36 @@ class PlazaApp:
         kind = walk[0]
         size = domain.page_limit(page_size, BROWSE_PAGE_DEFAULT, BROWSE_PAGE_MAX)
         if position is None:
-            ids, snapshot_id = await self._rankings.get(walk, lambda: self._rank(kind, ranked))
-            offset = 0
-        else:
-            snapshot_id, offset = _snapshot_position(position)
-            stored = await self._store.snapshot(snapshot_id, kind, self._clock())
-            if stored is None:
-                raise PageTokenExpired("the page token expired: start again from the first page")
-            ids = stored
-        page_ids = ids[offset : offset + size]
+            ids, snapshot_id, cards, stamp = await self._rankings.get(
+                (*walk, size), lambda: self._rank(kind, ranked, size)
+            )
+            if self._store.changed_since(ids[:size], stamp):
+                cards = await self._store.shown_cards(ids[:size])
+            next_position = {"s": snapshot_id, "o": size} if size < len(ids) else None
+            self._impressions.count(cards)
+            return CardPage(cards, next_position)
+        snapshot_id, offset = _snapshot_position(position)
+        walked = await self._store.snapshot(snapshot_id, kind, self._clock())
+        if walked is None:
+            raise PageTokenExpired("the page token expired: start again from the first page")
+        page_ids = walked[offset : offset + size]
         next_position = None
-        if offset + size < len(ids):
+        if offset + size < len(walked):
             next_position = {"s": snapshot_id, "o": offset + size}
         cards = await self._store.shown_cards(page_ids)
         self._impressions.count(cards)
         return CardPage(cards, next_position)
 
-    async def _rank(self, kind: str, ranked: Callable[[], Awaitable[list[str]]]) -> Ranking:
-        """The order of a new walk, kept as a snapshot when it could take more than a page."""
-        ids = await ranked()
-        if len(ids) < 2:
-            return ids, None
+    async def _rank(self, kind: str, ranked: Callable[[], list[str]], size: int) -> Ranking:
+        """The order of a new walk, kept as a snapshot when it takes more than the first
+        page, and that page's cards."""
+        ids = ranked()
+        stamp = self._store.index.stamp
+        cards = await self._store.shown_cards(ids[:size])
+        if len(ids) <= size:
+            return ids, None, cards, stamp
         expires = self._clock() + self._settings.page_token_ttl_seconds * 1000
-        return ids, await self._store.save_snapshot(kind, ids, expires)
+        return ids, await self._store.save_snapshot(kind, ids, expires), cards, stamp
 
     # The Selected shelf
 

@@ -21,8 +21,8 @@ from groupchat.events.v1 import events_pb2
 
 from services.kit.timestamps import now_ms
 from services.plaza import domain, mapping
-from services.plaza.domain import GroupState
-from services.plaza.storage import BucketAdd, DayCount, PlazaStore, PostCount
+from services.plaza.domain import Activity, GroupState
+from services.plaza.storage import NO_ACTIVITY, BucketAdd, DayCount, PlazaStore, PostCount
 
 log = structlog.get_logger("plaza.projection")
 
@@ -63,6 +63,10 @@ Change = Callable[[GroupState], GroupState | None]
 
 def _batched(e: events_pb2.Envelope) -> bool:
     return e.WhichOneof("payload") in BATCHED_KINDS
+
+
+def _counts_activity(e: events_pb2.Envelope) -> bool:
+    return e.WhichOneof("payload") in ("member_joined", "group_message_posted")
 
 
 @dataclass
@@ -181,8 +185,11 @@ class PlazaProjection:
             again = batched  # each on its own: one bad event fails only itself
         else:
             retried = {e.event_id for e in again}
+            # Only activity counts by event without remembering which: every other effect
+            # is versioned or remembers its events itself, so handling one again changes
+            # nothing and needs no record (one write fewer per group created).
             await self._store.processed.record(
-                [e.event_id for e in batched if e.event_id not in retried]
+                [e.event_id for e in batched if e.event_id not in retried and _counts_activity(e)]
             )
         retry_ids = {e.event_id for e in again}
         one_by_one += [i for i in first.values() if envelopes[i].event_id in retry_ids]
@@ -198,7 +205,7 @@ class PlazaProjection:
         """The bulk writes of `handle_many`; returns the events to apply one by one (their
         card changed meanwhile: none of their effects were written)."""
         effects = [(e, self._effects(e)) for e in events]
-        lost = await self._change_many([fx.state for _, fx in effects if fx.state])
+        lost, held = await self._change_many([fx.state for _, fx in effects if fx.state])
         again = [e for e, fx in effects if fx.state and fx.state[0] in lost]
         kept = [fx for _, fx in effects if not (fx.state and fx.state[0] in lost)]
         now = self._clock()
@@ -232,23 +239,31 @@ class PlazaProjection:
             buckets_now = await self._store.buckets(
                 now - domain.ACTIVITY_WINDOW_MS, sorted(refresh)
             )
+            figures = {
+                g: domain.activity(buckets_now.get(g, []), now, self._half_life) for g in refresh
+            }
+            # A card read for this batch whose figures stay (a new group has none) is left
+            # alone: one write fewer per group created.
             await self._store.set_activity(
-                {g: domain.activity(buckets_now.get(g, []), now, self._half_life) for g in refresh}
+                {g: a for g, a in figures.items() if g not in held or held[g] != a}
             )
         await self._store.count_days([c for fx in kept for c in fx.days])
         await self._store.count_posts([c for fx in kept for c in fx.posts])
         return again
 
-    async def _change_many(self, changes: list[tuple[str, Change]]) -> set[str]:
+    async def _change_many(
+        self, changes: list[tuple[str, Change]]
+    ) -> tuple[set[str], dict[str, Activity]]:
         """`_change` for many groups at once, one compare-and-set attempt each; returns the
-        groups whose card someone else changed first (nothing of theirs written)."""
+        groups whose card someone else changed first (nothing of theirs written), and the
+        activity figures of the cards written as they were read (none for new ones)."""
         if not changes:
-            return set()
+            return set(), {}
         stored = await self._store.load_many(sorted({g for g, _ in changes}))
         changed: dict[str, GroupState] = {}
         for group_id, change in changes:
-            held = stored.get(group_id)
-            state = changed.get(group_id) or (held.state if held else GroupState(group_id))
+            read = stored.get(group_id)
+            state = changed.get(group_id) or (read.state if read else GroupState(group_id))
             after = change(state)
             if after is not None:
                 changed[group_id] = after
@@ -265,7 +280,10 @@ class PlazaProjection:
             if group_id not in lost and state.facts and state.facts.linked_post_id:
                 # As in `_change`: the post may have changed while the card was written.
                 await self._refresh_listing(group_id)
-        return lost
+        held = {
+            g: stored[g].activity if g in stored else NO_ACTIVITY for g in changed if g not in lost
+        }
+        return lost, held
 
     def _effects(self, e: events_pb2.Envelope) -> Effects:
         """What a batched event does to the read model, as data (`_apply` does the same one

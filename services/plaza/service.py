@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+
+import structlog
 from groupchat.plaza.v1 import plaza_pb2, plaza_pb2_grpc
 
 from services.kit.infrastructure import open_infrastructure
@@ -16,6 +19,16 @@ from services.plaza.storage import PlazaStore
 
 IMPRESSIONS_FLUSH_SECONDS = 1.0
 
+log = structlog.get_logger("plaza")
+
+
+async def load_index(store: PlazaStore) -> None:
+    shown = await store.load_index()
+    # The index lives as long as the process: the collector need not scan it again and
+    # again (a full collection over 100,000 cards' objects is a pause a query would feel).
+    gc.freeze()
+    log.info("card_index_loaded", shown=shown)
+
 
 def build(config: PlazaConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
@@ -25,6 +38,8 @@ def build(config: PlazaConfig) -> ServiceHost:
         bus, outbox = infra.bus, infra.outbox
         store = PlazaStore(infra.db)
         await store.create_indexes()
+        # Ready only once the order of the cards is in memory (before the first query).
+        await load_index(store)
         await outbox.watch(store.selection_versions)
 
         projection = PlazaProjection(
@@ -42,6 +57,13 @@ def build(config: PlazaConfig) -> ServiceHost:
             stack,
             every(settings.rank_interval_seconds, projection.refresh_rankings, "rankings"),
             "plaza-rankings",
+        )
+
+        # What other replicas wrote reaches this one's index with each reload.
+        run_in_background(
+            stack,
+            every(settings.index_reload_seconds, lambda: load_index(store), "card-index"),
+            "plaza-card-index",
         )
 
         impressions = ImpressionCounter(store, settings.time_zone)

@@ -28,6 +28,7 @@ from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent
 from services.kit.mongo import ProcessedEvents
 from services.kit.outbox import merged, pending, with_pending
+from services.plaza.card_index import CardIndex, IndexedCard
 from services.plaza.domain import (
     DAY_MS,
     Activity,
@@ -53,6 +54,21 @@ READ_MODEL = (
     "processed_events",
     "snapshots",
 )
+# The cards' indexes that served browse and search before CardIndex did.
+_ORDERING_INDEXES = frozenset(
+    [f"shown_1_{scope}{sort.value}_-1__id_1" for sort in Sort for scope in ("", "category_1_")]
+    + ["keywords_1_shown_1_hot_score_-1"]
+)
+# What the index in memory reads of a card.
+_INDEX_FIELDS = {
+    "shown": 1,
+    "category": 1,
+    "full": 1,
+    "created_at_ms": 1,
+    "member_count": 1,
+    "keywords": 1,
+    "hot_score": 1,
+}
 # Daily counters outlive the longest insights window.
 DAILY_KEEP_MS = 100 * DAY_MS
 
@@ -70,13 +86,20 @@ def _expires(at_ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC)
 
 
-class StoredCard:
-    """A card document's group state, its compare-and-set revision and what it lists."""
+NO_ACTIVITY = Activity(0.0, 0, 0, 0)
 
-    def __init__(self, state: GroupState, rev: int, listing: Listing) -> None:
+
+class StoredCard:
+    """A card document's group state, its compare-and-set revision, what it lists and its
+    activity figures."""
+
+    def __init__(
+        self, state: GroupState, rev: int, listing: Listing, activity: Activity = NO_ACTIVITY
+    ) -> None:
         self.state = state
         self.rev = rev
         self.listing = listing
+        self.activity = activity
 
 
 CardWrite = tuple[GroupState, Listing, "StoredCard | None"]  # new state, listing, as read
@@ -121,8 +144,13 @@ class PostCount:
 
 
 class PlazaStore:
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, index: CardIndex | None = None) -> None:
         self._db = db
+        # The order of the shown cards in memory, fed every card write made here once it
+        # is acknowledged; ordered_ids reads it once loaded.
+        self.index = index or CardIndex()
+        # While the index loads: what was fed meanwhile, applied again over what was read.
+        self._fed_while_loading: list[Callable[[], None]] | None = None
         self._cards = db["cards"]
         self._category_counts = db["category_counts"]
         self._posts = db["posts"]
@@ -136,17 +164,18 @@ class PlazaStore:
 
     async def create_indexes(self) -> None:
         await self.processed.create_indexes()
-        for sort in Sort:
-            for scope in ([("shown", ASCENDING)], [("shown", ASCENDING), ("category", ASCENDING)]):
-                await self._cards.create_index(
-                    [*scope, (sort.value, DESCENDING), ("_id", ASCENDING)]
-                )
-        await self._cards.create_index(
-            [("keywords", ASCENDING), ("shown", ASCENDING), ("hot_score", DESCENDING)]
-        )
+        # Browse and search order the cards in memory (CardIndex), not with the store's
+        # indexes: each of those would cost every card write and every score refresh an
+        # index update (the keywords' one a key per word), and the plaza writes far more
+        # often than it starts. Those that earlier releases made go.
+        existing = await self._cards.index_information()
+        for name in existing:
+            if name in _ORDERING_INDEXES:
+                await self._cards.drop_index(name)
         await self._cards.create_index(
             [("shown", ASCENDING), ("selected", ASCENDING), ("hot_score", DESCENDING)]
         )
+        await self._cards.create_index([("hot_score", DESCENDING)])
         await self._cards.create_index("linked_post_id")
         await self._cards.create_index([("messages_last_day", DESCENDING)])
         await self._activity.create_index([("group_id", ASCENDING), ("start_ms", ASCENDING)])
@@ -171,6 +200,56 @@ class PlazaStore:
         for name in READ_MODEL:
             await self._db.drop_collection(name)
         await self.create_indexes()
+        self.index.load([], {})
+
+    # The index in memory
+
+    async def load_index(self) -> int:
+        """Load the index from the cards (at start, and again every so often: the writes
+        of other replicas reach it so); returns how many cards it shows."""
+        self._fed_while_loading = []
+        try:
+            shown: list[IndexedCard] = []
+            hot: dict[str, float] = {}
+            async for d in self._cards.find({}, _INDEX_FIELDS):
+                if d.get("hot_score"):
+                    hot[d["_id"]] = float(d["hot_score"])
+                if d.get("shown"):
+                    shown.append(
+                        IndexedCard(
+                            d["_id"],
+                            d.get("category"),
+                            bool(d.get("full")),
+                            int(d.get("created_at_ms") or 0),
+                            int(d.get("member_count") or 0),
+                            tuple(d.get("keywords") or ()),
+                        )
+                    )
+            fed = self._fed_while_loading
+            self.index.load(shown, hot)
+            for feed in fed:  # written here after the read may have passed them
+                feed()
+        finally:
+            self._fed_while_loading = None
+        return len(self.index)
+
+    def _feed(self, feed: Callable[[], None]) -> None:
+        feed()
+        if self._fed_while_loading is not None:
+            self._fed_while_loading.append(feed)
+
+    def _index_card(self, state: GroupState, listing: Listing) -> None:
+        card = None
+        if listing.shown and state.facts is not None:
+            card = IndexedCard(
+                state.group_id,
+                state.facts.category,
+                listing.full,
+                state.facts.created_at_ms,
+                state.member_count,
+                listing.keywords,
+            )
+        self._feed(lambda: self.index.put(state.group_id, card))
 
     # Cards: group state
 
@@ -195,6 +274,7 @@ class PlazaStore:
             )
             if not result.matched_count:
                 return False
+        self._index_card(state, listing)
         was = _shown_category(previous.state, previous.listing) if previous else None
         await self._move_category_count(was, _shown_category(state, listing))
         return True
@@ -239,6 +319,7 @@ class PlazaStore:
         for state, listing, previous in writes:
             if state.group_id in lost:
                 continue
+            self._index_card(state, listing)
             was = _shown_category(previous.state, previous.listing) if previous else None
             now = _shown_category(state, listing)
             if was != now:
@@ -283,6 +364,7 @@ class PlazaStore:
             {"$set": fields, "$setOnInsert": _blank_card(group_id, but=fields)},
         ):
             return False
+        self._feed(lambda: self.index.written([group_id]))
         await upsert_where(
             self.selection_versions,
             group_id,
@@ -336,6 +418,8 @@ class PlazaStore:
                 [UpdateOne({"_id": g}, {"$set": asdict(a)}) for g, a in figures.items()],
                 ordered=False,
             )
+            scores = {g: a.hot_score for g, a in figures.items()}
+            self._feed(lambda: self.index.set_hot(scores))
 
     async def touch_many(self, last_active: dict[str, int]) -> None:
         """`touch` for many groups in one bulk write."""
@@ -347,10 +431,12 @@ class PlazaStore:
                 ],
                 ordered=False,
             )
+            self._feed(lambda: self.index.written(last_active))
 
     async def touch(self, group_id: str, at_ms: int) -> None:
         """Record that something happened in the group at `at_ms`."""
         await self._cards.update_one({"_id": group_id}, {"$max": {"last_active_at_ms": at_ms}})
+        self._feed(lambda: self.index.written([group_id]))
 
     async def groups_with_figures(self) -> list[str]:
         """Cards whose activity figures are not all zero (they decay towards zero)."""
@@ -361,7 +447,11 @@ class PlazaStore:
 
     # Cards: queries
 
-    async def ordered_ids(
+    def changed_since(self, group_ids: list[str], stamp: int) -> bool:
+        """Whether this process wrote any of the cards since the index's `stamp`."""
+        return self.index.changed_since(group_ids, stamp)
+
+    def ordered_ids(
         self,
         sort: Sort,
         limit: int,
@@ -370,14 +460,12 @@ class PlazaStore:
         only_with_space: bool = False,
         keywords: list[str] | None = None,
     ) -> list[str]:
-        query = _card_filter(category, only_with_space, keywords)
-        docs = (
-            await self._cards.find(query, {"_id": 1})
-            .sort([(sort.value, DESCENDING), ("_id", ASCENDING)])
-            .limit(limit)
-            .to_list(None)
+        """The ids of the first `limit` shown cards that match, in the sort's order (value
+        descending, then id), from the index in memory (`load_index` first)."""
+        assert self.index.loaded, "ordered_ids before load_index"
+        return self.index.ordered(
+            sort, limit, category=category, only_with_space=only_with_space, keywords=keywords
         )
-        return [d["_id"] for d in docs]
 
     async def shown_cards(self, group_ids: list[str]) -> list[Card]:
         """The cards of `group_ids` still shown, in the order given."""
@@ -390,7 +478,7 @@ class PlazaStore:
         return _card(doc) if doc and doc.get("name") is not None else None
 
     async def hottest(self, category: str | None, selected: bool | None, limit: int) -> list[Card]:
-        query = _card_filter(category, False, None)
+        query = _card_filter(category)
         if selected is not None:
             query["selected"] = selected
         docs = (
@@ -657,16 +745,10 @@ def _day_start_ms(date: str) -> int:
     return int(day.timestamp() * 1000)
 
 
-def _card_filter(
-    category: str | None, only_with_space: bool, keywords: list[str] | None
-) -> dict[str, Any]:
+def _card_filter(category: str | None) -> dict[str, Any]:
     query: dict[str, Any] = {"shown": True}
     if category:
         query["category"] = category
-    if only_with_space:
-        query["full"] = False
-    if keywords:
-        query["keywords"] = {"$all": keywords}
     return query
 
 
@@ -753,7 +835,13 @@ def _stored(doc: dict[str, Any]) -> StoredCard:
         keywords=tuple(doc["keywords"]),
         linked_post=LinkedPost(**linked) if linked else None,
     )
-    return StoredCard(state, doc["rev"], listing)
+    activity = Activity(
+        doc.get("hot_score", 0.0),
+        doc.get("messages_last_hour", 0),
+        doc.get("messages_last_day", 0),
+        doc.get("active_members", 0),
+    )
+    return StoredCard(state, doc["rev"], listing, activity)
 
 
 def _card(doc: dict[str, Any], filler: bool = False) -> Card:
