@@ -62,6 +62,8 @@ async def bulk_upsert(collection: Any, upserts: list[UpdateOne]) -> None:
     """Apply unconditional upserts in one unordered bulk write. The ones that collided with
     a concurrent first insert are applied again: their documents exist by then. Any other
     failure is raised as it is."""
+    if not upserts:
+        return
     try:
         await collection.bulk_write(upserts, ordered=False)
     except BulkWriteError as error:
