@@ -17,6 +17,7 @@ from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2 as gpb
 from groupchat.plaza.v1 import plaza_pb2 as pb
 from groupchat.plaza.v1 import plaza_pb2_grpc
+from structlog.testing import capture_logs
 
 from services.kit.events import EventBus, OutgoingEvent, new_event
 from services.kit.mongo import open_database
@@ -933,6 +934,38 @@ async def test_a_counter_counts_an_event_once_even_when_handled_again_after_a_fa
     counts = (await store.days([group.id], [day]))[group.id][day]
     (shared,) = (await store.shared_posts([group.id], [day]))[group.id]
     assert (counts.messages, shared.shares, shared.opens) == (1, 1, 1)
+
+
+async def test_events_handled_together_end_as_one_by_one_and_count_once(store: PlazaStore) -> None:
+    await store.load_index()
+    projection = projection_of(store)
+    groups = [FakeGroup() for _ in range(5)]
+    burst = [g.created() for g in groups]
+    burst += [g.joined(unique("u")) for g in groups]
+    burst += [g.message("bob") for g in groups] + [groups[0].message("carol")]
+    envelopes = [e.envelope for e in burst]
+    with capture_logs() as logs:
+        # Each feed delivers a group's events one after another: one step per kind here.
+        for step in (envelopes[:5], envelopes[5:10], envelopes[10:]):
+            assert await projection.handle_many(step) == [None] * len(step)
+        # Delivered again, together: nothing counts twice.
+        assert await projection.handle_many(envelopes) == [None] * len(envelopes)
+    assert [entry for entry in logs if entry["event"] == "event_batch_failed"] == []
+    cards = {c.group_id: c for c in await store.shown_cards([g.id for g in groups])}
+    assert [(cards[g.id].member_count, cards[g.id].messages_last_hour) for g in groups] == [
+        (2, 2),
+        *[(2, 1)] * 4,
+    ]
+    assert cards[groups[0].id].active_members == 2
+    assert store.ordered_ids(domain.Sort.HOT, 10)[0] == groups[0].id
+    (day,) = domain.insight_window(1, FIXED_NOW, SHANGHAI)
+    days = await store.days([g.id for g in groups], [day])
+    assert [
+        (days[g.id][day].messages, sum(days[g.id][day].joins_by_source.values())) for g in groups
+    ] == [
+        (2, 1),
+        *[(1, 1)] * 4,
+    ]
 
 
 async def test_a_rebuild_keeps_the_insights_counters(store: PlazaStore, bus: EventBus) -> None:
