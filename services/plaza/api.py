@@ -11,6 +11,7 @@ from groupchat.plaza.v1 import plaza_pb2_grpc
 from services.kit.paging import decode_page_token, encode_page_token
 from services.kit.rpc import current_identity
 from services.plaza.app import CardPage, PlazaApp
+from services.plaza.domain import Card
 from services.plaza.mapping import (
     card_to_proto,
     category_name,
@@ -29,9 +30,27 @@ def _next_token(page: CardPage) -> str:
     return encode_page_token(page.next_position) if page.next_position else ""
 
 
+# Cards converted lately, by value: a popular page's cards are the same objects for a
+# second (the ranking cache), so each is converted once, not on every request.
+CONVERTED_CARDS_KEPT = 4096
+
+
 class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
     def __init__(self, app: PlazaApp) -> None:
         self._app = app
+        self._converted: dict[Card, pb.GroupCard] = {}
+
+    def _cards(self, cards: list[Card]) -> list[pb.GroupCard]:
+        converted = self._converted
+        found = []
+        for card in cards:
+            proto = converted.get(card)
+            if proto is None:
+                if len(converted) >= CONVERTED_CARDS_KEPT:
+                    converted.clear()
+                proto = converted[card] = card_to_proto(card)
+            found.append(proto)
+        return found
 
     async def BrowsePlaza(
         self, request: pb.BrowsePlazaRequest, context: Ctx
@@ -44,7 +63,7 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
             decode_page_token(request.page_token),
         )
         return pb.BrowsePlazaResponse(
-            cards=[card_to_proto(c) for c in page.cards], next_page_token=_next_token(page)
+            cards=self._cards(page.cards), next_page_token=_next_token(page)
         )
 
     async def SearchGroups(
@@ -58,14 +77,14 @@ class PlazaServicer(plaza_pb2_grpc.PlazaServicer):
             decode_page_token(request.page_token),
         )
         return pb.SearchGroupsResponse(
-            cards=[card_to_proto(c) for c in page.cards], next_page_token=_next_token(page)
+            cards=self._cards(page.cards), next_page_token=_next_token(page)
         )
 
     async def ListSelectedGroups(
         self, request: pb.ListSelectedGroupsRequest, context: Ctx
     ) -> pb.ListSelectedGroupsResponse:
         cards = await self._app.selected_shelf(category_name(request.category), request.page_size)
-        return pb.ListSelectedGroupsResponse(cards=[card_to_proto(c) for c in cards])
+        return pb.ListSelectedGroupsResponse(cards=self._cards(cards))
 
     async def SetGroupSelected(
         self, request: pb.SetGroupSelectedRequest, context: Ctx

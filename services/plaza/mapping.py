@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2
@@ -32,7 +34,9 @@ def category_name(value: int) -> str | None:
     return groups_pb2.Category.Name(value)
 
 
+@functools.cache
 def category_value(name: str | None) -> int:
+    # Cached: Category.keys() builds a list on every call, twenty times per page.
     if name is None or name not in groups_pb2.Category.keys():
         return groups_pb2.CATEGORY_UNSPECIFIED
     return groups_pb2.Category.Value(name)
