@@ -245,11 +245,14 @@ class PlazaApp:
         page, and that page's cards."""
         ids = ranked()
         stamp = self._store.index.stamp
-        cards = await self._store.shown_cards(ids[:size])
         if len(ids) <= size:
-            return ids, None, cards, stamp
+            return ids, None, await self._store.shown_cards(ids), stamp
         expires = self._clock() + self._settings.page_token_ttl_seconds * 1000
-        return ids, await self._store.save_snapshot(kind, ids, expires), cards, stamp
+        # Two independent round trips, at once.
+        snapshot_id, cards = await asyncio.gather(
+            self._store.save_snapshot(kind, ids, expires), self._store.shown_cards(ids[:size])
+        )
+        return ids, snapshot_id, cards, stamp
 
     # The Selected shelf
 

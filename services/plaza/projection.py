@@ -37,6 +37,9 @@ FEEDS = (
 )
 # Events applied together at most (the consumers hold EVENT_MAX_IN_FLIGHT each).
 BATCH_LIMIT = 256
+# How long a batch waits for more events after a batch of several (never after a lone
+# event: a quiet plaza applies each at once).
+GATHER_SECONDS = 0.005
 # Compare-and-set attempts on one card before the event is handed back for redelivery.
 SAVE_ATTEMPTS = 20
 
@@ -105,9 +108,15 @@ class EventBatches:
         await done
 
     async def _run(self) -> None:
+        busy = False
         while self._waiting:
+            if busy and len(self._waiting) < self._limit:
+                # Under a burst, the consumers hand events in as acks free their places
+                # (one group's events one after another): a moment gathers several.
+                await asyncio.sleep(GATHER_SECONDS)
             batch = self._waiting[: self._limit]
             del self._waiting[: self._limit]
+            busy = len(batch) > 1 or bool(self._waiting)
             try:
                 outcomes = await self._apply([e for e, _ in batch])
             except Exception as exc:
@@ -234,7 +243,6 @@ class PlazaProjection:
                 for (g, start), (j, m, s) in buckets.items()
             ]
         )
-        await self._store.touch_many(touched)
         if refresh:
             buckets_now = await self._store.buckets(
                 now - domain.ACTIVITY_WINDOW_MS, sorted(refresh)
@@ -245,7 +253,7 @@ class PlazaProjection:
             # A card read for this batch whose figures stay (a new group has none) is left
             # alone: one write fewer per group created.
             await self._store.set_activity(
-                {g: a for g, a in figures.items() if g not in held or held[g] != a}
+                {g: a for g, a in figures.items() if g not in held or held[g] != a}, touched
             )
         await self._store.count_days([c for fx in kept for c in fx.days])
         await self._store.count_posts([c for fx in kept for c in fx.posts])
