@@ -68,7 +68,7 @@ def test_the_index_orders_and_filters_as_the_store_would_after_any_writes() -> N
             index.put(group_id, card)
             cards[group_id] = card
         for sort in Sort:
-            category = rng.choice(CATEGORIES + (None,))
+            category = rng.choice((*CATEGORIES, None))
             space = rng.random() < 0.5
             words = rng.sample(WORDS, rng.randint(0, 2))
             want = expected(cards, hot, sort, category, space, words)[:10]
