@@ -62,6 +62,7 @@ from bench.fanout import (
     BARE_SET_REPLY,
     CLIENT_CHANNEL_OPTIONS,
     Metadata,
+    Verdict,
     bare_grpc_server,
     bearer,
     cpu_seconds,
@@ -625,46 +626,47 @@ POPULAR_VS_BARE = 0.5
 ABSORB_VS_PUBLISH = 0.8
 
 
-def verdicts(absorption: Absorption, loads: list[Load]) -> list[str]:
-    """One line per target: the figure, its baseline, the ratio and met / not met."""
+def verdicts(absorption: Absorption, loads: list[Load]) -> list[Verdict]:
+    """One per target (bench.fanout's Verdict): the figure, its baseline, the ratio."""
 
     def find(name: str, target: str) -> Load | None:
         return next((x for x in loads if x.name == name and x.target == target), None)
 
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT MET"
-
-    lines = ["targets (issue 14):"]
+    found: list[Verdict] = []
     for name in ("browse p1, new query", "search, new words"):
         load = find(name, "gateway")
         if load is None or not load.requests:
             continue
-        p50, p99 = load.ms(0.5), load.ms(0.99)
-        ok = p50 <= NEW_QUERY_P50_MS and p99 <= NEW_QUERY_P99_MS
-        lines.append(
-            f"  {name + ' at ' + str(absorption.groups) + ' groups':<38} p50 {p50:.1f} ms "
-            f"(<= {NEW_QUERY_P50_MS:.0f}), p99 {p99:.1f} ms (<= {NEW_QUERY_P99_MS:.0f}): "
-            f"{verdict(ok)}"
-        )
+        where = f"{name} at {absorption.groups} groups"
+        for fraction, label, limit in (
+            (0.5, "p50", NEW_QUERY_P50_MS),
+            (0.99, "p99", NEW_QUERY_P99_MS),
+        ):
+            ms = load.ms(fraction)
+            found.append(Verdict(f"{where}, {label} ms", ms, 0.0, limit, ms <= limit))
     bare = find("browse HOT p1", "bare gRPC")
     for target in ("gateway", "plaza"):
         load = find("browse HOT p1", target)
         if bare is None or load is None or not bare.per_s:
             continue
         ratio = load.per_s / bare.per_s
-        lines.append(
-            f"  {'popular first page via ' + target:<38} {load.per_s:.0f} req/s vs bare gRPC "
-            f"{bare.per_s:.0f} req/s = {ratio:.2f}x (>= {POPULAR_VS_BARE}x): "
-            f"{verdict(ratio >= POPULAR_VS_BARE)}"
-            + ("" if target == "gateway" else " (the plaza alone, without the gateway's hop)")
+        what = "popular first page req/s via " + target
+        if target == "plaza":
+            what += " (no gateway hop; not the target)"
+        found.append(
+            Verdict(what, load.per_s, bare.per_s, POPULAR_VS_BARE, ratio >= POPULAR_VS_BARE)
         )
     ratio = absorption.absorb_rate / absorption.publish_rate if absorption.publish_s else 0.0
-    lines.append(
-        f"  {'absorption':<38} {absorption.absorb_rate:.0f} events/s vs publishing "
-        f"{absorption.publish_rate:.0f} events/s = {ratio:.2f}x (>= {ABSORB_VS_PUBLISH}x): "
-        f"{verdict(absorption.complete and ratio >= ABSORB_VS_PUBLISH)}"
+    found.append(
+        Verdict(
+            "absorption events/s vs publishing",
+            absorption.absorb_rate,
+            absorption.publish_rate,
+            ABSORB_VS_PUBLISH,
+            absorption.complete and ratio >= ABSORB_VS_PUBLISH,
+        )
     )
-    return lines
+    return found
 
 
 def table(absorption: Absorption, loads: list[Load]) -> str:
@@ -698,7 +700,8 @@ def table(absorption: Absorption, loads: list[Load]) -> str:
         "  page, untimed, when a walk ends). cards, bytes: per response (bytes: the last one).",
         "bare gRPC: a unary call answered with the bytes of a real first page (the floor).",
         "",
-        *verdicts(absorption, loads),
+        "targets (issue 14):",
+        *(v.line() for v in verdicts(absorption, loads)),
     ]
     return "\n".join(lines)
 
