@@ -13,13 +13,12 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from groupchat.content.v1 import content_pb2
 from groupchat.events.v1 import events_pb2
 from groupchat.messaging.v1 import messaging_pb2 as pb
-from grpc_status import rpc_status
 
 from services.kit.outbox import HOLDS_EVENTS
+from services.kit.rpc_status import field_violations
 from services.messaging.storage import MessagingStore
 from tests.conftest import eventually
 from tests.service.conftest import MessagingCaller
@@ -84,18 +83,6 @@ async def open_post(
 
 def conversation_of(a: str, b: str) -> str:
     return ":".join(sorted((a, b)))
-
-
-def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 class Events:
@@ -176,7 +163,7 @@ async def test_only_a_published_post_can_be_shared_and_text_is_needed_without_on
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await share(messaging, alice, bob, text="")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) == ["text"]
+    assert field_violations(caught.value) == ["text"]
     assert await messages(messaging, alice, bob) == []
 
 
@@ -211,7 +198,7 @@ async def test_a_reply_to_a_seq_that_does_not_exist_names_the_field(
         await share(messaging, alice, bob, text="re", reply_to_seq=2)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) == ["reply_to_seq"]
+    assert field_violations(caught.value) == ["reply_to_seq"]
     assert [m.seq for m in await messages(messaging, alice, bob)] == [1]
 
 
@@ -485,5 +472,5 @@ async def test_opening_what_is_no_shared_post_of_ones_own_conversation_is_refuse
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await open_post(messaging, bob, group_id="g_1", seq=1)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "group_id" in violated_fields(caught.value)
+    assert "group_id" in field_violations(caught.value)
     assert (await open_post(messaging, bob, conversation_id, seq=1)).post_id == post_id

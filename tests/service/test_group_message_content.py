@@ -15,16 +15,14 @@ from typing import Any
 import grpc
 import pymongo
 import pytest
-from google.rpc import error_details_pb2
 from groupchat.content.v1 import content_pb2
 from groupchat.events.v1 import events_pb2
 from groupchat.groups.v1 import groups_pb2 as pb
-from grpc_status import rpc_status
 
 from services.groups.snapshots import group_snapshots
 from services.groups.storage import GroupsStore
 from services.kit.mongo import open_database
-from services.kit.rpc_status import error_info
+from services.kit.rpc_status import error_info, field_violations
 from tests.conftest import eventually, unique_database_name
 from tests.service.conftest import GroupsCaller
 from tests.service.test_groups_service import create, join, refused
@@ -105,18 +103,6 @@ async def failure(call: Any) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 async def shared_post(groups: GroupsCaller, platform_url: str, author: str) -> str:
