@@ -21,6 +21,7 @@ from groupchat.plaza.v1 import plaza_pb2
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.conftest import RECALL_WINDOW_SECONDS
+from tests.e2e.groups import group_of, unique
 from tests.e2e.streams import OpenStream, open_stream
 from tools.platform import post_event, publish
 from tools.suite import Suite
@@ -28,25 +29,6 @@ from tools.suite import Suite
 pytestmark = pytest.mark.e2e
 
 THUMBS_UP = "\N{THUMBS UP SIGN}"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-
-async def group_of(gateway: Any, owner: str, *members: str) -> str:
-    stub, md = gateway(owner)
-    created = await stub.CreateGroup(
-        pb.CreateGroupRequest(name="Tea lovers", category=pb.FOOD, listed=True), metadata=md
-    )
-    group_id = str(created.group.group_id)
-
-    async def join(user: str) -> None:
-        stub, md = gateway(user)
-        await stub.JoinGroup(pb.JoinGroupRequest(group_id=group_id, source=pb.PLAZA), metadata=md)
-
-    await asyncio.gather(*(join(m) for m in members))
-    return group_id
 
 
 async def send(gateway: Any, user: str, group_id: str, **fields: Any) -> pb.GroupMessage:
@@ -89,7 +71,7 @@ async def test_a_shared_post_carries_its_card_until_its_author_removes_it(
     suite: Suite, gateway: Any
 ) -> None:
     owner, member, author = unique("owner"), unique("member"), unique("author")
-    group_id = await group_of(gateway, owner, member)
+    group_id = await group_of(gateway, owner, member, name="Tea lovers")
     post_id = await published_post(suite, gateway, author, "Matcha at home")
     stream = await open_stream(*gateway(owner))
     try:
@@ -138,7 +120,7 @@ async def test_a_reply_quotes_the_message_and_a_reply_to_nothing_is_invalid(
     gateway: Any,
 ) -> None:
     owner, member = unique("owner"), unique("member")
-    group_id = await group_of(gateway, owner, member)
+    group_id = await group_of(gateway, owner, member, name="Tea lovers")
     first = await send(gateway, owner, group_id, text="Who brings the kettle on Sunday?")
 
     reply = await send(gateway, member, group_id, text="Me!", reply_to_seq=first.seq)
@@ -153,7 +135,7 @@ async def test_a_reply_quotes_the_message_and_a_reply_to_nothing_is_invalid(
 async def test_a_hundred_members_reacting_at_once_are_counted_exactly(gateway: Any) -> None:
     owner = unique("owner")
     members = [unique("m") for _ in range(100)]
-    group_id = await group_of(gateway, owner, *members)
+    group_id = await group_of(gateway, owner, *members, name="Tea lovers")
     message = await send(gateway, owner, group_id, text="Our first tasting is on Saturday")
     stream = await open_stream(*gateway(owner))
     try:
@@ -183,7 +165,7 @@ async def test_a_hundred_members_reacting_at_once_are_counted_exactly(gateway: A
 
 async def test_a_sender_recalls_within_the_window_and_not_after(gateway: Any) -> None:
     owner, member = unique("owner"), unique("member")
-    group_id = await group_of(gateway, owner, member)
+    group_id = await group_of(gateway, owner, member, name="Tea lovers")
     stream = await open_stream(*gateway(owner))
     stub, md = gateway(member)
     try:
@@ -221,7 +203,7 @@ async def test_a_sender_recalls_within_the_window_and_not_after(gateway: Any) ->
 
 async def test_an_admin_removes_a_members_message_on_the_record(gateway: Any) -> None:
     owner, admin, member = unique("owner"), unique("admin"), unique("member")
-    group_id = await group_of(gateway, owner, admin, member)
+    group_id = await group_of(gateway, owner, admin, member, name="Tea lovers")
     stub, md = gateway(owner)
     await stub.SetMemberRole(
         pb.SetMemberRoleRequest(group_id=group_id, user_id=admin, role=pb.ADMIN), metadata=md
@@ -251,7 +233,7 @@ async def test_an_admin_removes_a_members_message_on_the_record(gateway: Any) ->
 
 async def test_announcements_and_pins_reach_members_and_the_plaza(gateway: Any) -> None:
     owner, member = unique("owner"), unique("member")
-    group_id = await group_of(gateway, owner, member)
+    group_id = await group_of(gateway, owner, member, name="Tea lovers")
     first = await send(gateway, owner, group_id, text="House rules: be kind")
     stream = await open_stream(*gateway(member))
     stub, md = gateway(owner)
@@ -304,7 +286,7 @@ async def test_mentioning_everyone_is_for_admins_and_counts_in_the_messages_tab(
     gateway: Any,
 ) -> None:
     owner, member = unique("owner"), unique("member")
-    group_id = await group_of(gateway, owner, member)
+    group_id = await group_of(gateway, owner, member, name="Tea lovers")
 
     by_member = send(gateway, member, group_id, text="@all", mention_all=True)
     code, reason = await refused(by_member)
@@ -378,7 +360,7 @@ async def test_a_direct_message_shares_replies_and_is_recalled_on_both_sides(
 
 async def test_the_creator_sees_the_funnel_of_their_group(suite: Suite, gateway: Any) -> None:
     owner, visitor, member = unique("owner"), unique("visitor"), unique("member")
-    group_id = await group_of(gateway, owner)
+    group_id = await group_of(gateway, owner, name="Tea lovers")
     own_post = await published_post(suite, gateway, owner, "My matcha recipe")
     v_stub, v_md = gateway(visitor)
     await v_stub.GetGroup(pb.GetGroupRequest(group_id=group_id), metadata=v_md)  # a card view

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import grpc
@@ -14,15 +13,12 @@ from groupchat.messaging.v1 import messaging_pb2 as pb
 
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
+from tests.e2e.groups import unique
 from tests.e2e.streams import open_stream
 from tools.platform import follow_event, publish
 from tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 async def send(gateway: Any, sender: str, recipient: str, text: str, **fields: Any) -> Any:

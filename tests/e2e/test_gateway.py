@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from groupchat.groups.v1 import groups_pb2 as pb
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.conftest import running_suite
+from tests.e2e.groups import unique
 from tests.e2e.metrics import scrape
 from tests.e2e.streams import OpenStream, open_stream
 from tools.suite import Suite
@@ -30,10 +30,6 @@ def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> I
     other modules' plaza checks would wait on them."""
     with running_suite(tmp_path_factory.mktemp("gateway_suite"), public_keys_file) as running:
         yield running
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 async def create_group(gateway: Any, owner: str, capacity: int = 500) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import grpc
@@ -10,12 +9,9 @@ import pytest
 from groupchat.groups.v1 import groups_pb2 as pb
 
 from services.kit.rpc_status import error_info
+from tests.e2e.groups import unique
 
 pytestmark = pytest.mark.e2e
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 async def reason_of(call: Any) -> tuple[grpc.StatusCode, str]:

@@ -16,14 +16,11 @@ from groupchat.plaza.v1 import plaza_pb2 as pb
 
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
+from tests.e2e.groups import unique
 from tools.platform import post_event, publish
 from tools.suite import ROOT, Suite
 
 pytestmark = pytest.mark.e2e
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 async def create_linked_group(gateway: Any, suite: Suite, owner: str, keyword: str) -> str:

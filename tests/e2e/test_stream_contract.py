@@ -22,6 +22,7 @@ from groupchat.messaging.v1 import messaging_pb2
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.conftest import gateway_at, running_suite
+from tests.e2e.groups import group_of, unique
 from tests.e2e.metrics import scrape
 from tests.e2e.streams import OpenStream, open_stream
 from tools.suite import Suite
@@ -51,25 +52,6 @@ def suite(tmp_path_factory: pytest.TempPathFactory, public_keys_file: Path) -> I
 async def second_gateway(suite: Suite, token: Callable[..., str]):  # type: ignore[no-untyped-def]
     async with gateway_at(suite.gateway_addresses[1], token) as as_user:
         yield as_user
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-
-async def group_of(gateway: Any, owner: str, *members: str) -> str:
-    stub, md = gateway(owner)
-    group = await stub.CreateGroup(
-        pb.CreateGroupRequest(name="Night market", category=pb.FOOD, listed=True), metadata=md
-    )
-    group_id = str(group.group.group_id)
-
-    async def join(user: str) -> None:
-        stub, md = gateway(user)
-        await stub.JoinGroup(pb.JoinGroupRequest(group_id=group_id, source=pb.PLAZA), metadata=md)
-
-    await asyncio.gather(*(join(m) for m in members))
-    return group_id
 
 
 async def post(gateway: Any, user: str, group_id: str, text: str) -> int:

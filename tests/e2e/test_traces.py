@@ -4,7 +4,6 @@ store, the publish and every consumer, read back from each process's span file."
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from groupchat.groups.v1 import groups_pb2 as pb
 from services.kit.rpc_status import error_info
 from tests.conftest import eventually
 from tests.e2e.conftest import running_suite
+from tests.e2e.groups import unique
 from tests.e2e.streams import open_stream
 from tools.suite import Suite, spans_file
 
@@ -62,10 +62,6 @@ def named(found: list[dict[str, Any]], name: str, kind: str | None = None) -> di
     matches = [s for s in found if s["name"] == name and (kind is None or s["kind"] == kind)]
     assert len(matches) == 1, (name, [s["name"] for s in found])
     return matches[0]
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 async def test_one_group_message_is_one_trace_from_gateway_to_fanout(
