@@ -43,6 +43,7 @@ EVENTS_FIELD = "_events"
 WAITING_SINCE_FIELD = "_events_since"
 # The filter for documents that hold events not yet published.
 HOLDS_EVENTS = {f"{EVENTS_FIELD}.0": {"$exists": True}}
+EVENT_IDS = f"{EVENTS_FIELD}.id"
 # How long a recorded event's document is kept (Outbox.record): long after it was published.
 RECORDS_KEPT_SECONDS = 7 * 86400
 
@@ -194,9 +195,9 @@ class Outbox:
         cutoff = now_ms() - self._retry_after_ms
         batch: list[_Committed] = []
         for name, collection in self._collections.items():
-            # Documents whose events were all published: no longer waiting (only now, so
-            # that clearing a document's events stays one write; a command adding events
-            # meanwhile leaves its document out of this).
+            # Documents whose events were all published though they got more while the
+            # first ones went out: no longer waiting (a command adding events meanwhile
+            # leaves its document out of this).
             await collection.update_many(
                 {WAITING_SINCE_FIELD: {"$exists": True}, EVENTS_FIELD: {"$size": 0}},
                 {"$unset": {EVENTS_FIELD: "", WAITING_SINCE_FIELD: ""}},
@@ -264,19 +265,30 @@ class Outbox:
         return published
 
     async def _clear(self, published: list[tuple[_Committed, list[str]]]) -> None:
-        """Take the published events out of their documents: one write per document, however
-        many of its events the batch held (a storm of joins is one write for many). The
-        waiting-since mark of a document left without events goes at the next scan."""
+        """Take the published events out of their documents: one round trip per collection,
+        however many of a document's events the batch held (a storm of joins is one write
+        for many). A document that holds just those events loses them and its waiting mark
+        in one write; one that got more meanwhile loses only these (its mark goes at the
+        scan after its last events)."""
         by_doc: dict[tuple[str, Any], list[str]] = defaultdict(list)
         for item, ids in published:
             by_doc[(item.collection, item.doc_id)] += ids
         by_collection: dict[str, list[UpdateOne]] = defaultdict(list)
         for (name, doc_id), ids in by_doc.items():
-            by_collection[name].append(
-                UpdateOne({"_id": doc_id}, {"$pull": {EVENTS_FIELD: {"id": {"$in": ids}}}})
-            )
+            ids = list(dict.fromkeys(ids))
+            # In this order: when the first matches, the second finds nothing left to pull.
+            by_collection[name] += [
+                UpdateOne(
+                    {"_id": doc_id, EVENTS_FIELD: {"$size": len(ids)}, EVENT_IDS: {"$all": ids}},
+                    {"$unset": {EVENTS_FIELD: "", WAITING_SINCE_FIELD: ""}},
+                ),
+                UpdateOne(
+                    {"_id": doc_id, EVENT_IDS: {"$in": ids}},
+                    {"$pull": {EVENTS_FIELD: {"id": {"$in": ids}}}},
+                ),
+            ]
         for name, operations in by_collection.items():
-            await self._collections[name].bulk_write(operations, ordered=False)
+            await self._collections[name].bulk_write(operations, ordered=True)
 
 
 def _expires_at(seconds: int) -> dt.datetime:

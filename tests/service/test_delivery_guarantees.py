@@ -15,7 +15,14 @@ from services.groups.mapping import message_to_proto
 from services.groups.storage import GroupsStore
 from services.kit.events import EventBus, OutgoingEvent, new_event
 from services.kit.mongo import ProcessedEvents
-from services.kit.outbox import HOLDS_EVENTS, Outbox, with_pending
+from services.kit.outbox import (
+    EVENTS_FIELD,
+    HOLDS_EVENTS,
+    WAITING_SINCE_FIELD,
+    Outbox,
+    pending,
+    with_pending,
+)
 from tests.conftest import eventually
 
 
@@ -219,3 +226,47 @@ async def test_a_relay_running_behind_publishes_and_finishes_what_waits_in_its_q
 
 async def _record(finished: list[str], doc_id: str) -> None:
     finished.append(doc_id)
+
+
+async def test_the_relay_clears_a_published_document_in_one_write_and_keeps_later_events(
+    mongo_db: Any, bus: EventBus
+) -> None:
+    gated = GatedBus(bus)
+    # No scan during the test: what the relay's own clearing leaves is what is seen.
+    outbox = Outbox(gated, scan_interval_seconds=3600)  # type: ignore[arg-type]
+    collection = mongo_db["cleared"]
+    await outbox.watch(collection)
+    relay = asyncio.create_task(outbox.run())
+    try:
+        alone, first, later = sample_event(), sample_event(), sample_event()
+        await collection.insert_one(with_pending({"_id": "alone"}, [alone]))
+        outbox.committed(collection, "alone", [alone])
+        await gated.publishing.wait()
+        gated.gate.set()
+        await eventually(lambda: len(gated.published) == 1)
+
+        async def cleared(doc_id: str, expected: dict[str, Any]) -> bool:
+            return await collection.find_one({"_id": doc_id}) == expected
+
+        # Neither the events nor the waiting mark: no later scan has a write left to do.
+        await eventually(lambda: cleared("alone", {"_id": "alone"}))
+
+        gated.gate.clear()
+        gated.publishing.clear()
+        await collection.insert_one(with_pending({"_id": "busy"}, [first]))
+        outbox.committed(collection, "busy", [first])
+        await gated.publishing.wait()
+        # A command adds an event while the first one is being published.
+        await collection.update_one({"_id": "busy"}, pending([later]))
+        gated.gate.set()
+        await eventually(lambda: len(gated.published) == 2)
+
+        async def only_later_left() -> bool:
+            doc = await collection.find_one({"_id": "busy"})
+            return [e["id"] for e in doc[EVENTS_FIELD]] == [later.envelope.event_id]
+
+        await eventually(only_later_left)
+        assert WAITING_SINCE_FIELD in await collection.find_one({"_id": "busy"})
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
