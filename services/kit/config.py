@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.kit.auth import DEFAULT_MAX_LIFETIME_SECONDS, KeySet
+from services.kit.auth import DEFAULT_CACHE_SIZE, DEFAULT_MAX_LIFETIME_SECONDS, KeySet
 
 # The app's day: when the stranger quota resets and what day a creator's insights count in.
 DEFAULT_APP_TIMEZONE = "Asia/Shanghai"
@@ -126,6 +126,8 @@ class ServerConfig:
     # The issuer's public keys (JWT_PUBLIC_KEYS_FILE), read once at start.
     key_set: KeySet
     token_max_lifetime_seconds: int
+    # Verified tokens each process remembers (TOKEN_CACHE_SIZE; 0: verify every call).
+    token_cache_size: int
     nats_url: str
     nats_credentials: NatsCredentials
     # Unset only for a service that stores nothing (the gateway).
@@ -157,6 +159,7 @@ class ServerConfig:
             token_max_lifetime_seconds=env.integer(
                 "TOKEN_MAX_LIFETIME_SECONDS", DEFAULT_MAX_LIFETIME_SECONDS, minimum=1
             ),
+            token_cache_size=env.integer("TOKEN_CACHE_SIZE", DEFAULT_CACHE_SIZE, minimum=0),
             nats_url=env.string("NATS_URL", "nats://127.0.0.1:4222"),
             nats_credentials=NatsCredentials.from_env(env),
             mongodb_uri=_mongodb_uri(env) if stores else None,

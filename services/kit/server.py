@@ -100,6 +100,7 @@ class ServiceHost:
             config.key_set,
             max_lifetime_seconds=config.token_max_lifetime_seconds,
             revoked=revocations.is_revoked,
+            cache_size=config.token_cache_size,
         )
         server = grpc.aio.server(
             # The span of each RPC first, so that the RpcInterceptor's log line has its id.

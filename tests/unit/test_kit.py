@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
@@ -167,6 +168,57 @@ def test_a_revoked_token_and_a_revoked_user_are_refused_and_a_new_token_works() 
 
     revocations.apply("user.alice", None)  # the entry is gone: so is the revocation
     assert verifier.verify(bearer(other)).user_id == "alice"
+
+
+class CountingKeys(KeySet):
+    """The test key set, counting the tokens whose signature it was asked to check."""
+
+    def __init__(self) -> None:
+        super().__init__({kid: KEYS.key_for({"alg": "EdDSA", "kid": kid}) for kid in KEYS.kids})
+        self.checked = 0
+
+    def key_for(self, header: dict[str, Any]) -> Any:
+        self.checked += 1
+        return super().key_for(header)
+
+
+def test_a_token_is_checked_in_full_once_and_its_expiry_and_revocation_every_time() -> None:
+    keys, now = CountingKeys(), [time.time()]
+    revocations = Revocations(max_lifetime_seconds=86_400)
+    verifier = TokenVerifier(
+        keys, revoked=revocations.is_revoked, leeway_seconds=5, clock=lambda: now[0]
+    )
+    token = mint_token(KEY, "alice", ttl_seconds=60, token_id="t-cached")
+    for _ in range(3):
+        assert verifier.verify(bearer(token)).user_id == "alice"
+    assert keys.checked == 1
+
+    now[0] += 60 + 5 + 1  # past exp and the leeway: the remembered token is expired all the same
+    assert refusal(bearer(token), verifier) == "TOKEN_EXPIRED"
+
+    other = mint_token(KEY, "alice", token_id="t-other")
+    now[0] = time.time()
+    assert verifier.verify(bearer(other)).user_id == "alice"
+    revocations.apply("token.t-other", str(int(now[0]) + 3600).encode())
+    assert refusal(bearer(other), verifier) == "TOKEN_REVOKED"
+
+
+def test_only_verified_tokens_are_remembered_and_only_the_most_recent_ones() -> None:
+    keys = CountingKeys()
+    verifier = TokenVerifier(keys, cache_size=2)
+    forged = mint_token(SigningKey.generate(kid="unit-1"), "mallory")  # our kid, not our key
+    assert refusal(bearer(forged), verifier) == "TOKEN_INVALID"
+    assert refusal(bearer(forged), verifier) == "TOKEN_INVALID"
+    assert keys.checked == 2
+    a, b, c = (mint_token(KEY, user) for user in ("ann", "bob", "cat"))
+    for token in (a, b, a, c):  # c pushes out b, the least recently used
+        verifier.verify(bearer(token))
+    checked = keys.checked
+    verifier.verify(bearer(a))
+    verifier.verify(bearer(c))
+    assert keys.checked == checked
+    verifier.verify(bearer(b))
+    assert keys.checked == checked + 1
 
 
 def test_a_key_set_with_a_private_key_is_refused() -> None:
