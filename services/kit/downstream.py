@@ -95,18 +95,25 @@ class Downstream:
                 address, channel_credentials(tls), options=options, interceptors=interceptors
             )
         )
+        unary = [m for m in service.methods if not m.server_streaming and not m.client_streaming]
+        self._descriptors = {m.name: m for m in unary}
         self._methods: dict[str, Any] = {
             m.name: self._channel.unary_unary(
                 f"/{service.full_name}/{m.name}",
                 request_serializer=GetMessageClass(m.input_type).SerializeToString,
                 response_deserializer=GetMessageClass(m.output_type).FromString,
             )
-            for m in service.methods
-            if not m.server_streaming and not m.client_streaming
+            for m in unary
+        }
+        # The same methods taking and giving bytes: what the gateway passes through as it
+        # came is never parsed and built again.
+        self._raw_methods: dict[str, Any] = {
+            m.name: self._channel.unary_unary(f"/{service.full_name}/{m.name}") for m in unary
         }
 
-    def has_method(self, name: str) -> bool:
-        return name in self._methods
+    def method(self, name: str) -> MethodDescriptor | None:
+        """The unary method `name` of the service, if it has one."""
+        return self._descriptors.get(name)
 
     async def call(
         self,
@@ -117,40 +124,51 @@ class Downstream:
     ) -> Any:
         """Call `method` as the current caller (or as `identity`, outside an RPC), within
         what is left of the caller's deadline."""
+        return await self._call(self._methods[method], method, request, context, identity)
+
+    async def forward(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """`call`, with the request and the response as their serialized bytes."""
+        return await self._call(self._raw_methods[method], method, request, context, None)
+
+    async def _call(
+        self,
+        stub: Any,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext | None,
+        identity: Identity | None,
+    ) -> Any:
         timeout = self._timeout_cap
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.0))
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            return await self._call_retrying(method, request, deadline, identity)
+            try:
+                return await self._attempt(stub, request, deadline, identity)
+            except grpc.aio.AioRpcError as error:
+                time_left = deadline - asyncio.get_running_loop().time()
+                if not self._may_retry(method, request, error) or time_left <= RETRY_PAUSE_SECONDS:
+                    raise
+            log.info("downstream_retry", service=self.name, method=method)
+            await asyncio.sleep(RETRY_PAUSE_SECONDS)
+            return await self._attempt(stub, request, deadline, identity)
         except grpc.aio.AioRpcError as error:
             if set_by_transport(error):
                 raise self._transport_failure(method, error) from None
             raise
 
-    async def _call_retrying(
-        self, method: str, request: Any, deadline: float, identity: Identity | None
-    ) -> Any:
-        try:
-            return await self._attempt(method, request, deadline, identity)
-        except grpc.aio.AioRpcError as error:
-            time_left = deadline - asyncio.get_running_loop().time()
-            if not self._may_retry(method, request, error) or time_left <= RETRY_PAUSE_SECONDS:
-                raise
-        log.info("downstream_retry", service=self.name, method=method)
-        await asyncio.sleep(RETRY_PAUSE_SECONDS)
-        return await self._attempt(method, request, deadline, identity)
-
     async def _attempt(
-        self, method: str, request: Any, deadline: float, identity: Identity | None
+        self, stub: Any, request: Any, deadline: float, identity: Identity | None
     ) -> Any:
         metadata = (
             ("authorization", f"Bearer {(identity or current_identity()).token}"),
             (REQUEST_ID_KEY, current_request_id()),
         )
         timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
-        return await self._methods[method](request, timeout=timeout, metadata=metadata)
+        return await stub(request, timeout=timeout, metadata=metadata)
 
     def _may_retry(self, method: str, request: Any, error: grpc.aio.AioRpcError) -> bool:
         """Only UNAVAILABLE (the call was not served) or CANCELLED by a service that stopped,
@@ -159,7 +177,11 @@ class Downstream:
         stopped = error.code() == grpc.StatusCode.CANCELLED and set_by_transport(error)
         if error.code() != grpc.StatusCode.UNAVAILABLE and not stopped:
             return False
-        return method in self._idempotent or carries_idempotency_key(request)
+        if method in self._idempotent:
+            return True
+        if isinstance(request, bytes):
+            request = GetMessageClass(self._descriptors[method].input_type).FromString(request)
+        return carries_idempotency_key(request)
 
     def _transport_failure(self, method: str, error: grpc.aio.AioRpcError) -> DomainError:
         """The error to tell the caller, naming this service; gRPC's own detail (addresses,
@@ -195,23 +217,26 @@ def proxy_handlers(
     public: ServiceDescriptor, downstream: Downstream
 ) -> dict[str, grpc.RpcMethodHandler]:
     """Handlers for every unary method of `public` that `downstream` serves under the same
-    name, forwarding the request and passing back the response or the error unchanged."""
+    name (and the same messages), passing the request on and the response or the error back
+    unchanged: as bytes, never parsed here."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in public.methods:
-        if downstream.has_method(method.name):
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _forwarder(method, downstream),
-                request_deserializer=GetMessageClass(method.input_type).FromString,
-                response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        theirs = downstream.method(method.name)
+        if theirs is None:
+            continue
+        if (theirs.input_type, theirs.output_type) != (method.input_type, method.output_type):
+            raise TypeError(
+                f"{method.full_name} does not take and give what {theirs.full_name} does"
             )
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(_forwarder(method, downstream))
     return handlers
 
 
 def _forwarder(method: MethodDescriptor, downstream: Downstream) -> Any:
     name = method.name
 
-    async def forward(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # A failed call's status and details reach the client through the RPC interceptor.
-        return await downstream.call(name, request, context)
+        return await downstream.forward(name, request, context)
 
     return forward
