@@ -164,6 +164,7 @@ class EventBus:
         # Events being handled by this process's durable consumers: close() waits for them.
         self._in_hand: set[asyncio.Task[None]] = set()
         self._loss_listeners: list[Callable[[], None]] = []
+        self._before_drain: list[Callable[[], Awaitable[None]]] = []
         self._lag_sampler: asyncio.Task[None] | None = None
 
     @property
@@ -175,6 +176,11 @@ class EventBus:
         """Call `listener` whenever plain subscriptions may have missed messages: after a
         reconnect (what was published meanwhile is gone) or a client-side overflow."""
         self._loss_listeners.append(listener)
+
+    def before_drain(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` on close once the events in hand are finished, before the connection
+        drains: what their handlers left to publish still goes out."""
+        self._before_drain.append(step)
 
     def messages_may_be_lost(self) -> None:
         for listener in self._loss_listeners:
@@ -284,6 +290,12 @@ class EventBus:
                 timeout=5.0,
             )
         EVENTS_PUBLISHED.labels(event.envelope.type).inc()
+
+    async def publish_plain(self, subject: str, data: bytes) -> None:
+        """Publish on core NATS, outside every stream: at most once, to whoever subscribes
+        now; lost while NATS is away (the `on_messages_lost` listeners of the subscribers
+        hear of it)."""
+        await self._nc.publish(subject, data)
 
     async def subscribe(
         self, subject: str, handler: Callable[[Msg], Awaitable[None]]
@@ -502,7 +514,8 @@ class EventBus:
 
     async def close(self) -> None:
         """Stop taking events, give those in hand DRAIN_SECONDS to finish (the rest is
-        redelivered, to another replica), then drain and close the connection."""
+        redelivered, to another replica), run the `before_drain` steps, then drain and
+        close the connection."""
         if self._nc.is_closed:
             return
         if self._lag_sampler is not None:
@@ -513,6 +526,11 @@ class EventBus:
             _, unfinished = await asyncio.wait(self._in_hand, timeout=DRAIN_SECONDS)
             for task in unfinished:
                 task.cancel()
+        for step in self._before_drain:
+            try:
+                await step()
+            except Exception:
+                log.exception("before_drain_failed")
         if self._nc.is_connected:
             await self._nc.drain()
         else:  # NATS is away: what was not acked is redelivered, the outbox republishes
