@@ -4,7 +4,8 @@ browse or search needs to pick its walk without asking the store to scan and sor
 Per sort (HOT, NEW, MEMBERS) and category, a list of (-value, group id) kept sorted, the
 order the store's indexes give (value descending, then id); per search token, the ids of
 the cards carrying it. Plain Python, no I/O: the store loads it from the cards at start
-and feeds it every card write it made, after the write was acknowledged (see storage.py).
+and feeds it every card write it made, after the write was acknowledged, and the cards
+other replicas wrote, read again when they tell (see storage.py and replicas.py).
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class CardIndex:
         self.stamp += 1
         for group_id in group_ids:
             self._stamps[group_id] = self.stamp
+
+    def written_since(self, group_ids: Iterable[str], stamp: int) -> set[str]:
+        """Those of the cards written after `stamp` (all of them when the index was
+        loaded since)."""
+        if stamp < self._loaded_at:
+            return set(group_ids)
+        return {g for g in group_ids if self._stamps.get(g, 0) > stamp}
 
     def changed_since(self, group_ids: Iterable[str], stamp: int) -> bool:
         """Whether any of the cards was written after `stamp` (or the index was loaded)."""

@@ -14,9 +14,10 @@ that have expired since (card views and taps are in no snapshot) stays counted.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -151,8 +152,13 @@ class PlazaStore:
         # The order of the shown cards in memory, fed every card write made here once it
         # is acknowledged; ordered_ids reads it once loaded.
         self.index = index or CardIndex()
+        # Told the ids of the cards each write made here changed, once it is acknowledged
+        # (the other replicas hear of them so: services/plaza/replicas.py).
+        self._write_listeners: list[Callable[[Collection[str]], None]] = []
         # While the index loads: what was fed meanwhile, applied again over what was read.
         self._fed_while_loading: list[Callable[[], None]] | None = None
+        # One load at a time (the periodic one and one after NATS lost messages).
+        self._loading = asyncio.Lock()
         # The latest page snapshots: id -> (kind, ids, expires_ms).
         self._snapshot_cache: dict[str, tuple[str, list[str], int]] = {}
         self._cards = db["cards"]
@@ -209,9 +215,25 @@ class PlazaStore:
 
     # The index in memory
 
+    def on_cards_written(self, listener: Callable[[Collection[str]], None]) -> None:
+        """Call `listener` with the ids of the cards each write made here changed, once the
+        write is acknowledged; not for the activity scores' periodic refresh, which every
+        replica runs for itself."""
+        self._write_listeners.append(listener)
+
+    def _written_here(self, group_ids: Collection[str]) -> None:
+        if group_ids:
+            for listener in self._write_listeners:
+                listener(group_ids)
+
     async def load_index(self) -> int:
-        """Load the index from the cards (at start, and again every so often: the writes
-        of other replicas reach it so); returns how many cards it shows."""
+        """Load the index from the cards (at start, and again every so often: what the
+        notices of other replicas' writes missed reaches it so); returns how many cards it
+        shows."""
+        async with self._loading:
+            return await self._load_index()
+
+    async def _load_index(self) -> int:
         self._fed_while_loading = []
         try:
             shown: list[IndexedCard] = []
@@ -220,16 +242,7 @@ class PlazaStore:
                 if d.get("hot_score"):
                     hot[d["_id"]] = float(d["hot_score"])
                 if d.get("shown"):
-                    shown.append(
-                        IndexedCard(
-                            d["_id"],
-                            d.get("category"),
-                            bool(d.get("full")),
-                            int(d.get("created_at_ms") or 0),
-                            int(d.get("member_count") or 0),
-                            tuple(d.get("keywords") or ()),
-                        )
-                    )
+                    shown.append(_indexed(d))
             fed = self._fed_while_loading
             self.index.load(shown, hot)
             for feed in fed:  # written here after the read may have passed them
@@ -237,6 +250,28 @@ class PlazaStore:
         finally:
             self._fed_while_loading = None
         return len(self.index)
+
+    async def reread_index(self, group_ids: list[str]) -> set[str]:
+        """Put the cards of `group_ids` into the index as the store holds them now, shown
+        or not, with their hot scores, in one read (another replica wrote them). Returns
+        those this process wrote while they were read: which of the two writes is the later
+        one cannot be told, so they are left as they are, to be read again."""
+        stamp = self.index.stamp
+        docs = {
+            d["_id"]: d async for d in self._cards.find({"_id": {"$in": group_ids}}, _INDEX_FIELDS)
+        }
+        meanwhile = self.index.written_since(group_ids, stamp)
+        fresh = [g for g in group_ids if g not in meanwhile]
+        cards = {g: _indexed(docs[g]) if docs.get(g, {}).get("shown") else None for g in fresh}
+        hot = {g: float(docs.get(g, {}).get("hot_score") or 0.0) for g in fresh}
+
+        def feed() -> None:
+            for group_id, card in cards.items():
+                self.index.put(group_id, card)
+            self.index.set_hot(hot)
+
+        self._feed(feed)
+        return meanwhile
 
     def _feed(self, feed: Callable[[], None]) -> None:
         feed()
@@ -280,6 +315,7 @@ class PlazaStore:
             if not result.matched_count:
                 return False
         self._index_card(state, listing)
+        self._written_here([state.group_id])
         was = _shown_category(previous.state, previous.listing) if previous else None
         await self._move_category_count(was, _shown_category(state, listing))
         return True
@@ -321,10 +357,12 @@ class PlazaStore:
                 raise
             lost = {writes[e["index"]][0].group_id for e in failed}
         moves: dict[str, int] = {}
+        written = []
         for state, listing, previous in writes:
             if state.group_id in lost:
                 continue
             self._index_card(state, listing)
+            written.append(state.group_id)
             was = _shown_category(previous.state, previous.listing) if previous else None
             now = _shown_category(state, listing)
             if was != now:
@@ -332,6 +370,7 @@ class PlazaStore:
                     moves[was] = moves.get(was, 0) - 1
                 if now is not None:
                     moves[now] = moves.get(now, 0) + 1
+        self._written_here(written)
         await bulk_upsert(
             self._category_counts,
             [
@@ -370,6 +409,7 @@ class PlazaStore:
         ):
             return False
         self._feed(lambda: self.index.written([group_id]))
+        self._written_here([group_id])
         await upsert_where(
             self.selection_versions,
             group_id,
@@ -418,10 +458,15 @@ class PlazaStore:
     # Cards: activity figures
 
     async def set_activity(
-        self, figures: dict[str, Activity], last_active: dict[str, int] | None = None
+        self,
+        figures: dict[str, Activity],
+        last_active: dict[str, int] | None = None,
+        *,
+        periodic: bool = False,
     ) -> None:
         """Write the groups' activity figures and, in the same write per card, when
-        something last happened in them (`touch`)."""
+        something last happened in them (`touch`). `periodic`: the scores' refresh as time
+        passes, which every replica runs for itself (its write listeners are not told)."""
         last_active = last_active or {}
         ops = []
         for group_id in figures.keys() | last_active.keys():
@@ -437,11 +482,14 @@ class PlazaStore:
         scores = {g: a.hot_score for g, a in figures.items()}
         self._feed(lambda: self.index.set_hot(scores))
         self._feed(lambda: self.index.written(last_active))
+        if not periodic:
+            self._written_here(figures.keys() | last_active.keys())
 
     async def touch(self, group_id: str, at_ms: int) -> None:
         """Record that something happened in the group at `at_ms`."""
         await self._cards.update_one({"_id": group_id}, {"$max": {"last_active_at_ms": at_ms}})
         self._feed(lambda: self.index.written([group_id]))
+        self._written_here([group_id])
 
     async def groups_with_figures(self) -> list[str]:
         """Cards whose activity figures are not all zero (they decay towards zero)."""
@@ -453,7 +501,8 @@ class PlazaStore:
     # Cards: queries
 
     def changed_since(self, group_ids: list[str], stamp: int) -> bool:
-        """Whether this process wrote any of the cards since the index's `stamp`."""
+        """Whether any of the cards was written since the index's `stamp`: by this process,
+        or by another replica that told it (`reread_index`)."""
         return self.index.changed_since(group_ids, stamp)
 
     def ordered_ids(
@@ -871,6 +920,18 @@ def _stored(doc: dict[str, Any]) -> StoredCard:
         doc.get("active_members", 0),
     )
     return StoredCard(state, doc["rev"], listing, activity)
+
+
+def _indexed(doc: dict[str, Any]) -> IndexedCard:
+    """What the index needs of a shown card, from its document (_INDEX_FIELDS)."""
+    return IndexedCard(
+        doc["_id"],
+        doc.get("category"),
+        bool(doc.get("full")),
+        int(doc.get("created_at_ms") or 0),
+        int(doc.get("member_count") or 0),
+        tuple(doc.get("keywords") or ()),
+    )
 
 
 def _card(doc: dict[str, Any], filler: bool = False) -> Card:

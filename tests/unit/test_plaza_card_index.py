@@ -76,3 +76,16 @@ def test_the_index_orders_and_filters_as_the_store_would_after_any_writes() -> N
                 sort, 10, category=category, only_with_space=space, keywords=words or None
             )
             assert got == want, (step, sort, category, space, words)
+
+
+def test_written_since_names_the_cards_written_after_a_stamp_and_all_after_a_load() -> None:
+    index = CardIndex()
+    index.load([], {})
+    index.written(["a"])
+    stamp = index.stamp
+    index.put("b", None)
+    index.set_hot({"c": 1.0})
+
+    assert index.written_since(["a", "b", "c", "d"], stamp) == {"b", "c"}
+    index.load([], {})
+    assert index.written_since(["a", "d"], stamp) == {"a", "d"}
