@@ -12,7 +12,7 @@ generate with random passwords (`local_config`).
 - groups, messaging, plaza: publish their own events, their dead letters, the JetStream API
   calls of their streams and durables (and the plaza's replays); groups publishes its
   snapshots and answers snapshot requests for groups, the plaza asks for them and answers
-  rebuild requests;
+  rebuild requests; the plaza's replicas alone tell each other of the cards they wrote;
 - platform: the only one that publishes social.> and posts.> (and posts' snapshots);
 - operator: the only one that may ask for a plaza rebuild.
 
@@ -46,6 +46,7 @@ from services.messaging.consumers import POSTS_DURABLE as MESSAGING_POSTS_DURABL
 from services.messaging.consumers import SOCIAL_DURABLE
 from services.plaza.projection import FEEDS
 from services.plaza.rebuild import REBUILD_SUBJECT, SNAPSHOT_AREAS
+from services.plaza.replicas import CARDS_WRITTEN_SUBJECT
 
 # Where `make run` keeps its data (tools.suite), the generated passwords included.
 LOCAL_RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
@@ -207,9 +208,10 @@ def _table() -> dict[str, Permissions]:
                 plaza_durables,
                 *(request_subject(area) for area in SNAPSHOT_AREAS),
                 *(call for stream in replayed for call in replay_calls(stream)),
+                CARDS_WRITTEN_SUBJECT,
             ),
             publish_denied=others_durables(not_plazas, replayed),
-            subscribe=(REBUILD_SUBJECT, inbox("plaza")),
+            subscribe=(REBUILD_SUBJECT, CARDS_WRITTEN_SUBJECT, inbox("plaza")),
             responds=True,
         ),
         "platform": Permissions(

@@ -1,6 +1,7 @@
 """The NATS users' permissions (tools/nats_users.py) on a real nats-server: only the platform
-publishes the follow graph, only the operator asks for a plaza rebuild, and the gateway,
-facing the internet, publishes nothing. A refused publish is dropped by the server, which
+publishes the follow graph, only the operator asks for a plaza rebuild, only the plaza's
+replicas tell each other of the cards they wrote, and the gateway, facing the internet,
+publishes nothing. A refused publish is dropped by the server, which
 tells the client (an asynchronous -ERR); the services' own needs are covered by every other
 test of the tier, each service connecting as its own user."""
 
@@ -22,6 +23,7 @@ from services.messaging.consumers import SOCIAL_DURABLE, SOCIAL_SUBJECT
 from services.messaging.service import build
 from services.messaging.storage import MessagingStore
 from services.plaza.rebuild import REBUILD_SUBJECT
+from services.plaza.replicas import CARDS_WRITTEN_SUBJECT
 from tests.conftest import eventually
 from tests.service.conftest import ServiceEnv, serving
 from tools.nats_users import USERS, NatsUsers
@@ -39,11 +41,12 @@ class Client:
         await self.nc.publish(subject, data)
         await self.nc.flush()
 
-    async def refused(self, subject: str) -> bool:
-        """Whether the server told this client that it may not publish on `subject`."""
+    async def refused(self, subject: str, action: str = "publish") -> bool:
+        """Whether the server told this client that it may not publish on `subject` (or
+        subscribe to it: `action="subscription"`)."""
 
         def told() -> bool:
-            return any(f'publish to "{subject.lower()}"' in error.lower() for error in self.errors)
+            return any(f'{action} to "{subject.lower()}"' in error.lower() for error in self.errors)
 
         try:
             await eventually(told, within=2)
@@ -88,7 +91,7 @@ async def seen(nats_url: str) -> AsyncIterator[Callable[[str], list[str]]]:
         await nc.subscribe(subject, cb=on_message)
         await nc.flush()
 
-    for subject in ("social.>", REBUILD_SUBJECT):
+    for subject in ("social.>", REBUILD_SUBJECT, CARDS_WRITTEN_SUBJECT):
         await listen(subject)
     yield lambda subject: got[subject]
     await nc.close()
@@ -162,6 +165,27 @@ async def test_only_the_operator_asks_for_a_plaza_rebuild(
 
     await eventually(lambda: seen(REBUILD_SUBJECT) == [REBUILD_SUBJECT])
     assert not operator.errors
+
+
+async def test_only_the_plaza_tells_its_replicas_of_the_cards_written(
+    connect_as: Callable[..., Any], seen: Callable[[str], list[str]]
+) -> None:
+    for user in USERS:
+        if user != "plaza":
+            client = await connect_as(user)
+            await client.publish(CARDS_WRITTEN_SUBJECT)
+            await client.nc.subscribe(CARDS_WRITTEN_SUBJECT)
+            await client.nc.flush()
+            assert await client.refused(CARDS_WRITTEN_SUBJECT), user
+            assert await client.refused(CARDS_WRITTEN_SUBJECT, "subscription"), user
+    assert seen(CARDS_WRITTEN_SUBJECT) == []
+
+    plaza = await connect_as("plaza")
+    await plaza.nc.subscribe(CARDS_WRITTEN_SUBJECT)
+    await plaza.publish(CARDS_WRITTEN_SUBJECT)
+
+    await eventually(lambda: seen(CARDS_WRITTEN_SUBJECT) == [CARDS_WRITTEN_SUBJECT])
+    assert not plaza.errors
 
 
 async def test_a_service_may_bring_its_own_durables_bounds_in_line(
