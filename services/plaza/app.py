@@ -47,8 +47,9 @@ class PlazaSettings:
     page_token_ttl_seconds: int = 1800
     rank_interval_seconds: int = 60
     ranking_cache_seconds: float = 1.0
-    # How often the index in memory is loaded again from the cards (other replicas' writes).
-    index_reload_seconds: int = 60
+    # How often the index in memory is loaded again from the cards: the safety net under
+    # the other replicas' notices of their writes (services/plaza/replicas.py).
+    index_reload_seconds: int = 900
     # The app's time zone (APP_TIMEZONE): the insights' days.
     time_zone: dt.tzinfo = field(default_factory=lambda: ZoneInfo(DEFAULT_APP_TIMEZONE))
 
@@ -61,8 +62,9 @@ Ranking = tuple[list[str], str | None, list[Card], int]
 class RankingCache:
     """First pages of the same query within `seconds` share one ranking, its snapshot and
     the cards of the page: however many people open the grid at once, it is computed once
-    per query and interval, not once per request. The cards are read again when this
-    process wrote one of them since (other replicas' writes show within `seconds`).
+    per query and interval, not once per request. The cards are read again when one of
+    them was written since (by this process, or by another replica that told it); a
+    changed order shows within `seconds`.
     Concurrent misses wait for the one computation."""
 
     def __init__(self, seconds: float, clock: Callable[[], int] = now_ms) -> None:

@@ -26,7 +26,7 @@ class PlazaConfig:
                 page_token_ttl_seconds=env.integer("PLAZA_PAGE_TOKEN_TTL_SECONDS", 1800, minimum=1),
                 rank_interval_seconds=env.integer("PLAZA_RANK_INTERVAL_SECONDS", 60, minimum=1),
                 ranking_cache_seconds=env.number("PLAZA_RANKING_CACHE_SECONDS", 1.0),
-                index_reload_seconds=env.integer("PLAZA_INDEX_RELOAD_SECONDS", 60, minimum=1),
+                index_reload_seconds=env.integer("PLAZA_INDEX_RELOAD_SECONDS", 900, minimum=1),
                 # The insights' days are the app's (APP_TIMEZONE, read once in ServerConfig).
                 time_zone=server.time_zone,
             ),

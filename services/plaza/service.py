@@ -6,7 +6,9 @@ import gc
 
 import structlog
 from groupchat.plaza.v1 import plaza_pb2, plaza_pb2_grpc
+from nats.aio.msg import Msg
 
+from services.kit.events import EventBus
 from services.kit.infrastructure import open_infrastructure
 from services.kit.server import ServiceContext, ServiceHost
 from services.kit.tasks import every, run_in_background
@@ -15,6 +17,7 @@ from services.plaza.app import ImpressionCounter, PlazaApp
 from services.plaza.config import PlazaConfig
 from services.plaza.projection import FEEDS, PlazaProjection
 from services.plaza.rebuild import REBUILD_SUBJECT, answer_rebuild
+from services.plaza.replicas import CARDS_WRITTEN_SUBJECT, CardNotices, ReloadRequests
 from services.plaza.storage import PlazaStore
 
 IMPRESSIONS_FLUSH_SECONDS = 1.0
@@ -30,6 +33,33 @@ async def load_index(store: PlazaStore) -> None:
     log.info("card_index_loaded", shown=shown)
 
 
+async def follow_other_replicas(context: ServiceContext, bus: EventBus, store: PlazaStore) -> None:
+    """Tell the other replicas which cards this one writes, and read again those they
+    tell of (services/plaza/replicas.py); reload the index whenever notices may have been
+    lost. Subscribed before the first load: a write after it is read is told."""
+
+    async def publish(notice: bytes) -> None:
+        await bus.publish_plain(CARDS_WRITTEN_SUBJECT, notice)
+
+    async def received(msg: Msg) -> None:
+        await notices.received(msg.data)
+
+    async def reload_after_loss() -> None:
+        await bus.flush()  # the server has the subscription again: later notices arrive
+        await load_index(store)
+
+    notices = CardNotices(publish, store.reread_index)
+    store.on_cards_written(notices.written)
+    await bus.subscribe(CARDS_WRITTEN_SUBJECT, received)
+    await bus.flush()
+    # The writes of the events in hand at shutdown are told before NATS closes.
+    bus.before_drain(notices.tell_the_rest)
+    context.stack.push_async_callback(notices.stop_reading)
+    reloads = ReloadRequests(reload_after_loss)
+    bus.on_messages_lost(reloads.request)
+    context.stack.push_async_callback(reloads.close)
+
+
 def build(config: PlazaConfig) -> ServiceHost:
     async def setup(context: ServiceContext) -> list[str]:
         stack = context.stack
@@ -38,6 +68,7 @@ def build(config: PlazaConfig) -> ServiceHost:
         bus, outbox = infra.bus, infra.outbox
         store = PlazaStore(infra.db)
         await store.create_indexes()
+        await follow_other_replicas(context, bus, store)
         # Ready only once the order of the cards is in memory (before the first query).
         await load_index(store)
         await outbox.watch(store.selection_versions)
@@ -59,7 +90,7 @@ def build(config: PlazaConfig) -> ServiceHost:
             "plaza-rankings",
         )
 
-        # What other replicas wrote reaches this one's index with each reload.
+        # What the other replicas' lost notices named reaches this one's index so.
         run_in_background(
             stack,
             every(settings.index_reload_seconds, lambda: load_index(store), "card-index"),
