@@ -308,7 +308,14 @@ class EventBus:
 
         return await self._nc.subscribe(subject, cb=on_message, pending_msgs_limit=65_536)
 
-    async def consume(self, durable: str, subject: str, handler: EventHandler) -> Subscription:
+    async def consume(
+        self,
+        durable: str,
+        subject: str,
+        handler: EventHandler,
+        *,
+        in_order: Callable[[events_pb2.Envelope], bool] = lambda envelope: True,
+    ) -> Subscription:
         """A durable consumer: each event is acked after `handler` returns, retried if it
         raises. Handlers must be idempotent on the event id (see `ProcessedEvents`). Every
         replica of a service binds the same durable as one deliver group, so each event goes
@@ -318,7 +325,9 @@ class EventBus:
         - concurrency: JetStream hands out at most `max_in_flight` unacked events of the
           durable (max_ack_pending, across all replicas), each handled in a task of its own;
           events of one aggregate run one after another, in delivery order, so a burst on
-          one group queues instead of colliding on its card;
+          one group queues instead of colliding on its card (all but those for which
+          `in_order` says False: a handler to which their order does not matter, a counter,
+          takes a burst of them at once);
         - time: a handler gets `handler_timeout_seconds` (queueing behind its aggregate
           included) and the ack wait is longer, so an event is never redelivered while it is
           in hand. A deadline rather than in-progress pings: a stuck handler then counts as
@@ -328,7 +337,7 @@ class EventBus:
         serial = KeyedLocks()
 
         async def on_message(msg: Msg) -> None:
-            task = asyncio.create_task(self._handle(durable, msg, handler, serial))
+            task = asyncio.create_task(self._handle(durable, msg, handler, serial, in_order))
             self._in_hand.add(task)
             task.add_done_callback(self._in_hand.discard)
 
@@ -386,13 +395,23 @@ class EventBus:
             await self._js.add_consumer(stream, config=wanted)
 
     async def _handle(
-        self, durable: str, msg: Msg, handler: EventHandler, serial: KeyedLocks
+        self,
+        durable: str,
+        msg: Msg,
+        handler: EventHandler,
+        serial: KeyedLocks,
+        in_order: Callable[[events_pb2.Envelope], bool],
     ) -> None:
         with handling(msg.subject, msg.headers, durable):
-            await self._settle(durable, msg, handler, serial)
+            await self._settle(durable, msg, handler, serial, in_order)
 
     async def _settle(
-        self, durable: str, msg: Msg, handler: EventHandler, serial: KeyedLocks
+        self,
+        durable: str,
+        msg: Msg,
+        handler: EventHandler,
+        serial: KeyedLocks,
+        in_order: Callable[[events_pb2.Envelope], bool],
     ) -> None:
         try:
             try:
@@ -404,7 +423,10 @@ class EventBus:
                 EVENTS_REDELIVERED.labels(durable).inc()
             try:
                 async with asyncio.timeout(self._settings.handler_timeout_seconds):
-                    async with serial.hold(envelope.aggregate_id):
+                    if in_order(envelope):
+                        async with serial.hold(envelope.aggregate_id):
+                            await handler(envelope)
+                    else:
                         await handler(envelope)
             except Exception as exc:
                 log.exception("event_handler_failed", durable=durable, event_id=envelope.event_id)

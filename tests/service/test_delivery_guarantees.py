@@ -270,3 +270,34 @@ async def test_the_relay_clears_a_published_document_in_one_write_and_keeps_late
     finally:
         relay.cancel()
         await asyncio.gather(relay, return_exceptions=True)
+
+
+async def test_events_whose_order_is_free_are_handled_together_even_of_one_aggregate(
+    bus: EventBus,
+) -> None:
+    aggregate = f"g_{uuid.uuid4().hex[:8]}"
+    events = [
+        new_event(
+            "groups",
+            "group_dissolved",
+            aggregate_id=aggregate,
+            aggregate_version=version,
+            user_id="alice",
+            group_dissolved={"group_id": aggregate},
+        )
+        for version in (1, 2)
+    ]
+    gate = asyncio.Event()
+    in_hand: list[str] = []
+
+    async def handle(envelope: events_pb2.Envelope) -> None:
+        in_hand.append(envelope.event_id)
+        await gate.wait()
+
+    durable = f"test_{uuid.uuid4().hex[:8]}"
+    await bus.consume(durable, events[0].subject, handle, in_order=lambda envelope: False)
+    for event in events:
+        await bus.publish(event)
+    # Both at once: the second did not wait for the first (which waits for the gate).
+    await eventually(lambda: len(in_hand) == 2)
+    gate.set()
