@@ -12,6 +12,7 @@ event is handled again after failing halfway (see storage.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,17 @@ BATCH_LIMIT = 256
 # How long a batch waits for more events after a batch of several (never after a lone
 # event: a quiet plaza applies each at once).
 GATHER_SECONDS = 0.005
+# Events that only count (a message, a card view, an open of a shared post) change nothing a
+# page shows at once: hot scores move at the next ranking refresh, and the insights are read
+# by the day. So while only those wait, a batch waits for more, up to COUNT_GATHER_SECONDS
+# or COUNT_GATHER_EVENTS of them (well under what a consumer holds in flight): a busy
+# group's messages are absorbed many to a round of writes instead of a round each. Any
+# other event ends the wait at once.
+COUNTED_KINDS = frozenset(
+    {"group_message_posted", "group_message_changed", "group_card_viewed", "shared_post_opened"}
+)
+COUNT_GATHER_SECONDS = 0.5
+COUNT_GATHER_EVENTS = 32
 # Compare-and-set attempts on one card before the event is handed back for redelivery.
 SAVE_ATTEMPTS = 20
 
@@ -84,25 +96,43 @@ class Effects:
     posts: list[PostCount] = field(default_factory=list)
 
 
+def in_order(e: events_pb2.Envelope) -> bool:
+    """Whether `e` must wait for its group's earlier events (the consumers' `in_order`).
+    The batched kinds need not: each part of a group's state takes the newest version
+    whatever the order (domain.apply_*), and counters count each event id once, so a storm
+    of joins on one group is absorbed in a few batches, not one round of writes per join."""
+    return e.WhichOneof("payload") not in BATCHED_KINDS
+
+
+def _only_counts(e: events_pb2.Envelope) -> bool:
+    return e.WhichOneof("payload") in COUNTED_KINDS
+
+
 class EventBatches:
     """Gathers the events handed in while a batch is being applied into the next batch, so
-    a lone event waits for nothing and a burst is applied in a few bulk writes. Each
-    caller returns (or raises) when its own event is done, so a consumer still acks an
-    event only after its writes."""
+    a lone event waits for nothing (unless it only counts: see COUNTED_KINDS) and a burst is
+    applied in a few bulk writes. Each caller returns (or raises) when its own event is
+    done, so a consumer still acks an event only after its writes."""
 
     def __init__(
         self,
         apply: Callable[[list[events_pb2.Envelope]], Awaitable[list[BaseException | None]]],
         limit: int = BATCH_LIMIT,
+        count_gather_seconds: float = COUNT_GATHER_SECONDS,
     ) -> None:
         self._apply = apply
         self._limit = limit
+        self._count_gather_seconds = count_gather_seconds
         self._waiting: list[tuple[events_pb2.Envelope, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
+        # Set when what waits is to be applied now (see _gather_counted).
+        self._due = asyncio.Event()
 
     async def submit(self, envelope: events_pb2.Envelope) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((envelope, done))
+        if not _only_counts(envelope) or len(self._waiting) >= COUNT_GATHER_EVENTS:
+            self._due.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
         await done
@@ -110,9 +140,10 @@ class EventBatches:
     async def _run(self) -> None:
         busy = False
         while self._waiting:
+            await self._gather_counted()
             if busy and len(self._waiting) < self._limit:
-                # Under a burst, the consumers hand events in as acks free their places
-                # (one group's events one after another): a moment gathers several.
+                # Under a burst, the consumers hand events in as acks free their places:
+                # a moment gathers several.
                 await asyncio.sleep(GATHER_SECONDS)
             batch = self._waiting[: self._limit]
             del self._waiting[: self._limit]
@@ -132,6 +163,19 @@ class EventBatches:
                     done.set_result(None)
                 else:
                     done.set_exception(outcome)
+
+    async def _gather_counted(self) -> None:
+        """While the waiting events only count and are few, wait for more."""
+        self._due.clear()
+        if (
+            not self._count_gather_seconds
+            or len(self._waiting) >= COUNT_GATHER_EVENTS
+            or not all(_only_counts(e) for e, _ in self._waiting)
+        ):
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._count_gather_seconds):
+                await self._due.wait()
 
 
 class CardChangedMeanwhile(Exception):
@@ -154,6 +198,8 @@ class PlazaProjection:
         self._clock = clock
         self._once = store.processed.once(self._apply)
         self._batches = EventBatches(self.handle_many)
+        # A replay hands events in one at a time, each awaited: none may wait for company.
+        self._replayed = EventBatches(self.handle_many, count_gather_seconds=0)
 
     async def handle(self, envelope: events_pb2.Envelope) -> None:
         """Apply `envelope` once: a redelivered event id changes nothing. The id is recorded
@@ -164,14 +210,18 @@ class PlazaProjection:
         applied together, in bulk writes (`handle_many`)."""
         await self._batches.submit(envelope)
 
+    async def handle_replayed(self, envelope: events_pb2.Envelope) -> None:
+        """`handle`, for a caller that waits for each event before the next (a rebuild)."""
+        await self._replayed.submit(envelope)
+
     async def handle_many(self, envelopes: list[events_pb2.Envelope]) -> list[BaseException | None]:
         """Apply a batch of events as `handle` would each, in a few bulk writes: one read of
         the processed ids, of the cards and of their posts, one compare-and-set bulk write of
         the cards, one of the activity buckets, one of the daily and post counters, one of
         the processed ids. An event whose card someone else changed first, and every event
         of a kind not batched (posts, selections), goes through `handle`. Returns what each
-        event raised (None: applied), in order. Events of one aggregate come one after
-        another (the bus), so a batch holds at most one of each group's events per feed."""
+        event raised (None: applied), in order. A batch may hold several events of one
+        group (see `in_order`): their changes are chained, in the batch's order."""
         results: list[BaseException | None] = [None] * len(envelopes)
         first: dict[str, int] = {}
         for i, e in enumerate(envelopes):

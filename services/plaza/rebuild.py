@@ -77,9 +77,9 @@ async def rebuild(store: PlazaStore, projection: PlazaProjection, bus: EventBus)
         published = await request_snapshots(bus, area, SNAPSHOT_WAIT_SECONDS)
         if published is None:
             log.warning("no_snapshots", area=area, why="nobody answers snapshot requests")
-    replayed = {SNAPSHOT_STREAM: await bus.replay(SNAPSHOT_STREAM, projection.handle)}
+    replayed = {SNAPSHOT_STREAM: await bus.replay(SNAPSHOT_STREAM, projection.handle_replayed)}
     for _, subject, stream in FEEDS:
-        replayed[stream] = await bus.replay(stream, projection.handle, subject=subject)
+        replayed[stream] = await bus.replay(stream, projection.handle_replayed, subject=subject)
     for group_id, selected, version in await store.selections():
         await store.set_selected(group_id, selected, version)
     await projection.refresh_rankings()

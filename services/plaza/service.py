@@ -15,7 +15,7 @@ from services.kit.tasks import every, run_in_background
 from services.plaza.api import PlazaServicer
 from services.plaza.app import ImpressionCounter, PlazaApp
 from services.plaza.config import PlazaConfig
-from services.plaza.projection import FEEDS, PlazaProjection
+from services.plaza.projection import FEEDS, PlazaProjection, in_order
 from services.plaza.rebuild import REBUILD_SUBJECT, answer_rebuild
 from services.plaza.replicas import CARDS_WRITTEN_SUBJECT, CardNotices, ReloadRequests
 from services.plaza.storage import PlazaStore
@@ -78,7 +78,7 @@ def build(config: PlazaConfig) -> ServiceHost:
         )
         # Closing the bus (drain) lets handlers in flight finish before the store closes.
         for durable, subject, _ in FEEDS:
-            await bus.consume(durable, subject, projection.handle)
+            await bus.consume(durable, subject, projection.handle, in_order=in_order)
 
         async def rebuild_requested(_: bytes) -> bytes:
             return await answer_rebuild(store, projection, bus)

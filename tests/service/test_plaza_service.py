@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -966,6 +967,30 @@ async def test_events_handled_together_end_as_one_by_one_and_count_once(store: P
         (2, 1),
         *[(1, 1)] * 4,
     ]
+
+
+async def test_a_storm_of_joins_on_one_group_in_any_order_and_batch_ends_exact(
+    store: PlazaStore,
+) -> None:
+    """The consumers hand one group's joins in together (`in_order`), so a batch holds many
+    of them, in any order: the card ends with the newest count and every member's role."""
+    await store.load_index()
+    projection = projection_of(store)
+    group = FakeGroup()
+    created = group.created().envelope
+    joins = [group.joined(f"u{i:03d}").envelope for i in range(60)]
+    shuffled = random.Random(7).sample(joins, len(joins))
+    assert await projection.handle_many([created, *shuffled[:30]]) == [None] * 31
+    assert await projection.handle_many(shuffled[30:]) == [None] * 30
+    (card,) = await store.shown_cards([group.id])
+    assert card.member_count == 61
+    state = (await store.load(group.id)).state  # type: ignore[union-attr]
+    assert sorted(u for u, (role, _) in state.roles.items() if role == gpb.MEMBER) == [
+        f"u{i:03d}" for i in range(60)
+    ]
+    (day,) = domain.insight_window(1, FIXED_NOW, SHANGHAI)
+    counted = (await store.days([group.id], [day]))[group.id][day]
+    assert sum(counted.joins_by_source.values()) == 60
 
 
 async def test_a_rebuild_keeps_the_insights_counters(store: PlazaStore, bus: EventBus) -> None:
