@@ -133,4 +133,4 @@ def build(config: GatewayConfig) -> ServiceHost:
         )
         return [GATEWAY.full_name]
 
-    return ServiceHost("gateway", config.server, setup)
+    return ServiceHost("gateway", config.server, setup, edge=True)

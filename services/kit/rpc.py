@@ -49,8 +49,12 @@ def current_identity() -> Identity:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, *, echo_request_id: bool) -> None:
+        """`echo_request_id`: send the request id back in the response headers, before the
+        response (a write of its own: the edge does it for clients; an internal service's
+        caller, the gateway, knows the id already)."""
         self._verifier = verifier
+        self._echo_request_id = echo_request_id
 
     async def intercept_service(
         self,
@@ -105,7 +109,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         structlog.contextvars.bind_contextvars(request_id=request_id)
         outcome: dict[str, Any] = {"code": "OK"}
         try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            if self._echo_request_id:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             identity = self._verifier.verify_metadata(metadata[AUTHORIZATION_KEY])
             outcome["user_id"] = identity.user_id
             _identity.set(identity)

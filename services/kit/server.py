@@ -79,8 +79,13 @@ Setup = Callable[[ServiceContext], Awaitable[list[str]]]
 
 
 class ServiceHost:
-    def __init__(self, name: str, config: ServerConfig, setup: Setup) -> None:
+    def __init__(
+        self, name: str, config: ServerConfig, setup: Setup, *, edge: bool = False
+    ) -> None:
+        """`edge`: the process clients call (the gateway), which answers each call with its
+        request id (x-request-id) in the response headers."""
         self.name = name
+        self._edge = edge
         self._config = config
         self._setup = setup
         self._stack = AsyncExitStack()
@@ -104,7 +109,10 @@ class ServiceHost:
         )
         server = grpc.aio.server(
             # The span of each RPC first, so that the RpcInterceptor's log line has its id.
-            interceptors=[*server_interceptors(), RpcInterceptor(verifier)],
+            interceptors=[
+                *server_interceptors(),
+                RpcInterceptor(verifier, echo_request_id=self._edge),
+            ],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
