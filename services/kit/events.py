@@ -337,7 +337,7 @@ class EventBus:
         serial = KeyedLocks()
 
         async def on_message(msg: Msg) -> None:
-            task = asyncio.create_task(self._handle(durable, msg, handler, serial, in_order))
+            task = asyncio.create_task(self._settle(durable, msg, handler, serial, in_order))
             self._in_hand.add(task)
             task.add_done_callback(self._in_hand.discard)
 
@@ -394,17 +394,6 @@ class EventBus:
         if wanted != current:
             await self._js.add_consumer(stream, config=wanted)
 
-    async def _handle(
-        self,
-        durable: str,
-        msg: Msg,
-        handler: EventHandler,
-        serial: KeyedLocks,
-        in_order: Callable[[events_pb2.Envelope], bool],
-    ) -> None:
-        with handling(msg.subject, msg.headers, durable):
-            await self._settle(durable, msg, handler, serial, in_order)
-
     async def _settle(
         self,
         durable: str,
@@ -413,33 +402,36 @@ class EventBus:
         serial: KeyedLocks,
         in_order: Callable[[events_pb2.Envelope], bool],
     ) -> None:
-        try:
+        with handling(msg.subject, msg.headers, durable):
             try:
-                envelope = parse_envelope(msg.data)
-            except Unparseable as exc:
-                await self._park(durable, msg, str(exc), "unparseable")
-                return
-            if msg.metadata.num_delivered > 1:
-                EVENTS_REDELIVERED.labels(durable).inc()
-            try:
-                async with asyncio.timeout(self._settings.handler_timeout_seconds):
-                    if in_order(envelope):
-                        async with serial.hold(envelope.aggregate_id):
+                try:
+                    envelope = parse_envelope(msg.data)
+                except Unparseable as exc:
+                    await self._park(durable, msg, str(exc), "unparseable")
+                    return
+                if msg.metadata.num_delivered > 1:
+                    EVENTS_REDELIVERED.labels(durable).inc()
+                try:
+                    async with asyncio.timeout(self._settings.handler_timeout_seconds):
+                        if in_order(envelope):
+                            async with serial.hold(envelope.aggregate_id):
+                                await handler(envelope)
+                        else:
                             await handler(envelope)
+                except Exception as exc:
+                    log.exception(
+                        "event_handler_failed", durable=durable, event_id=envelope.event_id
+                    )
+                    EVENTS_CONSUMED.labels(durable, "failed").inc()
+                    if msg.metadata.num_delivered >= self._settings.max_deliveries:
+                        await self._park(durable, msg, repr(exc), "failed")
                     else:
-                        await handler(envelope)
-            except Exception as exc:
-                log.exception("event_handler_failed", durable=durable, event_id=envelope.event_id)
-                EVENTS_CONSUMED.labels(durable, "failed").inc()
-                if msg.metadata.num_delivered >= self._settings.max_deliveries:
-                    await self._park(durable, msg, repr(exc), "failed")
-                else:
-                    await msg.nak(delay=retry_delay(msg.metadata.num_delivered))
-                return
-            await msg.ack()
-            EVENTS_CONSUMED.labels(durable, "ok").inc()
-        except Exception:  # NATS refused the ack or the park: JetStream redelivers later
-            log.exception("event_settle_failed", durable=durable, subject=msg.subject)
+                        await msg.nak(delay=retry_delay(msg.metadata.num_delivered))
+                    return
+                await msg.ack()
+                EVENTS_CONSUMED.labels(durable, "ok").inc()
+            except Exception:  # NATS refused the ack or the park: JetStream redelivers later
+                log.exception("event_settle_failed", durable=durable, subject=msg.subject)
 
     async def _park(self, durable: str, msg: Msg, error: str, reason: str) -> None:
         """Put the event, as it came, on `<dead-letter root>.<durable>` with why and where

@@ -25,6 +25,7 @@ from services.kit.server import ServiceHost
 from services.messaging.config import MessagingConfig
 from services.messaging.service import build as build_messaging
 from services.messaging.storage import MessagingStore
+from services.plaza.storage import PlazaStore
 from tests.conftest import HARNESS, unique_database_name
 from tools.nats_users import NatsUsers
 from tools.suite import (
@@ -182,6 +183,15 @@ async def two_messaging(
 ) -> AsyncIterator[list[MessagingCaller]]:
     async with AsyncExitStack() as stack:
         yield await start_instances(stack, 2, service_env, nats_url, token, database, messaging_env)
+
+
+@pytest.fixture
+async def plaza_store(mongodb_uri: str, database: str) -> AsyncIterator[PlazaStore]:
+    client, db = open_database(mongodb_uri, database)
+    store = PlazaStore(db)
+    await store.create_indexes()
+    yield store
+    client.close()
 
 
 @pytest.fixture

@@ -118,12 +118,8 @@ async def test_a_replica_reloads_its_index_after_nats_comes_back(
 
 
 @pytest.fixture
-async def store(mongodb_uri: str, database: str) -> AsyncIterator[PlazaStore]:
-    client, db = open_database(mongodb_uri, database)
-    store = PlazaStore(db)
-    await store.create_indexes()
-    yield store
-    client.close()
+def store(plaza_store: PlazaStore) -> PlazaStore:
+    return plaza_store
 
 
 async def test_what_events_wrote_is_told_but_not_the_rankings_refresh_every_replica_runs(

@@ -21,7 +21,6 @@ from groupchat.plaza.v1 import plaza_pb2_grpc
 from structlog.testing import capture_logs
 
 from services.kit.events import EventBus, OutgoingEvent, new_event
-from services.kit.mongo import open_database
 from services.kit.paging import encode_page_token
 from services.kit.rpc_status import error_info
 from services.plaza import domain
@@ -839,12 +838,8 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 @pytest.fixture
-async def store(mongodb_uri: str, database: str) -> AsyncIterator[PlazaStore]:
-    client, db = open_database(mongodb_uri, database)
-    store = PlazaStore(db)
-    await store.create_indexes()
-    yield store
-    client.close()
+def store(plaza_store: PlazaStore) -> PlazaStore:
+    return plaza_store
 
 
 def projection_of(store: PlazaStore) -> PlazaProjection:
