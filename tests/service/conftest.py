@@ -147,14 +147,23 @@ async def start_instances(
     overrides: dict[str, str],
 ) -> list[MessagingCaller]:
     """`count` messaging instances serving at once over one database, as replicas would."""
-    callers = []
-    for _ in range(count):
+
+    def host() -> ServiceHost:
         env = service_env(nats_url, "messaging", MONGODB_DATABASE=database, **overrides)
-        host = build_messaging(MessagingConfig.from_env(env))
-        callers.append(
-            await stack.enter_async_context(serving(host, messaging_pb2_grpc.MessagingStub, token))
-        )
-    return callers
+        return build_messaging(MessagingConfig.from_env(env))
+
+    return await serving_replicas(stack, count, host, messaging_pb2_grpc.MessagingStub, token)
+
+
+async def serving_replicas(
+    stack: AsyncExitStack,
+    count: int,
+    host: Callable[[], ServiceHost],
+    stub: Callable[[grpc.aio.Channel], Any],
+    token: Callable[..., str],
+) -> list[Any]:
+    """`count` instances of `host()` serving at once until `stack` closes; a caller each."""
+    return [await stack.enter_async_context(serving(host(), stub, token)) for _ in range(count)]
 
 
 @pytest.fixture

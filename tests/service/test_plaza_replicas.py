@@ -16,11 +16,12 @@ from groupchat.plaza.v1 import plaza_pb2_grpc
 
 from services.kit.events import EventBus
 from services.kit.mongo import open_database
+from services.kit.server import ServiceHost
 from services.plaza.config import PlazaConfig
 from services.plaza.service import build
 from services.plaza.storage import PlazaStore
 from tests.conftest import HARNESS, eventually
-from tests.service.conftest import OwnServer, ServiceEnv, serving
+from tests.service.conftest import OwnServer, ServiceEnv, serving_replicas
 from tests.service.test_plaza_service import (
     FakeGroup,
     PlazaCaller,
@@ -52,14 +53,11 @@ async def start_plazas(
     token: Callable[..., str],
     database: str,
 ) -> list[PlazaCaller]:
-    callers = []
-    for _ in range(count):
+    def host() -> ServiceHost:
         env = service_env(nats_url, "plaza", MONGODB_DATABASE=database, **NO_RELOAD)
-        host = build(PlazaConfig.from_env(env))
-        callers.append(
-            await stack.enter_async_context(serving(host, plaza_pb2_grpc.PlazaStub, token))
-        )
-    return callers
+        return build(PlazaConfig.from_env(env))
+
+    return await serving_replicas(stack, count, host, plaza_pb2_grpc.PlazaStub, token)
 
 
 @pytest.fixture
