@@ -43,6 +43,11 @@ OUTAGE_SECONDS = 10.0
 WORKERS = 2
 PAUSE_SECONDS = 0.1
 CALL_TIMEOUT_SECONDS = 5.0
+# A p99 of about a hundred calls is their slowest one or two: on a shared 2-CPU machine one
+# scheduling hiccup moves it by tens of milliseconds either way. A write that waited for
+# NATS would wait for its timeouts, a second or more: comparing against no less than this
+# floor still catches that, and not the hiccup.
+P99_FLOOR_MS = 50.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -202,7 +207,7 @@ async def test_writes_answer_as_fast_while_nats_is_down_and_their_events_arrive_
     }
     print(f"p99 ms (without, during the outage): {figures}")
     for method, (without, during) in figures.items():
-        assert during <= 2 * without, (
+        assert during <= 2 * max(without, P99_FLOOR_MS), (
             f"{method}: p99 {during} ms during the outage, {without} without"
         )
 
