@@ -29,7 +29,6 @@ from typing import Any
 
 import structlog
 from groupchat.events.v1 import events_pb2
-from pymongo import UpdateOne
 
 from services.kit.events import EventBus, OutgoingEvent
 from services.kit.metrics import EVENTS_DEFERRED, OUTBOX_BACKLOG
@@ -43,7 +42,6 @@ EVENTS_FIELD = "_events"
 WAITING_SINCE_FIELD = "_events_since"
 # The filter for documents that hold events not yet published.
 HOLDS_EVENTS = {f"{EVENTS_FIELD}.0": {"$exists": True}}
-EVENT_IDS = f"{EVENTS_FIELD}.id"
 # How long a recorded event's document is kept (Outbox.record): long after it was published.
 RECORDS_KEPT_SECONDS = 7 * 86400
 
@@ -265,30 +263,42 @@ class Outbox:
         return published
 
     async def _clear(self, published: list[tuple[_Committed, list[str]]]) -> None:
-        """Take the published events out of their documents: one round trip per collection,
-        however many of a document's events the batch held (a storm of joins is one write
-        for many). A document that holds just those events loses them and its waiting mark
-        in one write; one that got more meanwhile loses only these (its mark goes at the
-        scan after its last events)."""
-        by_doc: dict[tuple[str, Any], list[str]] = defaultdict(list)
+        """Take the published events out of their documents: one write per collection for
+        the whole batch (a storm of joins, many sends). A document left with no events loses
+        its waiting mark in that write too; one that got more meanwhile keeps those."""
+        by_collection: dict[str, dict[Any, list[str]]] = defaultdict(dict)
         for item, ids in published:
-            by_doc[(item.collection, item.doc_id)] += ids
-        by_collection: dict[str, list[UpdateOne]] = defaultdict(list)
-        for (name, doc_id), ids in by_doc.items():
-            ids = list(dict.fromkeys(ids))
-            # In this order: when the first matches, the second finds nothing left to pull.
-            by_collection[name] += [
-                UpdateOne(
-                    {"_id": doc_id, EVENTS_FIELD: {"$size": len(ids)}, EVENT_IDS: {"$all": ids}},
-                    {"$unset": {EVENTS_FIELD: "", WAITING_SINCE_FIELD: ""}},
-                ),
-                UpdateOne(
-                    {"_id": doc_id, EVENT_IDS: {"$in": ids}},
-                    {"$pull": {EVENTS_FIELD: {"id": {"$in": ids}}}},
-                ),
-            ]
-        for name, operations in by_collection.items():
-            await self._collections[name].bulk_write(operations, ordered=True)
+            by_collection[item.collection].setdefault(item.doc_id, []).extend(ids)
+        for name, by_doc in by_collection.items():
+            ids = list(dict.fromkeys(i for doc_ids in by_doc.values() for i in doc_ids))
+            # Only documents that still hold one of them: another relay may have been first.
+            await self._collections[name].update_many(
+                {"_id": {"$in": list(by_doc)}, f"{EVENTS_FIELD}.id": {"$in": ids}},
+                _without_events(ids),
+            )
+
+
+def _without_events(ids: list[str]) -> list[dict[str, Any]]:
+    """An update pipeline (MongoDB 4.2+) that removes the events `ids` from a document, and
+    its events and waiting mark altogether when none are left: applied atomically to each
+    document, so an event a command adds meanwhile stays, with the mark."""
+    left = f"${EVENTS_FIELD}"
+    none_left = {"$eq": [{"$size": left}, 0]}
+    return [
+        {
+            "$set": {
+                EVENTS_FIELD: {
+                    "$filter": {"input": left, "cond": {"$not": [{"$in": ["$$this.id", ids]}]}}
+                }
+            }
+        },
+        {
+            "$set": {
+                EVENTS_FIELD: {"$cond": [none_left, "$$REMOVE", left]},
+                WAITING_SINCE_FIELD: {"$cond": [none_left, "$$REMOVE", f"${WAITING_SINCE_FIELD}"]},
+            }
+        },
+    ]
 
 
 def _expires_at(seconds: int) -> dt.datetime:

@@ -272,6 +272,37 @@ async def test_the_relay_clears_a_published_document_in_one_write_and_keeps_late
         await asyncio.gather(relay, return_exceptions=True)
 
 
+async def test_a_batch_is_cleared_though_another_relay_cleared_one_of_its_documents_first(
+    mongo_db: Any, bus: EventBus
+) -> None:
+    collection = mongo_db["cleared_twice"]
+    first, second = (Outbox(bus, scan_interval_seconds=3600) for _ in range(2))
+    both, second_only = sample_event(), sample_event()
+    await collection.insert_many(
+        [with_pending({"_id": "both"}, [both]), with_pending({"_id": "second_only"}, [second_only])]
+    )
+    for outbox in (first, second):
+        await outbox.watch(collection)
+    # Both relays were handed "both" (a command's own and a scan's, say), and the first
+    # clears it first. ("both" sorts first, where a write over the batch would stop.)
+    first.committed(collection, "both", [both])
+    second.committed(collection, "both", [both])
+    second.committed(collection, "second_only", [second_only])
+
+    async def cleared(doc_id: str) -> bool:
+        return await collection.find_one({"_id": doc_id}) == {"_id": doc_id}
+
+    relays = [asyncio.create_task(first.run())]
+    try:
+        await eventually(lambda: cleared("both"))
+        relays.append(asyncio.create_task(second.run()))
+        await eventually(lambda: cleared("second_only"))
+    finally:
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+
+
 async def test_events_whose_order_is_free_are_handled_together_even_of_one_aggregate(
     bus: EventBus,
 ) -> None:
