@@ -58,19 +58,26 @@ async def upsert_and_read(
     return dict(doc)
 
 
-async def bulk_upsert(collection: Any, upserts: list[UpdateOne]) -> None:
-    """Apply unconditional upserts in one unordered bulk write. The ones that collided with
-    a concurrent first insert are applied again: their documents exist by then. Any other
-    failure is raised as it is."""
+async def bulk_upsert_collisions(collection: Any, upserts: list[UpdateOne]) -> list[int]:
+    """Apply upserts in one unordered bulk write; the indexes of those that collided on
+    `_id` (their documents exist by then). Any other failure is raised as it is."""
     if not upserts:
-        return
+        return []
     try:
         await collection.bulk_write(upserts, ordered=False)
     except BulkWriteError as error:
         failed = error.details.get("writeErrors", [])
         if any(e.get("code") != DUPLICATE_KEY for e in failed):
             raise
-        await collection.bulk_write([upserts[e["index"]] for e in failed], ordered=False)
+        return [e["index"] for e in failed]
+    return []
+
+
+async def bulk_upsert(collection: Any, upserts: list[UpdateOne]) -> None:
+    """Apply unconditional upserts in one unordered bulk write. The ones that collided with
+    a concurrent first insert are applied again: their documents exist by then."""
+    if collided := await bulk_upsert_collisions(collection, upserts):
+        await collection.bulk_write([upserts[i] for i in collided], ordered=False)
 
 
 async def bulk_upsert_where(
@@ -81,16 +88,11 @@ async def bulk_upsert_where(
     collided on `_id` (a concurrent first insert, or a document that exists and does not
     match) are sent again without upsert, which applies them only where the condition
     holds. Several writes to one document are each applied on their own condition."""
-    if not writes:
-        return
-    ops = [UpdateOne({"_id": d, **c}, u, upsert=True) for d, c, u in writes]
-    try:
-        await collection.bulk_write(ops, ordered=False)
-    except BulkWriteError as error:
-        failed = error.details.get("writeErrors", [])
-        if any(e.get("code") != DUPLICATE_KEY for e in failed):
-            raise
-        again = [writes[e["index"]] for e in failed]
+    collided = await bulk_upsert_collisions(
+        collection, [UpdateOne({"_id": d, **c}, u, upsert=True) for d, c, u in writes]
+    )
+    if collided:
         await collection.bulk_write(
-            [UpdateOne({"_id": d, **c}, u) for d, c, u in again], ordered=False
+            [UpdateOne({"_id": d, **c}, u) for d, c, u in (writes[i] for i in collided)],
+            ordered=False,
         )

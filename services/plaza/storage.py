@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -24,7 +25,13 @@ from typing import Any, TypeVar
 from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.kit.documents import DUPLICATE_KEY, bulk_upsert, bulk_upsert_where, upsert_where
+from services.kit.documents import (
+    DUPLICATE_KEY,
+    bulk_upsert,
+    bulk_upsert_collisions,
+    bulk_upsert_where,
+    upsert_where,
+)
 from services.kit.errors import ConcurrentUpdate
 from services.kit.events import OutgoingEvent
 from services.kit.mongo import ProcessedEvents
@@ -689,13 +696,11 @@ class PlazaStore:
     # Insights counters and impressions
 
     async def count_days(self, counts: list[DayCount]) -> None:
-        """Count each event in its group's day, once: a counter document keeps the ids of the
-        events it counted and counts one only if it is not among them, in the same write;
-        all of them in one bulk write."""
-        await bulk_upsert_where(
+        """Count each event in its group's day, once (see `_count_once`)."""
+        await _count_once(
             self._daily,
             [
-                _count_once_write(
+                _OnceCount(
                     f"{c.group_id}:{c.date}",
                     c.event_id,
                     c.inc,
@@ -712,11 +717,11 @@ class PlazaStore:
 
     async def count_posts(self, counts: list[PostCount]) -> None:
         """Count each event's shares or opens of a post shared in a group (or DIRECT) on its
-        day, once (as `count_days`), in one bulk write."""
-        await bulk_upsert_where(
+        day, once (see `_count_once`)."""
+        await _count_once(
             self._post_stats,
             [
-                _count_once_write(
+                _OnceCount(
                     f"{c.where}:{c.date}:{c.post_id}",
                     c.event_id,
                     {"shares": c.shares, "opens": c.opens},
@@ -727,6 +732,7 @@ class PlazaStore:
                         "author_id": c.author_id,
                         "expires_at": _expires(c.day_start_ms + DAILY_KEEP_MS),
                     },
+                    {},
                 )
                 for c in counts
             ],
@@ -797,20 +803,56 @@ class PlazaStore:
         return found
 
 
-def _count_once_write(
-    doc_id: str,
-    event_id: str,
-    inc: dict[str, int],
-    on_insert: dict[str, Any],
-    added: dict[str, Any] | None = None,
+@dataclass(frozen=True)
+class _OnceCount:
+    """One event's counts in one counter document, and what it adds to the document's sets."""
+
+    doc_id: str
+    event_id: str
+    inc: dict[str, int]
+    on_insert: dict[str, Any]
+    added: dict[str, Any]
+
+
+async def _count_once(collection: Any, counts: list[_OnceCount]) -> None:
+    """Count each event once: a counter document keeps the ids of the events it counted and
+    counts events only if none of them is among those, in the same write. A batch's events
+    of one document go in one write; a document that counted one of them already (a
+    redelivery, a replay) takes them one by one instead, each only if it is not counted."""
+    by_doc: dict[str, dict[str, _OnceCount]] = {}
+    for count in counts:
+        by_doc.setdefault(count.doc_id, {}).setdefault(count.event_id, count)
+    together = [list(events.values()) for events in by_doc.values()]
+    upserts = [
+        UpdateOne({"_id": d, **c}, u, upsert=True) for d, c, u in map(_counted_as_one, together)
+    ]
+    # Collided on _id: the document exists and did not match (or was created meanwhile).
+    collided = await bulk_upsert_collisions(collection, upserts)
+    await bulk_upsert_where(
+        collection, [_counted_as_one([c]) for i in collided for c in together[i]]
+    )
+
+
+def _counted_as_one(
+    counts: list[_OnceCount],
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(doc id, condition, update) of counting `event_id` once in a counter document."""
+    """(doc id, condition, update) of counting the events `counts` of one counter document
+    at once, if it counted none of them."""
+    inc: Counter[str] = Counter()
+    added: dict[str, list[Any]] = {}
+    for count in counts:
+        inc.update(count.inc)
+        for field, value in count.added.items():
+            added.setdefault(field, []).append(value)
+    ids = [count.event_id for count in counts]
     update: dict[str, Any] = {
-        "$inc": inc,
-        "$addToSet": {**(added or {}), "counted": event_id},
-        "$setOnInsert": on_insert,
+        "$inc": dict(inc),
+        "$push": {"counted": {"$each": ids}},
+        "$setOnInsert": counts[0].on_insert,
     }
-    return doc_id, {"counted": {"$ne": event_id}}, update
+    if added:
+        update["$addToSet"] = {field: {"$each": values} for field, values in added.items()}
+    return counts[0].doc_id, {"counted": {"$nin": ids}}, update
 
 
 def _window_filter(group_ids: list[str], window: list[str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -28,7 +29,7 @@ from services.plaza.config import PlazaConfig
 from services.plaza.projection import PlazaProjection
 from services.plaza.rebuild import rebuild
 from services.plaza.service import build
-from services.plaza.storage import PlazaStore
+from services.plaza.storage import DayCount, PlazaStore
 from tests.conftest import HARNESS, eventually
 from tests.service.conftest import GroupsCaller, ServiceEnv, serving
 from tools.nats_users import NatsUsers
@@ -930,6 +931,27 @@ async def test_a_counter_counts_an_event_once_even_when_handled_again_after_a_fa
     counts = (await store.days([group.id], [day]))[group.id][day]
     (shared,) = (await store.shared_posts([group.id], [day]))[group.id]
     assert (counts.messages, shared.shares, shared.opens) == (1, 1, 1)
+
+
+async def test_batches_that_overlap_count_every_event_of_a_day_once(store: PlazaStore) -> None:
+    """A batch's events of one day go in one write, unless the day counted one of them
+    already: then each counts on its own. Overlapping batches at once, each with repeats."""
+    group_id, date = unique("g"), "2026-12-01"
+    start_ms = int(time.mktime(time.strptime(date, "%Y-%m-%d"))) * 1000
+
+    def message(i: int) -> DayCount:
+        return DayCount(group_id, date, start_ms, f"e{i}", {"messages": 1}, f"u{i % 7}")
+
+    async def counted() -> tuple[int, int]:
+        day = (await store.days([group_id], [date]))[group_id][date]
+        return day.messages, len(day.speakers)
+
+    await store.count_days([message(i) for i in range(0, 3)])
+    await store.count_days([message(i) for i in range(1, 5)] * 2)
+    assert await counted() == (5, 5)
+    batches = [[message(i) for i in range(s, s + 20)] * 2 for s in range(0, 100, 10)]
+    await asyncio.gather(*(store.count_days(b) for b in random.Random(3).sample(batches, 10)))
+    assert await counted() == (110, 7)
 
 
 async def test_events_handled_together_end_as_one_by_one_and_count_once(store: PlazaStore) -> None:
