@@ -50,9 +50,10 @@ def current_identity() -> Identity:
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, verifier: TokenVerifier, *, echo_request_id: bool) -> None:
-        """`echo_request_id`: send the request id back in the response headers, before the
-        response (a write of its own: the edge does it for clients; an internal service's
-        caller, the gateway, knows the id already)."""
+        """`echo_request_id`: send the request id back, in the trailers of a unary call (they
+        go with its status, at no cost) and in the headers of a stream (before its first
+        response, a write of its own). The edge does it for clients; an internal service's
+        caller, the gateway, knows the id already."""
         self._verifier = verifier
         self._echo_request_id = echo_request_id
 
@@ -86,14 +87,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._rpc(method, metadata, context):
+            async with self._rpc(method, metadata, context, streaming=False):
                 return await behavior(request, context)
 
         return unary
 
     def _wrap_stream(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._rpc(method, metadata, context):
+            async with self._rpc(method, metadata, context, streaming=True):
                 async for response in behavior(request, context):
                     yield response
 
@@ -101,16 +102,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     @asynccontextmanager
     async def _rpc(
-        self, method: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext
+        self,
+        method: str,
+        metadata: dict[str, Any],
+        context: grpc.aio.ServicerContext,
+        *,
+        streaming: bool,
     ) -> AsyncIterator[None]:
         started = time.perf_counter()
         request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
         _request_id.set(request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         outcome: dict[str, Any] = {"code": "OK"}
+        echo = ((REQUEST_ID_KEY, request_id),) if self._echo_request_id else ()
+        trailers = () if streaming else echo
         try:
-            if self._echo_request_id:
-                await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            if streaming and echo:
+                await context.send_initial_metadata(echo)
+            elif trailers:
+                context.set_trailing_metadata(trailers)
             identity = self._verifier.verify_metadata(metadata[AUTHORIZATION_KEY])
             outcome["user_id"] = identity.user_id
             _identity.set(identity)
@@ -118,10 +128,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             yield
         except DomainError as error:
             outcome.update(code=error.kind.value, reason=error.reason)
-            await _within_status_wait(context.abort_with_status(to_grpc_status(error)))
+            status = to_grpc_status(error)
+            await _within_status_wait(
+                context.abort(status.code, status.details, (*status.trailing_metadata, *trailers))
+            )
         except grpc.aio.AioRpcError as error:  # a downstream call failed: pass its status on
             outcome["code"] = error.code().name
-            await context.abort(error.code(), error.details() or "", _status_details(error))
+            await context.abort(
+                error.code(), error.details() or "", (*_status_details(error), *trailers)
+            )
         except grpc.aio.AbortError:
             code = context.code()
             outcome["code"] = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -133,7 +148,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             outcome["code"] = "INTERNAL"
             log.exception("rpc_failed", method=method)
             await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+                grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", trailers
             )
         finally:
             seconds = time.perf_counter() - started

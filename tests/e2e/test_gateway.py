@@ -149,10 +149,24 @@ async def test_subscribe_without_a_token_is_unauthenticated(gateway: Any) -> Non
 
 
 async def test_the_gateway_returns_the_request_id_it_used(gateway: Any) -> None:
+    """In a unary call's trailers, with its status (also a refusal's, beside its details);
+    in a stream's headers, before its first response."""
     stub, md = gateway(unique("alice"))
     call = stub.ListMyGroups(pb.ListMyGroupsRequest(), metadata=(*md, ("x-request-id", "trace-42")))
     await call
-    assert ("x-request-id", "trace-42") in tuple(await call.initial_metadata())
+    assert ("x-request-id", "trace-42") in tuple(await call.trailing_metadata())
+    refused = stub.GetGroup(pb.GetGroupRequest(group_id=unique("none")), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await refused
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "GROUP_NOT_FOUND"  # type: ignore[union-attr]
+    (generated,) = [v for k, v in await refused.trailing_metadata() if k == "x-request-id"]
+    assert len(generated) == 32
+    stream = await open_stream(stub, (*md, ("x-request-id", "trace-43")))
+    try:
+        assert ("x-request-id", "trace-43") in tuple(await stream.call.initial_metadata())
+    finally:
+        await stream.close()
 
 
 async def test_metrics_count_rpcs_events_and_streams(gateway: Any, suite: Any) -> None:
