@@ -70,42 +70,51 @@ STALL_CHECKS_PER_PERIOD = 4
 class StallWatch:
     """Ends a stream whose write waited longer than `seconds` (its client stopped reading)
     with StreamStalled. One timer of the gateway's looks at every write in progress, a few
-    times per period: a timer per write cost a fifth of the gateway's CPU in a fan-out."""
+    times per period: a timer per write cost a fifth of the gateway's CPU in a fan-out.
+    A stream's task is told once (`open`, `close`), not at every write."""
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._since: dict[asyncio.Task[object], float] = {}  # writing tasks: started at
-        self._stalled: set[asyncio.Task[object]] = set()  # cancelled by the watch
+        self._tasks: dict[grpc.aio.ServicerContext, asyncio.Task[object]] = {}
+        self._since: dict[grpc.aio.ServicerContext, float] = {}  # writes waiting: since
+        self._stalled: set[grpc.aio.ServicerContext] = set()  # cancelled by the watch
         self._timer: asyncio.TimerHandle | None = None
 
-    async def write(self, context: grpc.aio.ServicerContext, response: bytes) -> None:
+    def open(self, context: grpc.aio.ServicerContext) -> None:
+        """Watch the writes of the stream `context` whose task is the current one."""
         task = asyncio.current_task()
         assert task is not None
+        self._tasks[context] = task
+
+    def close(self, context: grpc.aio.ServicerContext) -> None:
+        del self._tasks[context]
+
+    async def write(self, context: grpc.aio.ServicerContext, response: bytes) -> None:
         loop = asyncio.get_running_loop()
-        self._since[task] = loop.time()
+        self._since[context] = loop.time()
         if self._timer is None:
             self._timer = loop.call_later(self._seconds / STALL_CHECKS_PER_PERIOD, self._check)
         try:
             await context.write(response)  # type: ignore[arg-type]
         except asyncio.CancelledError:
-            if task not in self._stalled:
+            if context not in self._stalled:
                 raise
-            task.uncancel()
+            self._tasks[context].uncancel()
             raise StreamStalled(
                 f"this stream was not read for {self._seconds:g}s: " + RESUBSCRIBE
             ) from None
         finally:
-            del self._since[task]
-            self._stalled.discard(task)
+            del self._since[context]
+            self._stalled.discard(context)
 
     def _check(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
         cutoff = loop.time() - self._seconds
-        for task, since in self._since.items():
-            if since <= cutoff and task not in self._stalled:
-                self._stalled.add(task)
-                task.cancel()
+        for context, since in self._since.items():
+            if since <= cutoff and context not in self._stalled and context in self._tasks:
+                self._stalled.add(context)
+                self._tasks[context].cancel()
         if self._since:
             self._timer = loop.call_later(self._seconds / STALL_CHECKS_PER_PERIOD, self._check)
 
@@ -134,12 +143,14 @@ class SubscribeHandler:
         yields: each write has a deadline, so a client that stops reading is ended."""
         resume = resume_positions(request, current_identity().user_id)
         session = await self._hub.open(current_identity())
+        self._stalls.open(context)
         try:
             await self._stream(session, resume, context)
         except DomainError as error:
             STREAMS_ENDED.labels(error.reason).inc()
             raise
         finally:
+            self._stalls.close(context)
             await self._hub.close(session)
         return
         yield  # an async generator, as the RPC interceptor expects of a stream handler
