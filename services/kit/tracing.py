@@ -248,8 +248,8 @@ def subject_type(subject: str) -> str:
 
 
 def record_rpc_outcome(code: str, reason: str | None) -> None:
-    """Put an RPC's outcome on its span: the instrumentation sees only the aborts it wraps,
-    not the rich statuses our errors are sent with (`abort_with_status`)."""
+    """Put an RPC's outcome on its span, whatever way the call ended: the instrumentation
+    sees only the aborts it wraps, and not a domain error's reason."""
     span = trace.get_current_span()
     if not span.is_recording():
         return
