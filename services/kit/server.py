@@ -83,7 +83,7 @@ class ServiceHost:
         self, name: str, config: ServerConfig, setup: Setup, *, edge: bool = False
     ) -> None:
         """`edge`: the process clients call (the gateway), which answers each call with its
-        request id (x-request-id) in the response headers."""
+        request id (x-request-id): a unary call's in its trailers, a stream's in its headers."""
         self.name = name
         self._edge = edge
         self._config = config
