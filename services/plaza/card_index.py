@@ -2,10 +2,11 @@
 browse or search needs to pick its walk without asking the store to scan and sort.
 
 Per sort (HOT, NEW, MEMBERS) and category, a list of (-value, group id) kept sorted, the
-order the store's indexes give (value descending, then id); per search token, the ids of
-the cards carrying it. Plain Python, no I/O: the store loads it from the cards at start
-and feeds it every card write it made, after the write was acknowledged, and the cards
-other replicas wrote, read again when they tell (see storage.py and replicas.py).
+order the store's indexes would give (value descending, then id); per search token, the
+ids of the cards carrying it; the editors' picks (the Selected shelf). Plain Python, no
+I/O: the store loads it from the cards at start and feeds it every card write it made,
+after the write was acknowledged, and the cards other replicas wrote, read again when they
+tell (see storage.py and replicas.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class CardIndex:
         self._cards: dict[str, IndexedCard] = {}
         # Every card's hot score, shown or not (a card may be listed after its activity).
         self._hot: dict[str, float] = {}
+        # The editors' picks, shown or not (a pick may be hidden for a while).
+        self._selected: set[str] = set()
         self._orders: dict[tuple[Sort, str | None], list[Key]] = {}
         self._postings: dict[str, set[str]] = {}
         # A count of the card writes fed so far, and the count at each card's last one: a
@@ -54,10 +57,14 @@ class CardIndex:
     def __len__(self) -> int:
         return len(self._cards)
 
-    def load(self, cards: Iterable[IndexedCard], hot: dict[str, float]) -> None:
-        """Replace everything with `cards` (the shown ones) and every card's hot score."""
+    def load(
+        self, cards: Iterable[IndexedCard], hot: dict[str, float], selected: Iterable[str] = ()
+    ) -> None:
+        """Replace everything with `cards` (the shown ones), every card's hot score and the
+        editors' picks."""
         self._cards = {c.group_id: c for c in cards}
         self._hot = {g: h for g, h in hot.items() if h}
+        self._selected = set(selected)
         self._postings = {}
         lists: dict[tuple[Sort, str | None], list[Key]] = {}
         for card in self._cards.values():
@@ -128,6 +135,19 @@ class CardIndex:
             else:
                 self._set_score(group_id, score)
 
+    def select(self, selections: dict[str, bool]) -> None:
+        """Editors' choices as just written: on the Selected shelf or off it."""
+        self.written(selections)
+        for group_id, selected in selections.items():
+            if selected:
+                self._selected.add(group_id)
+            else:
+                self._selected.discard(group_id)
+
+    def scored(self) -> list[str]:
+        """The cards, shown or not, whose hot score is above zero."""
+        return list(self._hot)
+
     def ordered(
         self,
         sort: Sort,
@@ -136,16 +156,24 @@ class CardIndex:
         category: str | None = None,
         only_with_space: bool = False,
         keywords: list[str] | None = None,
+        selected: bool | None = None,
     ) -> list[str]:
-        """The ids of the first `limit` shown cards that match, in the sort's order."""
+        """The ids of the first `limit` shown cards that match, in the sort's order; only
+        the editors' picks (`selected`), or only the others (not `selected`)."""
+        picks = self._selected
 
         def wanted(group_id: str) -> bool:
+            if selected is False and group_id in picks:
+                return False
             return not (only_with_space and self._cards[group_id].full)
 
         matching: set[str] | None = None
         if keywords:
             postings = sorted((self._postings.get(t, set()) for t in keywords), key=len)
             matching = set.intersection(*postings)
+        if selected:
+            matching = (picks & self._cards.keys()) if matching is None else matching & picks
+        if matching is not None:
             if len(matching) <= limit * WALK_FACTOR:  # few: sort them
                 found: Iterable[str] = matching
                 if category is not None:

@@ -23,6 +23,8 @@ ACTIVITY_WINDOW_MS = 48 * HOUR_MS
 # people talk is livelier than one where one person talks a lot.
 SPEAKER_WEIGHT = 3.0
 JOIN_WEIGHT = 2.0
+# Hot scores are rounded to this; the least a group with any activity left scores.
+MIN_HOT_SCORE = 1e-6
 
 BROWSE_PAGE_DEFAULT, BROWSE_PAGE_MAX = 20, 100
 SHELF_DEFAULT, SHELF_MAX = 10, 50
@@ -326,7 +328,10 @@ def activity(buckets: Iterable[ActivityBucket], now_ms: int, half_life_hours: fl
         if end > now_ms - DAY_MS:
             day += b.messages
             speakers |= b.speakers
-    return Activity(round(score, 6), hour, day, len(speakers))
+    # Rounded, but a group with any weight left never scores zero: the rank refresh finds
+    # the groups whose figures still have to decay by their score (CardIndex.scored).
+    rounded = round(score, 6) or (MIN_HOT_SCORE if score > 0 else 0.0)
+    return Activity(rounded, hour, day, len(speakers))
 
 
 # Search

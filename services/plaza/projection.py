@@ -530,7 +530,7 @@ class PlazaProjection:
         still above zero) as of now, so scores decay as time passes; returns how many."""
         now = self._clock()
         buckets = await self._store.buckets(now - domain.ACTIVITY_WINDOW_MS)
-        group_ids = set(buckets) | set(await self._store.groups_with_figures())
+        group_ids = set(buckets) | set(self._store.groups_with_figures())
         figures = {g: domain.activity(buckets.get(g, []), now, self._half_life) for g in group_ids}
         # Every replica runs this refresh for itself: nothing to tell the others.
         await self._store.set_activity(figures, periodic=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.kit.documents import (
@@ -62,10 +62,12 @@ READ_MODEL = (
     "processed_events",
     "snapshots",
 )
-# The cards' indexes that served browse and search before CardIndex did.
+# The cards' indexes that served browse, search, the Selected shelf and the rank refresh
+# before CardIndex did.
 _ORDERING_INDEXES = frozenset(
     [f"shown_1_{scope}{sort.value}_-1__id_1" for sort in Sort for scope in ("", "category_1_")]
-    + ["keywords_1_shown_1_hot_score_-1"]
+    + ["keywords_1_shown_1_hot_score_-1", "shown_1_selected_1_hot_score_-1"]
+    + ["hot_score_-1", "messages_last_day_-1"]
 )
 # Page snapshots kept in memory (at most 1,000 ids each).
 SNAPSHOTS_KEPT = 256
@@ -78,6 +80,7 @@ _INDEX_FIELDS = {
     "member_count": 1,
     "keywords": 1,
     "hot_score": 1,
+    "selected": 1,
 }
 # Daily counters outlive the longest insights window.
 DAILY_KEEP_MS = 100 * DAY_MS
@@ -181,20 +184,16 @@ class PlazaStore:
 
     async def create_indexes(self) -> None:
         await self.processed.create_indexes()
-        # Browse and search order the cards in memory (CardIndex), not with the store's
-        # indexes: each of those would cost every card write and every score refresh an
-        # index update (the keywords' one a key per word), and the plaza writes far more
-        # often than it starts. Those that earlier releases made go.
+        # Browse, search and the Selected shelf order the cards in memory (CardIndex), and
+        # the rank refresh finds the scored ones there, not with the store's indexes: each
+        # of those would cost every card write and every score refresh an index update
+        # (the keywords' one a key per word), and the plaza writes far more often than it
+        # starts. Those that earlier releases made go.
         existing = await self._cards.index_information()
         for name in existing:
             if name in _ORDERING_INDEXES:
                 await self._cards.drop_index(name)
-        await self._cards.create_index(
-            [("shown", ASCENDING), ("selected", ASCENDING), ("hot_score", DESCENDING)]
-        )
-        await self._cards.create_index([("hot_score", DESCENDING)])
         await self._cards.create_index("linked_post_id")
-        await self._cards.create_index([("messages_last_day", DESCENDING)])
         await self._activity.create_index([("group_id", ASCENDING), ("start_ms", ASCENDING)])
         await self._activity.create_index("start_ms")
         await self._activity.create_index("expires_at", expireAfterSeconds=0)
@@ -245,13 +244,16 @@ class PlazaStore:
         try:
             shown: list[IndexedCard] = []
             hot: dict[str, float] = {}
+            selected: list[str] = []
             async for d in self._cards.find({}, _INDEX_FIELDS):
                 if d.get("hot_score"):
                     hot[d["_id"]] = float(d["hot_score"])
                 if d.get("shown"):
                     shown.append(_indexed(d))
+                if d.get("selected"):
+                    selected.append(d["_id"])
             fed = self._fed_while_loading
-            self.index.load(shown, hot)
+            self.index.load(shown, hot, selected)
             for feed in fed:  # written here after the read may have passed them
                 feed()
         finally:
@@ -260,9 +262,10 @@ class PlazaStore:
 
     async def reread_index(self, group_ids: list[str]) -> set[str]:
         """Put the cards of `group_ids` into the index as the store holds them now, shown
-        or not, with their hot scores, in one read (another replica wrote them). Returns
-        those this process wrote while they were read: which of the two writes is the later
-        one cannot be told, so they are left as they are, to be read again."""
+        or not, with their hot scores and selections, in one read (another replica wrote
+        them). Returns those this process wrote while they were read: which of the two
+        writes is the later one cannot be told, so they are left as they are, to be read
+        again."""
         stamp = self.index.stamp
         docs = {
             d["_id"]: d async for d in self._cards.find({"_id": {"$in": group_ids}}, _INDEX_FIELDS)
@@ -271,11 +274,13 @@ class PlazaStore:
         fresh = [g for g in group_ids if g not in meanwhile]
         cards = {g: _indexed(docs[g]) if docs.get(g, {}).get("shown") else None for g in fresh}
         hot = {g: float(docs.get(g, {}).get("hot_score") or 0.0) for g in fresh}
+        selected = {g: bool(docs.get(g, {}).get("selected")) for g in fresh}
 
         def feed() -> None:
             for group_id, card in cards.items():
                 self.index.put(group_id, card)
             self.index.set_hot(hot)
+            self.index.select(selected)
 
         self._feed(feed)
         return meanwhile
@@ -415,7 +420,7 @@ class PlazaStore:
             {"$set": fields, "$setOnInsert": _blank_card(group_id, but=fields)},
         ):
             return False
-        self._feed(lambda: self.index.written([group_id]))
+        self._feed(lambda: self.index.select({group_id: selected}))
         self._written_here([group_id])
         await upsert_where(
             self.selection_versions,
@@ -498,12 +503,10 @@ class PlazaStore:
         self._feed(lambda: self.index.written([group_id]))
         self._written_here([group_id])
 
-    async def groups_with_figures(self) -> list[str]:
-        """Cards whose activity figures are not all zero (they decay towards zero)."""
-        docs = await self._cards.find(
-            {"$or": [{"hot_score": {"$gt": 0}}, {"messages_last_day": {"$gt": 0}}]}, {"_id": 1}
-        ).to_list(None)
-        return [d["_id"] for d in docs]
+    def groups_with_figures(self) -> list[str]:
+        """Cards whose activity figures are not all zero (they decay towards zero): those
+        with a hot score, which any activity left gives (domain.activity)."""
+        return self.index.scored()
 
     # Cards: queries
 
@@ -520,18 +523,24 @@ class PlazaStore:
         category: str | None = None,
         only_with_space: bool = False,
         keywords: list[str] | None = None,
+        selected: bool | None = None,
     ) -> list[str]:
         """The ids of the first `limit` shown cards that match, in the sort's order (value
         descending, then id), from the index in memory (`load_index` first)."""
         assert self.index.loaded, "ordered_ids before load_index"
         return self.index.ordered(
-            sort, limit, category=category, only_with_space=only_with_space, keywords=keywords
+            sort,
+            limit,
+            category=category,
+            only_with_space=only_with_space,
+            keywords=keywords,
+            selected=selected,
         )
 
     async def shown_cards(self, group_ids: list[str]) -> list[Card]:
         """The cards of `group_ids` still shown, in the order given."""
-        # By id alone, `shown` checked here: with it in the filter a planner may take the
-        # shelf's index (shown first) and walk every shown card (the local server does).
+        # By id alone, `shown` checked here: with it in the filter a planner may take an
+        # index on `shown` and walk every shown card (the local server did).
         docs = await self._cards.find({"_id": {"$in": group_ids}}).to_list(None)
         by_id = {d["_id"]: d for d in docs if d.get("shown")}
         return [_card(by_id[g]) for g in group_ids if g in by_id]
@@ -540,17 +549,11 @@ class PlazaStore:
         doc = await self._cards.find_one({"_id": group_id})
         return _card(doc) if doc and doc.get("name") is not None else None
 
-    async def hottest(self, category: str | None, selected: bool | None, limit: int) -> list[Card]:
-        query = _card_filter(category)
-        if selected is not None:
-            query["selected"] = selected
-        docs = (
-            await self._cards.find(query)
-            .sort([("hot_score", DESCENDING), ("_id", ASCENDING)])
-            .limit(limit)
-            .to_list(None)
-        )
-        return [_card(d) for d in docs]
+    async def hottest(self, category: str | None, selected: bool, limit: int) -> list[Card]:
+        """The hottest shown cards of the category (None: all) among the editors' picks,
+        or among the others."""
+        ids = self.ordered_ids(Sort.HOT, limit, category=category, selected=selected)
+        return [c for c in await self.shown_cards(ids) if c.selected == selected]
 
     async def shown_per_category(self) -> dict[str, int]:
         rows = await self._category_counts.find().to_list(None)
@@ -863,13 +866,6 @@ def _window_filter(group_ids: list[str], window: list[str]) -> dict[str, Any]:
 def _day_start_ms(date: str) -> int:
     day = dt.datetime.fromisoformat(date).replace(tzinfo=dt.UTC)
     return int(day.timestamp() * 1000)
-
-
-def _card_filter(category: str | None) -> dict[str, Any]:
-    query: dict[str, Any] = {"shown": True}
-    if category:
-        query["category"] = category
-    return query
 
 
 def _blank_card(group_id: str, but: dict[str, Any] | None = None) -> dict[str, Any]:

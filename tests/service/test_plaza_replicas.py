@@ -91,6 +91,28 @@ async def test_a_card_either_replica_wrote_shows_on_both_and_a_hidden_one_leaves
         await eventually(lambda plaza=plaza: _first_by_members(plaza, ids, busy.id))
 
 
+async def test_an_editors_pick_on_one_replica_tops_the_shelf_on_both_and_leaves_both(
+    two_plazas: list[PlazaCaller], bus: EventBus
+) -> None:
+    pick, other = (FakeGroup(category=gpb.PETS) for _ in range(2))
+    await send(bus, pick.created(), other.created(), other.message("bob"))
+    for plaza in two_plazas:
+        await until_shown(plaza, {pick.id, other.id}, category=gpb.PETS)
+    editor, md = two_plazas[0]("editor1", ["editor"])
+
+    # The other group is the hotter one: first of the fillers.
+    shelves = {
+        True: [(pick.id, False), (other.id, True)],
+        False: [(other.id, True), (pick.id, True)],
+    }
+    for selected, shelf in shelves.items():
+        await editor.SetGroupSelected(
+            pb.SetGroupSelectedRequest(group_id=pick.id, selected=selected), metadata=md
+        )
+        for plaza in two_plazas:
+            await eventually(lambda plaza=plaza, shelf=shelf: _shelf_is(plaza, gpb.PETS, shelf))
+
+
 async def test_a_replica_reloads_its_index_after_nats_comes_back(
     own_nats: OwnServer,
     service_env: ServiceEnv,
@@ -143,3 +165,12 @@ async def _found(plaza: PlazaCaller, query: str, ids: set[str]) -> bool:
 
 async def _first_by_members(plaza: PlazaCaller, ids: set[str], group_id: str) -> bool:
     return (await shown(plaza, ids, sort=pb.MEMBERS))[:1] == [group_id]
+
+
+async def _shelf_is(plaza: PlazaCaller, category: int, shelf: list[tuple[str, bool]]) -> bool:
+    """Whether the category's Selected shelf is `shelf`: (group id, filler) per card."""
+    stub, md = plaza("visitor")
+    reply = await stub.ListSelectedGroups(
+        pb.ListSelectedGroupsRequest(category=category, page_size=5), metadata=md
+    )
+    return [(c.group_id, c.filler) for c in reply.cards] == shelf

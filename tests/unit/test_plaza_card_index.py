@@ -30,6 +30,8 @@ def expected(
     category: str | None,
     space: bool,
     words: list[str],
+    picks: set[str] | None = None,
+    selected: bool | None = None,
 ) -> list[str]:
     def value(c: IndexedCard) -> float:
         if sort is Sort.HOT:
@@ -42,6 +44,7 @@ def expected(
         if (category is None or c.category == category)
         and not (space and c.full)
         and all(w in c.keywords for w in words)
+        and (selected is None or (c.group_id in (picks or set())) == selected)
     ]
     return [c.group_id for c in sorted(found, key=lambda c: (-value(c), c.group_id))]
 
@@ -51,8 +54,9 @@ def test_the_index_orders_and_filters_as_the_store_would_after_any_writes() -> N
     index = CardIndex()
     cards: dict[str, IndexedCard] = {}
     hot: dict[str, float] = {}
+    picks = {"g001", "g002", "g055"}  # a pick may be hidden, or not shown yet
     loaded = [random_card(rng, f"g{i:03d}") for i in range(40)]
-    index.load(loaded, {})
+    index.load(loaded, {}, picks)
     cards.update({c.group_id: c for c in loaded})
     for step in range(600):
         group_id = f"g{rng.randrange(60):03d}"
@@ -60,6 +64,10 @@ def test_the_index_orders_and_filters_as_the_store_would_after_any_writes() -> N
             score = float(rng.randint(0, 4))
             index.set_hot({group_id: score})
             hot[group_id] = score
+        elif step % 7 == 0:
+            chosen = rng.random() < 0.5
+            index.select({group_id: chosen})
+            (picks.add if chosen else picks.discard)(group_id)
         elif rng.random() < 0.2:
             index.put(group_id, None)
             cards.pop(group_id, None)
@@ -71,11 +79,18 @@ def test_the_index_orders_and_filters_as_the_store_would_after_any_writes() -> N
             category = rng.choice((*CATEGORIES, None))
             space = rng.random() < 0.5
             words = rng.sample(WORDS, rng.randint(0, 2))
-            want = expected(cards, hot, sort, category, space, words)[:10]
+            selected = rng.choice((None, True, False))
+            want = expected(cards, hot, sort, category, space, words, picks, selected)[:10]
             got = index.ordered(
-                sort, 10, category=category, only_with_space=space, keywords=words or None
+                sort,
+                10,
+                category=category,
+                only_with_space=space,
+                keywords=words or None,
+                selected=selected,
             )
-            assert got == want, (step, sort, category, space, words)
+            assert got == want, (step, sort, category, space, words, selected)
+    assert sorted(index.scored()) == sorted(g for g, h in hot.items() if h)
 
 
 def test_written_since_names_the_cards_written_after_a_stamp_and_all_after_a_load() -> None:

@@ -96,6 +96,13 @@ def test_activity_figures_count_the_last_hour_and_day() -> None:
     )
 
 
+def test_any_activity_left_in_the_window_scores_above_zero() -> None:
+    # One message a day ago with a half-life of an hour: 2^-24 of it, under the rounding.
+    faint = domain.activity([bucket(24, messages=1)], NOW, 1)
+    assert faint.messages_last_day == 1
+    assert faint.hot_score == domain.MIN_HOT_SCORE
+
+
 def test_activity_beyond_the_window_counts_for_nothing() -> None:
     assert domain.activity([bucket(49, messages=100)], NOW, 6).hot_score == 0
     assert not domain.counts_as_recent(NOW - 49 * HOUR_MS, NOW)
