@@ -253,8 +253,9 @@ class EventSettings:
     handler_timeout_seconds: float = 30.0
 
     @classmethod
-    def from_env(cls, env: Env) -> EventSettings:
-        default = cls()
+    def from_env(cls, env: Env, default: EventSettings | None = None) -> EventSettings:
+        """The settings the environment names, else those of `default` (a service's own)."""
+        default = default or cls()
         return cls(
             stream_replicas=env.integer("NATS_STREAM_REPLICAS", default.stream_replicas, 1),
             retention_seconds=env.number(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.kit.config import Env, EventSettings, ServerConfig
 from services.plaza.app import PlazaSettings
+from services.plaza.projection import BATCH_LIMIT
 
 
 @dataclass(frozen=True)
@@ -30,5 +31,5 @@ class PlazaConfig:
                 # The insights' days are the app's (APP_TIMEZONE, read once in ServerConfig).
                 time_zone=server.time_zone,
             ),
-            events=EventSettings.from_env(env),
+            events=EventSettings.from_env(env, EventSettings(max_in_flight=BATCH_LIMIT)),
         )
