@@ -28,6 +28,7 @@ from services.kit.revocation import Revocations
 from services.kit.rpc_status import to_grpc_status
 from services.messaging.config import MessagingConfig
 from services.plaza.config import PlazaConfig
+from services.plaza.projection import BATCH_LIMIT
 
 KEY = SigningKey.generate(kid="unit-1")
 KEYS = KeySet.from_json(key_set_json([KEY]))
@@ -369,6 +370,14 @@ def test_event_settings_come_from_the_environment() -> None:
     )
     assert (settings.retention_seconds, settings.max_deliveries) == (60.0, 2)
     assert settings.ack_wait_seconds > settings.handler_timeout_seconds
+
+
+def test_the_plaza_holds_a_batch_of_events_at_once_unless_told_otherwise(keys_file: str) -> None:
+    env = {"JWT_PUBLIC_KEYS_FILE": keys_file, "MONGODB_URI": "mongodb://127.0.0.1:1"}
+    assert PlazaConfig.from_env(Env(env)).events.max_in_flight == BATCH_LIMIT
+    assert MessagingConfig.from_env(Env(env)).events.max_in_flight == 64
+    told = PlazaConfig.from_env(Env({**env, "EVENT_MAX_IN_FLIGHT": "8"}))
+    assert told.events.max_in_flight == 8
 
 
 def test_an_excerpt_quotes_a_short_value_whole_and_a_long_one_in_a_few_dozen_characters() -> None:
