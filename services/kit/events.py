@@ -9,6 +9,7 @@ drops a republished duplicate; consumers ack only after their work is committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -418,6 +419,13 @@ class EventBus:
                                 await handler(envelope)
                         else:
                             await handler(envelope)
+                except asyncio.CancelledError:
+                    # Stopped before it was done (a shutdown): handed out again at once,
+                    # not after the ack wait, during which the durable would count it in
+                    # flight and hand out that many fewer to the other replicas.
+                    with contextlib.suppress(Exception):  # NATS away: the ack wait it is
+                        await msg.nak()
+                    raise
                 except Exception as exc:
                     log.exception(
                         "event_handler_failed", durable=durable, event_id=envelope.event_id
@@ -528,8 +536,8 @@ class EventBus:
 
     async def close(self) -> None:
         """Stop taking events, give those in hand DRAIN_SECONDS to finish (the rest is
-        redelivered, to another replica), run the `before_drain` steps, then drain and
-        close the connection."""
+        handed back, to be redelivered at once, to another replica), run the
+        `before_drain` steps, then drain and close the connection."""
         if self._nc.is_closed:
             return
         if self._lag_sampler is not None:
@@ -540,6 +548,8 @@ class EventBus:
             _, unfinished = await asyncio.wait(self._in_hand, timeout=DRAIN_SECONDS)
             for task in unfinished:
                 task.cancel()
+            if unfinished:  # their naks go out before the connection drains
+                await asyncio.wait(unfinished, timeout=DRAIN_SECONDS)
         for step in self._before_drain:
             try:
                 await step()

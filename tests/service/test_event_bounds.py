@@ -219,6 +219,34 @@ async def test_a_consumer_holds_at_most_max_in_flight_events_and_waits_longer_th
     assert info.config.ack_wait == 10 + ACK_MARGIN_SECONDS
 
 
+async def test_events_in_hand_when_a_consumer_stops_go_to_the_next_at_once_not_after_the_ack_wait(
+    nats_url: str,
+) -> None:
+    durable, owner = unique("handed-back"), unique("owner")
+    started: list[str] = []
+
+    async def stuck(envelope: events_pb2.Envelope) -> None:
+        started.append(envelope.aggregate_id)
+        await asyncio.Event().wait()  # never done: the stop cancels it
+
+    handled: list[str] = []
+
+    async def handle(envelope: events_pb2.Envelope) -> None:
+        handled.append(envelope.aggregate_id)
+
+    subject = f"groupchat.groups.*.*.{owner}"
+    groups = [unique("g") for _ in range(3)]
+    # The ack wait is a minute: only a hand-back gets the events to the next consumer soon.
+    async with consumer_bus(nats_url, max_in_flight=3, handler_timeout_seconds=60) as bus:
+        await bus.consume(durable, subject, stuck)
+        for group_id in groups:
+            await bus.publish(an_event(group_id, owner))
+        await eventually(lambda: len(started) == 3)
+    async with consumer_bus(nats_url, max_in_flight=3, handler_timeout_seconds=60) as bus:
+        await bus.consume(durable, subject, handle)
+        await eventually(lambda: sorted(handled) == sorted(groups), within=10.0)
+
+
 async def test_a_durable_created_with_other_bounds_takes_the_configured_ones(
     nats_url: str, nats_client: Any
 ) -> None:
