@@ -375,7 +375,7 @@ def test_event_settings_come_from_the_environment() -> None:
 def test_the_plaza_holds_a_batch_of_events_at_once_unless_told_otherwise(keys_file: str) -> None:
     env = {"JWT_PUBLIC_KEYS_FILE": keys_file, "MONGODB_URI": "mongodb://127.0.0.1:1"}
     assert PlazaConfig.from_env(Env(env)).events.max_in_flight == BATCH_LIMIT
-    assert MessagingConfig.from_env(Env(env)).events.max_in_flight == 64
+    assert MessagingConfig.from_env(Env(env)).events == EventSettings()
     told = PlazaConfig.from_env(Env({**env, "EVENT_MAX_IN_FLIGHT": "8"}))
     assert told.events.max_in_flight == 8
 
